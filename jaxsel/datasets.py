@@ -1,0 +1,412 @@
+"""Synthetic data with planted structure, and loaders for the shared real data.
+
+* :func:`make_markers` simulates single-cell counts with planted marker genes
+  per cell type and an XOR-like pair of cell types that only a *combination*
+  of genes can tell apart (the MarkerMap paper's argument for learned, joint
+  selection over one-gene-at-a-time rankings). It needs no files and is the
+  default data of the quick start, the tests and the examples.
+* :func:`load_shared` reads one of the real public datasets in
+  ``<repo>/../shared/data`` (never copied into the repository), and
+  :func:`paper_dataset` returns the three MarkerMap benchmark sets as dense
+  counts and string labels.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from pathlib import Path
+
+import numpy as np
+
+from jaxsel._validation import check_random_state, to_dense
+
+__all__ = ["make_markers", "load_shared", "paper_dataset", "shared_data_dir", "SHARED_FILES"]
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def _check_int(value, name: str, low: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {low}, got {value!r}.")
+    value = int(value)
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}.")
+    return value
+
+
+def _check_real(value, name: str, low: float, high: float = np.inf, *, low_open=False) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {value!r}.")
+    value = float(value)
+    ok = (value > low if low_open else value >= low) and value <= high and np.isfinite(value)
+    if not ok:
+        bound = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bound}{low}, {high}], got {value}.")
+    return value
+
+
+def make_markers(
+    n_cells: int = 1000,
+    n_genes: int = 200,
+    n_types: int = 5,
+    n_markers_per_type: int = 3,
+    n_xor_genes: int = 2,
+    xor_fraction: float = 0.3,
+    library_size: float = 2000.0,
+    noise: float = 0.3,
+    random_state=0,
+    return_anndata: bool = False,
+):
+    """Simulate counts with planted marker genes and an XOR-type pair.
+
+    Counts are negative binomial (Poisson-gamma, variance ``mu + phi mu^2``).
+    Noise genes have log-normally spread base levels and overdispersions
+    ``phi = noise * LogNormal(0, 0.5)`` (varied means and dispersions);
+    planted genes have ``phi = noise / 2``. A cell's expected counts are its
+    gene levels rescaled to a library size drawn around ``library_size``.
+
+    * ``n_types`` ordinary cell types ``type_0``, ... each raise their own
+      ``n_markers_per_type`` marker genes about 12-fold, which makes them
+      clearly separable after normalisation and ``log1p``.
+    * A fraction ``xor_fraction`` of the cells forms two more types,
+      ``xor_0`` and ``xor_1``, that raise no marker. Every cell (of any type)
+      carries a random binary state per XOR gene (gene high, 16 times the
+      low level, or low, each with probability 1/2); for the XOR cells the
+      label is the parity of these states. Each XOR gene alone then has the
+      same distribution in ``xor_0`` and ``xor_1``; only all XOR genes
+      together determine the subtype. When there are at least
+      ``2**n_xor_genes`` XOR cells, the combinations of states are balanced
+      exactly among them (so are the marginals).
+
+    Genes are placed at random positions. The cells are in random order.
+
+    Parameters
+    ----------
+    n_cells : int, default 1000
+    n_genes : int, default 200
+        At least ``n_types * n_markers_per_type + n_xor_genes``.
+    n_types : int, default 5
+        Ordinary cell types, at least 1 (at least 2 without XOR cells).
+    n_markers_per_type : int, default 3
+    n_xor_genes : int, default 2
+        0 (no XOR toy) or between 2 and 30.
+    xor_fraction : float, default 0.3
+        Fraction of cells in ``xor_0``/``xor_1``, in ``[0, 1)``; ignored when
+        ``n_xor_genes == 0``.
+    library_size : float, default 2000
+        Mean total counts per cell (each cell's is drawn log-normally around it).
+    noise : float, default 0.3
+        Scale of the negative-binomial overdispersion; 0 gives Poisson counts.
+    random_state : int or None, default 0
+    return_anndata : bool, default False
+        Return an AnnData object instead of a tuple.
+
+    Returns
+    -------
+    x : numpy.ndarray of float32, shape [n_cells, n_genes]
+        Integer-valued counts.
+    y : numpy.ndarray of int64, shape [n_cells]
+        Codes into ``info["type_names"]`` (``type_0 .. type_{n_types-1}``,
+        then ``xor_0``, ``xor_1`` when there are XOR cells).
+    info : dict
+        ``marker_genes`` (int64 [n_types * n_markers_per_type], grouped by
+        type), ``xor_genes`` (int64 [n_xor_genes]; column ``j`` of
+        ``xor_states`` refers to ``xor_genes[j]``), ``gene_names``,
+        ``type_names``, ``markers_by_type`` (dict: type name -> int64 array),
+        ``xor_states`` (int8 [n_cells, n_xor_genes], 1 = high).
+
+    If ``return_anndata``, an :class:`anndata.AnnData` with ``X`` the counts,
+    ``obs["cell_type"]`` (categorical type names), ``var["planted_marker"]``,
+    ``var["xor_gene"]`` (bool), ``var["marker_of"]`` (type name or ``""``),
+    ``obsm["xor_states"]`` (when ``n_xor_genes > 0``) and ``uns["planted"]``
+    (``marker_genes``, ``xor_genes``, ``type_names``, ``markers_by_type``).
+    Gene names are ``gene_000``, ..., cell names ``cell_0000``, ...
+    """
+    n_cells = _check_int(n_cells, "n_cells", 2)
+    n_genes = _check_int(n_genes, "n_genes", 1)
+    n_types = _check_int(n_types, "n_types", 1)
+    n_markers_per_type = _check_int(n_markers_per_type, "n_markers_per_type", 1)
+    n_xor_genes = _check_int(n_xor_genes, "n_xor_genes", 0)
+    if n_xor_genes == 1 or n_xor_genes > 30:
+        raise ValueError(
+            f"n_xor_genes must be 0 (no XOR toy) or between 2 and 30, got {n_xor_genes} "
+            f"(one gene alone would be informative on its own)."
+        )
+    xor_fraction = _check_real(xor_fraction, "xor_fraction", 0.0, 1.0)
+    if xor_fraction >= 1.0:
+        raise ValueError(f"xor_fraction must be < 1, got {xor_fraction}.")
+    library_size = _check_real(library_size, "library_size", 0.0, low_open=True)
+    noise = _check_real(noise, "noise", 0.0)
+    seed = check_random_state(random_state)
+
+    n_planted = n_types * n_markers_per_type + n_xor_genes
+    if n_genes < n_planted:
+        raise ValueError(
+            f"n_genes={n_genes} is too small for the planted genes: n_types * "
+            f"n_markers_per_type + n_xor_genes = {n_types} * {n_markers_per_type} + "
+            f"{n_xor_genes} = {n_planted}."
+        )
+    n_xor_cells = int(round(xor_fraction * n_cells)) if n_xor_genes > 0 else 0
+    if 0 < n_xor_cells < 2:
+        raise ValueError(
+            f"xor_fraction={xor_fraction} gives {n_xor_cells} XOR cell(s) out of {n_cells}; "
+            f"need at least 2 (one per XOR subtype) or 0."
+        )
+    n_main = n_cells - n_xor_cells
+    if n_main < n_types:
+        raise ValueError(
+            f"{n_main} non-XOR cells cannot cover n_types={n_types} types; lower "
+            f"xor_fraction or raise n_cells."
+        )
+    if n_types + (2 if n_xor_cells else 0) < 2:
+        raise ValueError(
+            "make_markers needs at least 2 cell types: raise n_types or add XOR cells."
+        )
+
+    rng = np.random.default_rng(seed)
+    type_names = [f"type_{t}" for t in range(n_types)]
+    if n_xor_cells:
+        type_names += ["xor_0", "xor_1"]
+    width = max(3, len(str(n_genes - 1)))
+    gene_names = np.array([f"gene_{g:0{width}d}" for g in range(n_genes)])
+
+    # Planted gene positions.
+    positions = rng.permutation(n_genes)[:n_planted]
+    marker_blocks = [
+        np.sort(positions[t * n_markers_per_type : (t + 1) * n_markers_per_type])
+        for t in range(n_types)
+    ]
+    xor_genes = np.sort(positions[n_types * n_markers_per_type :]).astype(np.int64)
+    marker_genes = np.concatenate(marker_blocks).astype(np.int64)
+
+    # Labels and XOR states (before shuffling the cells).
+    y = np.concatenate([np.arange(n_main) % n_types, np.zeros(n_xor_cells, dtype=np.int64)])
+    states = rng.integers(0, 2, size=(n_cells, n_xor_genes)).astype(np.int8)
+    if n_xor_cells:
+        n_combos = 2**n_xor_genes
+        if n_xor_cells >= n_combos:
+            combos = np.arange(n_xor_cells) % n_combos
+            bits = (combos[:, None] >> np.arange(n_xor_genes)[None, :]) & 1
+            states[n_main:] = bits.astype(np.int8)
+        else:
+            # Too few cells to balance every combination; make sure both parities occur.
+            parity = states[n_main:].sum(axis=1) % 2
+            if parity.min() == parity.max():
+                states[n_main, 0] ^= 1
+        y[n_main:] = n_types + states[n_main:].sum(axis=1) % 2
+    order = rng.permutation(n_cells)
+    y, states = y[order].astype(np.int64), states[order]
+
+    # Expression levels (expected counts per gene at an average composition).
+    level = np.exp(rng.normal(np.log(2.0), 1.0, size=n_genes))
+    level[marker_genes] = np.exp(rng.normal(0.0, 0.3, size=marker_genes.shape[0]))
+    level[xor_genes] = 1.0
+    fold = np.exp(rng.normal(np.log(12.0), 0.2, size=marker_genes.shape[0]))
+    w = np.broadcast_to(level, (n_cells, n_genes)).copy()
+    for t, block in enumerate(marker_blocks):
+        cells = y == t
+        w[np.ix_(cells, block)] *= fold[t * n_markers_per_type : (t + 1) * n_markers_per_type]
+    if n_xor_genes:
+        w[:, xor_genes] = np.where(states == 1, 16.0, 1.0)
+    library = library_size * np.exp(rng.normal(0.0, 0.2, size=n_cells))
+    mean = w * (library / w.sum(axis=1))[:, None]
+    if noise > 0:
+        phi = noise * np.exp(rng.normal(0.0, 0.5, size=n_genes))
+        phi[marker_genes] = 0.5 * noise
+        phi[xor_genes] = 0.5 * noise
+        shape = 1.0 / phi
+        mean = mean * rng.gamma(shape, 1.0 / shape, size=mean.shape)
+    x = rng.poisson(mean).astype(np.float32)
+
+    markers_by_type = {type_names[t]: marker_blocks[t].astype(np.int64) for t in range(n_types)}
+    info = {
+        "marker_genes": marker_genes,
+        "xor_genes": xor_genes,
+        "gene_names": gene_names,
+        "type_names": np.array(type_names),
+        "markers_by_type": markers_by_type,
+        "xor_states": states,
+    }
+    if not return_anndata:
+        return x, y, info
+    return _to_anndata(x, y, info)
+
+
+def _to_anndata(x, y, info):
+    import anndata
+    import pandas as pd
+
+    n_cells, n_genes = x.shape
+    type_names = [str(t) for t in info["type_names"]]
+    cell_width = max(4, len(str(n_cells - 1)))
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical.from_codes(y, categories=type_names)},
+        index=[f"cell_{i:0{cell_width}d}" for i in range(n_cells)],
+    )
+    marker_of = np.full(n_genes, "", dtype=object)
+    for name, genes in info["markers_by_type"].items():
+        marker_of[genes] = name
+    planted = np.zeros(n_genes, dtype=bool)
+    planted[info["marker_genes"]] = True
+    xor = np.zeros(n_genes, dtype=bool)
+    xor[info["xor_genes"]] = True
+    var = pd.DataFrame(
+        {"planted_marker": planted, "xor_gene": xor, "marker_of": marker_of.astype(str)},
+        index=list(info["gene_names"]),
+    )
+    adata = anndata.AnnData(X=x, obs=obs, var=var)
+    if info["xor_genes"].shape[0]:
+        adata.obsm["xor_states"] = info["xor_states"]
+    adata.uns["planted"] = {
+        "marker_genes": info["marker_genes"],
+        "xor_genes": info["xor_genes"],
+        "type_names": np.array(type_names),
+        "markers_by_type": dict(info["markers_by_type"]),
+    }
+    return adata
+
+
+# --------------------------------------------------------------------------- shared data
+
+#: Short names of the files in ``shared/data`` (see its README).
+SHARED_FILES = {
+    "paul15": "paul15.h5ad",
+    "zeisel2015": "zeisel2015.h5ad",
+    "cbmc_citeseq": "cbmc_citeseq_stoeckius2017.h5ad",
+    "cd8_citeseq": "cd8_citeseq_stoeckius2017.h5ad",
+    "osmfish": "osmfish_codeluppi2018.h5ad",
+    "starmap_mpfc": "starmap_mpfc_wang2018.h5ad",
+    "merfish_hypothalamus": "merfish_hypothalamus_moffitt2018.h5ad",
+    "m1_patchseq_sbnn": "m1_patchseq_scala2021_sbnn.h5ad",
+    "m1_patchseq_phystemp": "m1_patchseq_phystemp_scala2021.h5ad",
+    "fuzik2016": "fuzik2016_patchseq.h5ad",
+}
+
+_PAPER_LABELS = {"paul15": "cell_type", "zeisel2015": "level1class", "cbmc_citeseq": "cell_type"}
+
+_ENV_VAR = "JAXSEL_DATA_DIR"
+
+
+def _looks_like_data_dir(path: Path) -> bool:
+    try:
+        return path.is_dir() and any(path.glob("*.h5ad"))
+    except OSError:  # pragma: no cover - unreadable directory
+        return False
+
+
+def shared_data_dir() -> Path | None:
+    """Locate the shared real-data folder.
+
+    Order: the ``JAXSEL_DATA_DIR`` environment variable if set (returned only
+    if it is a directory); otherwise the first ``shared/data`` folder holding
+    ``.h5ad`` files found by walking up from the current working directory,
+    then from this package's location. For a checkout at ``<repo>`` this
+    finds ``<repo>/../shared/data``.
+
+    Returns
+    -------
+    pathlib.Path or None
+        None when no folder was found.
+    """
+    env = os.environ.get(_ENV_VAR)
+    if env:
+        path = Path(env).expanduser()
+        return path.resolve() if path.is_dir() else None
+    for start in (Path.cwd(), Path(__file__).resolve().parent):
+        for folder in (start, *start.parents):
+            candidate = folder / "shared" / "data"
+            if _looks_like_data_dir(candidate):
+                return candidate.resolve()
+    return None
+
+
+def _resolve_file(name: str, data_dir) -> Path:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a dataset name such as 'paul15', got {name!r}.")
+    if data_dir is not None:
+        folder = Path(data_dir).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"data_dir={str(data_dir)!r} is not a directory.")
+    else:
+        folder = shared_data_dir()
+        if folder is None:
+            where = (
+                f"{_ENV_VAR}={os.environ[_ENV_VAR]!r} is not a directory"
+                if os.environ.get(_ENV_VAR)
+                else f"no shared/data folder was found above {Path.cwd()} or the jaxsel "
+                f"package, and {_ENV_VAR} is not set"
+            )
+            raise FileNotFoundError(
+                f"Cannot load dataset {name!r}: {where}. Set {_ENV_VAR} or pass data_dir."
+            )
+    filename = SHARED_FILES.get(name, name if name.endswith(".h5ad") else f"{name}.h5ad")
+    path = folder / filename
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Dataset {name!r} not found: {path} does not exist. Known names: "
+            f"{', '.join(sorted(SHARED_FILES))} (or a file stem in {folder})."
+        )
+    return path
+
+
+def load_shared(name: str, data_dir=None):
+    """Read one of the shared real datasets as AnnData.
+
+    Parameters
+    ----------
+    name : str
+        A short name from :data:`SHARED_FILES` (``"paul15"``,
+        ``"zeisel2015"``, ``"cbmc_citeseq"``, ``"cd8_citeseq"``,
+        ``"osmfish"``, ``"starmap_mpfc"``, ``"merfish_hypothalamus"``,
+        ``"m1_patchseq_sbnn"``, ``"m1_patchseq_phystemp"``, ``"fuzik2016"``),
+        or the stem of any ``.h5ad`` file in the folder.
+    data_dir : str or os.PathLike, optional
+        Folder to read from; by default :func:`shared_data_dir`.
+
+    Returns
+    -------
+    anndata.AnnData
+        Read fully into memory (the file itself is never modified or copied).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the folder or the file does not exist.
+    """
+    import anndata
+
+    return anndata.read_h5ad(_resolve_file(name, data_dir))
+
+
+def paper_dataset(name: str, data_dir=None, *, max_dense_bytes: int = 2**31):
+    """One of the MarkerMap paper's benchmark datasets as dense counts.
+
+    Parameters
+    ----------
+    name : {"paul15", "zeisel2015", "cbmc_citeseq"}
+        Labels used: ``obs["cell_type"]`` (Paul15, 10 types),
+        ``obs["level1class"]`` (Zeisel, 7 classes), ``obs["cell_type"]``
+        (CBMC CITE-seq, 13 types).
+    data_dir : str or os.PathLike, optional
+        See :func:`load_shared`.
+    max_dense_bytes : int, default 2**31
+        Size guard for densifying a sparse matrix.
+
+    Returns
+    -------
+    x_counts : numpy.ndarray of float32, shape [n_cells, n_genes]
+    y_labels : numpy.ndarray of str, shape [n_cells]
+    gene_names : numpy.ndarray of str, shape [n_genes]
+    """
+    if name not in _PAPER_LABELS:
+        raise ValueError(
+            f"name must be one of {sorted(_PAPER_LABELS)} for paper_dataset, got {name!r}; "
+            f"use load_shared for the other datasets."
+        )
+    adata = load_shared(name, data_dir=data_dir)
+    x = to_dense(adata.X, max_dense_bytes, name=f"{name}.X", dtype=np.float32)
+    y = adata.obs[_PAPER_LABELS[name]].astype(str).to_numpy().astype(str)
+    genes = np.asarray(adata.var_names, dtype=str)
+    return x, y, genes

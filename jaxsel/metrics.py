@@ -1,0 +1,309 @@
+"""Evaluation of selected markers, as in the MarkerMap paper.
+
+Numpy and scikit-learn only. Markers are judged by how well a simple model
+that sees only the marker columns
+
+* classifies held-out cells (:func:`classification_scores`: a k-nearest-
+  neighbour or random-forest classifier; accuracy, the paper's average
+  misclassification rate, F1), and
+* reconstructs the whole transcriptome of held-out cells
+  (:func:`reconstruction_scores`: a linear regression from the markers to all
+  genes; L1/L2 error and agreement of the highly variable genes).
+
+:func:`evaluate_markers` runs both.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import scipy.stats
+from sklearn.base import clone
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LinearRegression
+from sklearn.metrics import confusion_matrix, f1_score
+from sklearn.neighbors import KNeighborsClassifier
+
+from jaxsel._validation import (
+    _DEFAULT_MAX_DENSE_BYTES,
+    check_labels,
+    check_matrix,
+    check_random_state,
+    to_dense,
+)
+
+__all__ = ["classification_scores", "reconstruction_scores", "evaluate_markers"]
+
+
+def _check_pair(x_train, x_test):
+    x_train = check_matrix(x_train, name="x_train", dtype=None)
+    x_test = check_matrix(x_test, name="x_test", dtype=None)
+    if x_train.shape[1] != x_test.shape[1]:
+        raise ValueError(
+            f"x_train and x_test must have the same genes (columns), got "
+            f"{x_train.shape[1]} and {x_test.shape[1]}."
+        )
+    return x_train, x_test
+
+
+def _check_markers(markers, n_genes: int, *, allow_none: bool) -> np.ndarray | None:
+    """Validate marker gene indices (or a boolean mask) into ``range(n_genes)``."""
+    if markers is None:
+        if allow_none:
+            return None
+        raise ValueError("markers must be an index array of gene columns, got None.")
+    idx = np.asarray(markers)
+    if idx.ndim != 1:
+        raise ValueError(f"markers must be a 1-D array of gene indices, got shape {idx.shape}.")
+    if idx.dtype == bool:
+        if idx.shape[0] != n_genes:
+            raise ValueError(
+                f"markers given as a boolean mask must have length n_genes={n_genes}, "
+                f"got {idx.shape[0]}."
+            )
+        idx = np.flatnonzero(idx)
+    elif idx.size and idx.dtype.kind not in "iu":
+        raise TypeError(f"markers must hold integer gene indices, got dtype {idx.dtype}.")
+    if idx.size == 0:
+        raise ValueError("markers must select at least one gene.")
+    if idx.min() < 0 or idx.max() >= n_genes:
+        raise ValueError(
+            f"markers must be indices in [0, n_genes={n_genes}), got values from "
+            f"{idx.min()} to {idx.max()}."
+        )
+    return idx.astype(np.int64)
+
+
+def _make_classifier(classifier, random_state: int, n_neighbors: int, n_train: int):
+    if isinstance(classifier, str):
+        if classifier == "knn":
+            return KNeighborsClassifier(n_neighbors=min(n_neighbors, n_train))
+        if classifier == "rf":
+            return RandomForestClassifier(random_state=random_state)
+        raise ValueError(
+            f"classifier must be 'knn', 'rf' or a scikit-learn classifier instance, "
+            f"got {classifier!r}."
+        )
+    if not (hasattr(classifier, "fit") and hasattr(classifier, "predict")):
+        raise TypeError(
+            f"classifier must be 'knn', 'rf' or a scikit-learn classifier instance with "
+            f"fit and predict, got {type(classifier).__name__}."
+        )
+    return clone(classifier)
+
+
+def classification_scores(
+    x_train,
+    y_train,
+    x_test,
+    y_test,
+    markers=None,
+    classifier="knn",
+    random_state=0,
+    n_neighbors: int = 5,
+) -> dict:
+    """Train a classifier on the marker columns and score it on held-out cells.
+
+    Parameters
+    ----------
+    x_train : array-like or sparse, shape [n_train, n_genes]
+    y_train : array-like, shape [n_train]
+    x_test : array-like or sparse, shape [n_test, n_genes]
+    y_test : array-like, shape [n_test]
+        Labels of any sortable type; test labels unseen in training are
+        allowed (they are always misclassified).
+    markers : array-like of int or bool mask, optional
+        Gene columns the classifier sees; ``None`` means all genes.
+    classifier : {"knn", "rf"} or scikit-learn classifier, default "knn"
+        ``"knn"``: ``KNeighborsClassifier(n_neighbors)`` (``n_neighbors`` is
+        capped at ``n_train``); ``"rf"``:
+        ``RandomForestClassifier(random_state=random_state)``, the MarkerMap
+        package's evaluation model. An instance is cloned, never fitted in
+        place.
+    random_state : int or None, default 0
+        Seed of the random forest.
+    n_neighbors : int, default 5
+        Neighbours of the kNN classifier.
+
+    Returns
+    -------
+    dict
+        ``accuracy``; ``misclassification_rate`` (``1 - accuracy``);
+        ``average_misclassification_rate`` (MarkerMap paper eq. 5: the mean
+        over the classes present in ``y_test`` of the fraction of that class's
+        test cells that are misclassified, i.e. ``1 - balanced accuracy``);
+        ``f1_macro`` and ``f1_weighted`` (scikit-learn ``f1_score``, over the
+        labels present in ``y_test`` or predicted); ``confusion_matrix``
+        (int64 array [n_labels, n_labels], rows true and columns predicted);
+        ``labels`` (the sorted union of the train and test label values that
+        index the confusion matrix).
+    """
+    x_train, x_test = _check_pair(x_train, x_test)
+    n_train, n_test = x_train.shape[0], x_test.shape[0]
+    idx = _check_markers(markers, x_train.shape[1], allow_none=True)
+    if isinstance(n_neighbors, (bool, np.bool_)) or not isinstance(n_neighbors, numbers.Integral):
+        raise TypeError(f"n_neighbors must be a positive int, got {n_neighbors!r}.")
+    if n_neighbors < 1:
+        raise ValueError(f"n_neighbors must be >= 1, got {n_neighbors}.")
+    seed = check_random_state(random_state)
+    check_labels(y_train, n_train, name="y_train", min_classes=1)
+    check_labels(y_test, n_test, name="y_test", min_classes=1)
+    y_all = np.concatenate([_as_label_array(y_train), _as_label_array(y_test)])
+    codes, labels = check_labels(y_all, n_train + n_test, name="y_train/y_test", min_classes=1)
+    c_train, c_test = codes[:n_train], codes[n_train:]
+
+    if idx is not None:
+        x_train, x_test = x_train[:, idx], x_test[:, idx]
+    model = _make_classifier(classifier, seed, int(n_neighbors), n_train)
+    model.fit(x_train, c_train)
+    pred = np.asarray(model.predict(x_test)).astype(np.int64)
+
+    n_labels = labels.shape[0]
+    cm = confusion_matrix(c_test, pred, labels=np.arange(n_labels)).astype(np.int64)
+    accuracy = float(np.trace(cm) / n_test)
+    row_totals = cm.sum(axis=1)
+    present = row_totals > 0
+    per_class_error = 1.0 - np.diag(cm)[present] / row_totals[present]
+    return {
+        "accuracy": accuracy,
+        "misclassification_rate": 1.0 - accuracy,
+        "average_misclassification_rate": float(per_class_error.mean()),
+        "f1_macro": float(f1_score(c_test, pred, average="macro", zero_division=0)),
+        "f1_weighted": float(f1_score(c_test, pred, average="weighted", zero_division=0)),
+        "confusion_matrix": cm,
+        "labels": labels,
+    }
+
+
+def _as_label_array(y) -> np.ndarray:
+    values = y.to_numpy() if hasattr(y, "to_numpy") else np.asarray(y)
+    return values.reshape(-1) if values.ndim == 2 and values.shape[1] == 1 else values
+
+
+def reconstruction_scores(
+    x_train,
+    x_test,
+    markers,
+    top_fraction: float = 0.2,
+    *,
+    max_dense_bytes: int = _DEFAULT_MAX_DENSE_BYTES,
+) -> dict:
+    """Reconstruct all genes from the markers with a linear regression.
+
+    A ``LinearRegression`` (with intercept) from the marker columns of
+    ``x_train`` to all columns of ``x_train`` is fitted, then applied to the
+    marker columns of ``x_test``. This is the MarkerMap package's
+    ``recon_model_metrics`` plus the paper's highly-variable-gene comparison.
+
+    Parameters
+    ----------
+    x_train : array-like or sparse, shape [n_train, n_genes]
+    x_test : array-like or sparse, shape [n_test, n_genes]
+    markers : array-like of int or bool mask
+        Marker gene columns.
+    top_fraction : float, default 0.2
+        Fraction of genes, by variance, compared by ``variance_jaccard``
+        (at least one gene).
+    max_dense_bytes : int, default 2**31
+        Size guard for densifying sparse input.
+
+    Returns
+    -------
+    dict
+        ``l2``: mean squared error over test cells and genes (the mean over
+        cells of the per-cell squared-error sum divided by ``n_genes``);
+        ``l1``: mean absolute error; ``variance_jaccard``: Jaccard index
+        between the top ``top_fraction`` genes by variance in ``x_test`` and
+        in the reconstruction; ``variance_spearman``: Spearman correlation of
+        the per-gene variances of ``x_test`` and of the reconstruction (NaN
+        when either is constant).
+    """
+    x_train, x_test = _check_pair(x_train, x_test)
+    n_genes = x_train.shape[1]
+    idx = _check_markers(markers, n_genes, allow_none=False)
+    if isinstance(top_fraction, (bool, np.bool_)) or not isinstance(top_fraction, numbers.Real):
+        raise TypeError(f"top_fraction must be a float in (0, 1], got {top_fraction!r}.")
+    if not 0 < top_fraction <= 1:
+        raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}.")
+    xtr = to_dense(x_train, max_dense_bytes, name="x_train").astype(np.float64)
+    xte = to_dense(x_test, max_dense_bytes, name="x_test").astype(np.float64)
+
+    reg = LinearRegression().fit(xtr[:, idx], xtr)
+    recon = reg.predict(xte[:, idx])
+    err = xte - recon
+    l2 = float(np.mean(np.sum(err**2, axis=1) / n_genes))
+    l1 = float(np.mean(np.abs(err)))
+
+    var_true = xte.var(axis=0)
+    var_recon = recon.var(axis=0)
+    k = max(1, int(top_fraction * n_genes))
+    top_true = set(np.argsort(-var_true, kind="stable")[:k].tolist())
+    top_recon = set(np.argsort(-var_recon, kind="stable")[:k].tolist())
+    jaccard = len(top_true & top_recon) / len(top_true | top_recon)
+    if np.ptp(var_true) == 0 or np.ptp(var_recon) == 0:
+        spearman = float("nan")
+    else:
+        spearman = float(scipy.stats.spearmanr(var_true, var_recon).statistic)
+    return {
+        "l2": l2,
+        "l1": l1,
+        "variance_jaccard": float(jaccard),
+        "variance_spearman": spearman,
+    }
+
+
+def evaluate_markers(
+    x_train,
+    y_train,
+    x_test,
+    y_test,
+    markers,
+    classifiers=("knn", "rf"),
+    reconstruction: bool = True,
+    random_state=0,
+) -> dict:
+    """Classification and reconstruction scores of one marker set.
+
+    Parameters
+    ----------
+    x_train, y_train, x_test, y_test
+        See :func:`classification_scores`.
+    markers : array-like of int or bool mask
+        Marker gene columns.
+    classifiers : str, sequence or dict, default ("knn", "rf")
+        Classifiers to run: names ("knn", "rf"), scikit-learn instances
+        (keyed by their class name), or a dict mapping result keys to either.
+    reconstruction : bool, default True
+        Also compute :func:`reconstruction_scores`.
+    random_state : int or None, default 0
+
+    Returns
+    -------
+    dict
+        ``{"n_markers": int, "classification": {name: scores},
+        "reconstruction": scores}``; ``"reconstruction"`` only when asked.
+    """
+    x_train, x_test = _check_pair(x_train, x_test)
+    idx = _check_markers(markers, x_train.shape[1], allow_none=False)
+    if isinstance(classifiers, dict):
+        named = dict(classifiers)
+    else:
+        if isinstance(classifiers, str) or hasattr(classifiers, "fit"):
+            classifiers = (classifiers,)
+        named = {}
+        for clf in classifiers:
+            key = clf if isinstance(clf, str) else type(clf).__name__
+            if key in named:
+                raise ValueError(f"classifiers contains {key!r} twice; pass a dict to name them.")
+            named[key] = clf
+    out = {"n_markers": int(idx.shape[0]), "classification": {}}
+    for key, clf in named.items():
+        out["classification"][key] = classification_scores(
+            x_train, y_train, x_test, y_test, markers=idx, classifier=clf,
+            random_state=random_state,
+        )
+    if reconstruction:
+        out["reconstruction"] = reconstruction_scores(x_train, x_test, idx)
+    return out
+
