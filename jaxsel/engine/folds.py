@@ -1,0 +1,173 @@
+"""Fold-parallel execution: a leading fold axis over any per-fit function.
+
+Folds, random restarts and hyperparameter settings are all the same thing to the engine:
+a leading axis on the per-fit arguments. :func:`map_folds` runs ``fn`` over that axis
+
+- ``vmap`` (default): all folds in one batched program;
+- ``lax.map(..., batch_size=b)``: ``b`` folds at a time, the memory knob
+  (``batch_size=1`` is a sequential loop inside one compiled program);
+- ``jax.shard_map`` over a one-dimensional ``("folds",)`` mesh when more than one device
+  is available: the fold axis is padded to a multiple of the device count (the padding
+  repeats the last fold and is dropped from the output), each device runs its slice with
+  the chosen inner mode, and shared arguments are replicated.
+
+Per-fold PRNG keys are split on the host before this call, so results do not depend on
+the number of devices. Results are returned as global (fully addressable on one
+process) arrays; under a multi-process runtime they stay sharded along ``"folds"``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from .loop import FitResult, LoopConfig, Method, Splits, fit_one
+
+__all__ = ["map_folds", "fit_folds", "fold_mesh", "stack_trees", "fold_keys"]
+
+
+def fold_mesh(devices: Sequence | None = None) -> Mesh | None:
+    """A ``("folds",)`` mesh over ``devices`` (default: all), or None for one device."""
+    devices = list(jax.devices() if devices is None else devices)
+    if len(devices) <= 1:
+        return None
+    return Mesh(np.asarray(devices), ("folds",))
+
+
+def fold_keys(key, n_folds: int):
+    """Per-fold keys, split once so they do not depend on the device count."""
+    return jax.random.split(key, n_folds)
+
+
+def stack_trees(trees):
+    """Stack a list of identically-structured pytrees along a new leading axis."""
+    return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
+
+
+def _leading(tree) -> int:
+    sizes = {int(np.shape(a)[0]) for a in jax.tree.leaves(tree)}
+    if len(sizes) != 1:
+        raise ValueError(f"per-fold arguments disagree on the number of folds: {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _inner(fn, shared, batch_size):
+    def run(per_fold):
+        one = lambda pf: fn(pf, shared)  # noqa: E731
+        if batch_size is None:
+            return jax.vmap(one)(per_fold)
+        return lax.map(one, per_fold, batch_size=batch_size)
+
+    return run
+
+
+def map_folds(
+    fn: Callable[[Any, Any], Any],
+    per_fold,
+    shared,
+    *,
+    batch_size: int | None = None,
+    mesh: Mesh | None = None,
+):
+    """Apply ``fn(per_fold_slice, shared)`` over the leading axis of ``per_fold``.
+
+    Traceable: call it inside ``jit``. See the module docstring for the modes.
+    """
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    run = _inner(fn, shared, batch_size)
+    if mesh is None:
+        return run(per_fold)
+    n = _leading(per_fold)
+    n_dev = mesh.devices.size
+    padded = -(-n // n_dev) * n_dev
+    if padded != n:
+        per_fold = jax.tree.map(
+            lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], padded - n, axis=0)]), per_fold
+        )
+    sharded = jax.shard_map(
+        lambda pf, sh: _inner(fn, sh, batch_size)(pf),
+        mesh=mesh,
+        in_specs=(P("folds"), P()),
+        out_specs=P("folds"),
+        check_vma=False,
+    )
+    out = sharded(per_fold, shared)
+    return jax.tree.map(lambda a: a[:n], out)
+
+
+def _fit_fold(per_fold, shared, *, loop: LoopConfig, method_batched: bool):
+    if method_batched:
+        key, split, method = per_fold
+        data = shared
+    else:
+        key, split = per_fold
+        method, data = shared
+    return fit_one(method, loop, key, data, split)
+
+
+@functools.partial(jax.jit, static_argnames=("loop", "batch_size", "mesh", "method_batched"))
+def _fit_folds_jit(method, loop, keys, data, splits, batch_size, mesh, method_batched):
+    fn = functools.partial(_fit_fold, loop=loop, method_batched=method_batched)
+    if method_batched:
+        return map_folds(fn, (keys, splits, method), data, batch_size=batch_size, mesh=mesh)
+    return map_folds(fn, (keys, splits), (method, data), batch_size=batch_size, mesh=mesh)
+
+
+def fit_folds(
+    method: Method,
+    loop: LoopConfig,
+    keys,
+    data,
+    splits: Splits,
+    *,
+    method_batched: bool = False,
+    batch_size: int | None = None,
+    mesh: Mesh | None | str = "auto",
+) -> FitResult:
+    """Fit every fold of ``splits`` in one compiled program.
+
+    Parameters
+    ----------
+    method : a Method pytree shared by all folds, or (``method_batched=True``) one whose
+        leaves carry a leading fold axis (hyperparameter grids; see :func:`stack_trees`).
+    loop : static loop settings. ``steps_per_epoch`` defaults to the smallest fold's
+        ``n_train // batch_size`` so every fold runs the same number of steps.
+    keys : [n_folds] typed PRNG keys (:func:`fold_keys`).
+    data : pytree of device arrays with a leading cell axis (shared, replicated).
+    splits : :class:`Splits` with a leading fold axis.
+    batch_size : ``None`` vmaps all folds; an int runs ``lax.map`` with that many folds
+        at a time (less memory).
+    mesh : ``"auto"`` shards over all devices when there are several, ``None`` forces one
+        device, or an explicit ``("folds",)`` :class:`~jax.sharding.Mesh`.
+
+    Returns
+    -------
+    :class:`FitResult` whose leaves have a leading [n_folds] axis.
+    """
+    if mesh == "auto":
+        mesh = fold_mesh()
+    if loop.steps_per_epoch is None:
+        min_train = int(np.min(np.asarray(splits.n_train)))
+        if min_train < loop.batch_size:
+            raise ValueError(
+                f"batch_size ({loop.batch_size}) is larger than the smallest fold's training set "
+                f"({min_train} cells); lower batch_size"
+            )
+        loop = _replace(loop, steps_per_epoch=min_train // loop.batch_size)
+    n = splits.n_folds
+    if jax.random.key_data(keys).shape[0] != n:
+        raise ValueError(f"keys must have one key per fold ({n}), got shape {keys.shape}")
+    return _fit_folds_jit(method, loop, keys, data, splits, batch_size, mesh, method_batched)
+
+
+def _replace(loop: LoopConfig, **kw) -> LoopConfig:
+    import dataclasses
+
+    return dataclasses.replace(loop, **kw)

@@ -1,0 +1,312 @@
+"""One whole fit, epochs x minibatches, as a single traced program.
+
+A *method* is a frozen dataclass registered as a pytree (structural fields static,
+continuous hyperparameters as leaves) that implements the :class:`Method` protocol. The
+engine knows nothing else about it. :func:`fit_one` runs
+
+- an outer ``lax.scan`` over epochs; each epoch draws a fresh permutation of the
+  training cells, gathers minibatches by index from device-resident data, runs an inner
+  ``lax.scan`` of optimiser steps, then evaluates the validation cells;
+- masked early stopping inside the scan (minimum epochs, patience, best-validation
+  parameters kept with ``jnp.where``); once a fit has stopped, its remaining epochs are
+  skipped with ``lax.cond`` (a real skip when fitted alone, a select when vmapped);
+- per-epoch metrics as the scan output.
+
+Fits of different folds have different numbers of training and validation cells; the
+index tables are padded to a common length and the true lengths passed alongside, so
+that all folds share one shape and one compiled program (see :class:`Splits`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+__all__ = [
+    "LoopConfig",
+    "Method",
+    "Splits",
+    "FitResult",
+    "make_splits",
+    "fit_one",
+    "masked_permutation",
+    "fit",
+]
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """Static settings of the training loop (hashable; changing one recompiles).
+
+    Parameters
+    ----------
+    max_epochs : number of epochs the scan runs (the history length).
+    batch_size : cells per optimiser step. The last incomplete batch of an epoch is
+        dropped; a fresh permutation each epoch means every cell is still seen.
+    min_epochs : early stopping cannot stop before this many epochs.
+    patience : epochs without a strict improvement of the validation loss before
+        stopping; ``None`` disables early stopping (all ``max_epochs`` run, the final
+        parameters are returned).
+    steps_per_epoch : optimiser steps per epoch; ``None`` means
+        ``n_train // batch_size`` of the padded index table. Fold-parallel fits set it
+        from the smallest fold so every fold takes the same number of steps.
+    """
+
+    max_epochs: int = 100
+    batch_size: int = 64
+    min_epochs: int = 25
+    patience: int | None = 3
+    steps_per_epoch: int | None = None
+    lr_finder: "LRFinder | None" = None
+
+    def __post_init__(self):
+        for name in ("max_epochs", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.min_epochs, (int, np.integer)) or self.min_epochs < 0:
+            raise ValueError(f"min_epochs must be a non-negative integer, got {self.min_epochs!r}")
+        if self.min_epochs > self.max_epochs:
+            raise ValueError(
+                f"min_epochs ({self.min_epochs}) must not exceed max_epochs ({self.max_epochs})"
+            )
+        if self.patience is not None and (not isinstance(self.patience, (int, np.integer)) or self.patience < 1):
+            raise ValueError(f"patience must be a positive integer or None, got {self.patience!r}")
+
+
+class Method(Protocol):
+    """What a method supplies to the engine (all pure functions of arrays)."""
+
+    learning_rate: Any
+
+    def init(self, key, data) -> tuple[PyTree, PyTree]:
+        """Initial ``(params, model_state)``; ``model_state`` holds e.g. BatchNorm stats."""
+
+    def optimizer(self, learning_rate) -> optax.GradientTransformation:
+        """Optimiser for a scalar or a schedule (a function of the step count)."""
+
+    def epoch_context(self, epoch) -> PyTree:
+        """Per-epoch schedule values (e.g. the Gumbel temperature)."""
+
+    def train_loss(self, params, model_state, batch, key, ctx):
+        """``loss, (new_model_state, metrics)`` on one minibatch in training mode."""
+
+    def eval_loss(self, params, model_state, batch, weights, ctx):
+        """``loss, metrics`` on weighted cells in inference mode."""
+
+
+class Splits(NamedTuple):
+    """Padded cell-index tables for one or many folds.
+
+    ``train_idx`` : int32 [n_folds, n_train_max] (or [n_train_max] for one fit),
+    ``n_train`` : int32 [n_folds], the true lengths; entries past them are padding.
+    ``val_idx``, ``n_val`` : the same for the validation cells.
+    """
+
+    train_idx: jax.Array
+    n_train: jax.Array
+    val_idx: jax.Array
+    n_val: jax.Array
+
+    @property
+    def n_folds(self) -> int:
+        return int(self.train_idx.shape[0])
+
+    def fold(self, i: int) -> "Splits":
+        """The ``i``-th fold as a single-fit split (same padded shapes)."""
+        return Splits(*(a[i] for a in self))
+
+
+class FitResult(NamedTuple):
+    """Output of a fit: best-validation (or final) parameters and the epoch history.
+
+    ``history`` maps metric names to [max_epochs] arrays (leading fold axis when
+    fold-parallel); epochs after stopping hold NaN. ``n_epochs`` is the number of epochs
+    actually run, ``best_epoch`` the (0-based) epoch whose parameters are returned,
+    ``learning_rate`` the rate used (found by the range test when one was asked for).
+    """
+
+    params: PyTree
+    model_state: PyTree
+    history: dict
+    best_epoch: jax.Array
+    n_epochs: jax.Array
+    best_val: jax.Array
+    learning_rate: jax.Array
+
+
+def _pad(rows, fill=0):
+    width = max(1, max(len(r) for r in rows))
+    out = np.full((len(rows), width), fill, dtype=np.int32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = np.asarray(r, dtype=np.int32)
+    return out
+
+
+def make_splits(train_sets, val_sets) -> Splits:
+    """Build padded :class:`Splits` from lists of per-fold index arrays (host side)."""
+    if len(train_sets) != len(val_sets) or len(train_sets) == 0:
+        raise ValueError("train_sets and val_sets must be non-empty lists of equal length")
+    if any(len(t) == 0 for t in train_sets):
+        raise ValueError("every fold needs at least one training cell")
+    if any(len(v) == 0 for v in val_sets):
+        raise ValueError("every fold needs at least one validation cell")
+    return Splits(
+        jnp.asarray(_pad(train_sets)),
+        jnp.asarray([len(t) for t in train_sets], jnp.int32),
+        jnp.asarray(_pad(val_sets)),
+        jnp.asarray([len(v) for v in val_sets], jnp.int32),
+    )
+
+
+def masked_permutation(key, idx, n_valid):
+    """Random permutation of the first ``n_valid`` entries of ``idx``; padding last."""
+    u = jax.random.uniform(key, idx.shape)
+    u = jnp.where(jnp.arange(idx.shape[0]) < n_valid, u, 2.0)
+    return idx[jnp.argsort(u)]
+
+
+def gather(data, idx):
+    """Rows ``idx`` of every array in the data pytree."""
+    return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
+
+
+class _State(NamedTuple):
+    params: PyTree
+    model_state: PyTree
+    opt_state: PyTree
+    best_params: PyTree
+    best_model_state: PyTree
+    best_val: jax.Array
+    best_epoch: jax.Array
+    bad_epochs: jax.Array
+    stopped: jax.Array
+    n_epochs: jax.Array
+
+
+def steps_per_epoch(loop: LoopConfig, n_train_max: int) -> int:
+    steps = loop.steps_per_epoch or n_train_max // loop.batch_size
+    if steps < 1:
+        raise ValueError(
+            f"batch_size ({loop.batch_size}) is larger than the number of training cells "
+            f"({n_train_max}); lower batch_size"
+        )
+    return steps
+
+
+def fit_one(method: Method, loop: LoopConfig, key, data, split: Splits, params=None) -> FitResult:
+    """Fit one model; traceable (wrap in ``jit``, ``vmap`` over folds).
+
+    Parameters
+    ----------
+    method : a :class:`Method` pytree.
+    loop : static :class:`LoopConfig`.
+    key : typed PRNG key for this fit (initialisation, permutations, noise).
+    data : pytree of arrays with a leading cell axis, shared by all folds.
+    split : single-fit :class:`Splits` (no fold axis).
+    params : optional ``(params, model_state)`` to start from instead of ``method.init``.
+    """
+    k_init, k_loop, k_lr = jax.random.split(key, 3)
+    if params is None:
+        params, model_state = method.init(k_init, data)
+    else:
+        params, model_state = params
+    learning_rate = jnp.asarray(method.learning_rate, jnp.float32)
+    if loop.lr_finder is not None:
+        from .lr_finder import lr_range_test
+
+        learning_rate, _, _ = lr_range_test(method, loop, loop.lr_finder, k_lr, data, split, params, model_state)
+    tx = method.optimizer(learning_rate)
+    n_steps = steps_per_epoch(loop, split.train_idx.shape[0])
+    bs = loop.batch_size
+    val_batch = gather(data, split.val_idx)
+    val_w = (jnp.arange(split.val_idx.shape[0]) < split.n_val).astype(jnp.float32)
+    grad_fn = jax.value_and_grad(method.train_loss, has_aux=True)
+
+    def run_epoch(state: _State, epoch):
+        k_epoch = jax.random.fold_in(k_loop, epoch)
+        k_perm, k_steps = jax.random.split(k_epoch)
+        perm = masked_permutation(k_perm, split.train_idx, split.n_train)
+        batches = perm[: n_steps * bs].reshape(n_steps, bs)
+        ctx = method.epoch_context(epoch)
+
+        def step(carry, xs):
+            p, ms, os = carry
+            idx, k = xs
+            (loss, (ms, aux)), grads = grad_fn(p, ms, gather(data, idx), k, ctx)
+            updates, os = tx.update(grads, os, p)
+            p = optax.apply_updates(p, updates)
+            return (p, ms, os), (loss, aux)
+
+        (p, ms, os), (losses, aux) = lax.scan(
+            step,
+            (state.params, state.model_state, state.opt_state),
+            (batches, jax.random.split(k_steps, n_steps)),
+        )
+        val, val_metrics = method.eval_loss(p, ms, val_batch, val_w, ctx)
+        improved = val < state.best_val
+        pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(improved, a, b), new, old)  # noqa: E731
+        bad = jnp.where(improved, 0, state.bad_epochs + 1)
+        stop = jnp.asarray(False)
+        if loop.patience is not None:
+            stop = (epoch + 1 >= loop.min_epochs) & (bad >= loop.patience)
+        new = _State(
+            params=p,
+            model_state=ms,
+            opt_state=os,
+            best_params=pick(p, state.best_params),
+            best_model_state=pick(ms, state.best_model_state),
+            best_val=jnp.where(improved, val, state.best_val),
+            best_epoch=jnp.where(improved, epoch, state.best_epoch),
+            bad_epochs=bad,
+            stopped=stop,
+            n_epochs=state.n_epochs + 1,
+        )
+        metrics = {"train_loss": jnp.mean(losses), "val_loss": val}
+        metrics.update({f"train_{k}": jnp.mean(v) for k, v in aux.items()})
+        metrics.update({f"val_{k}": v for k, v in val_metrics.items()})
+        return new, metrics
+
+    def epoch_body(state: _State, epoch):
+        def skip(s):
+            _, shapes = jax.eval_shape(run_epoch, s, epoch)
+            return s, jax.tree.map(lambda m: jnp.full(m.shape, jnp.nan, m.dtype), shapes)
+
+        return lax.cond(state.stopped, skip, lambda s: run_epoch(s, epoch), state)
+
+    init = _State(
+        params=params,
+        model_state=model_state,
+        opt_state=tx.init(params),
+        best_params=params,
+        best_model_state=model_state,
+        best_val=jnp.asarray(jnp.inf, jnp.float32),
+        best_epoch=jnp.asarray(-1, jnp.int32),
+        bad_epochs=jnp.asarray(0, jnp.int32),
+        stopped=jnp.asarray(False),
+        n_epochs=jnp.asarray(0, jnp.int32),
+    )
+    final, history = lax.scan(epoch_body, init, jnp.arange(loop.max_epochs, dtype=jnp.int32))
+    if loop.patience is None:
+        out_p, out_ms = final.params, final.model_state
+        best_epoch = final.n_epochs - 1
+    else:
+        # If validation never improved (non-finite loss), fall back to the final params.
+        ok = final.best_epoch >= 0
+        out_p = jax.tree.map(lambda a, b: jnp.where(ok, a, b), final.best_params, final.params)
+        out_ms = jax.tree.map(lambda a, b: jnp.where(ok, a, b), final.best_model_state, final.model_state)
+        best_epoch = final.best_epoch
+    return FitResult(out_p, out_ms, history, best_epoch, final.n_epochs, final.best_val, learning_rate)
+
+
+fit = jax.jit(fit_one, static_argnames=("loop",))
+fit.__doc__ = """Jitted :func:`fit_one` (one compiled program per method structure and shapes)."""
+
