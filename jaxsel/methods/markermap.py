@@ -304,10 +304,11 @@ class MarkerMapNet(nn.Module):
             self.logits = self.param("logits", nn.initializers.normal(1.0), (self.n_genes,))
         else:
             self.logits = self.param("logits", nn.initializers.normal(1.0), (self.n_markers, self.n_genes))
-        self.enc_in = MaskedDense(h) if self.selector != "concrete" else TorchDense(h)
-        self.enc_in_bn = (
-            nn.BatchNorm(momentum=0.9, epsilon=1e-5) if bn and self.encoder_layers > 1 else None
+        in_bn = bn and self.encoder_layers > 1
+        self.enc_in = (
+            MaskedDense(h, use_bias=not in_bn) if self.selector != "concrete" else TorchDense(h, use_bias=not in_bn)
         )
+        self.enc_in_bn = nn.BatchNorm(momentum=0.9, epsilon=1e-5) if in_bn else None
         # Blocks 2..L; the last hidden block has no batch norm (authors' encoder).
         self.enc_blocks = [
             Block(h, bn and i < self.encoder_layers - 1) for i in range(1, self.encoder_layers)

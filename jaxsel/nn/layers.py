@@ -66,7 +66,10 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        x = TorchDense(self.features)(x)
+        # A bias right before batch norm is cancelled by the normalisation (its gradient
+        # is exactly zero in exact arithmetic); leaving it out is the same function class
+        # and stops Adam from amplifying rounding noise in that zero gradient.
+        x = TorchDense(self.features, use_bias=not self.batch_norm)(x)
         if self.batch_norm:
             x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
         return nn.leaky_relu(x, 0.01)
@@ -119,12 +122,13 @@ class MaskedDense(nn.Module):
     """
 
     features: int
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x, mask=None, idx=None):
         n_genes = x.shape[-1]
         kernel = self.param("kernel", torch_kernel_init, (n_genes, self.features))
-        bias = self.param("bias", torch_bias_init(n_genes), (self.features,))
+        bias = self.param("bias", torch_bias_init(n_genes), (self.features,)) if self.use_bias else 0.0
         if idx is not None:
             return jnp.take(x, idx, axis=1) @ jnp.take(kernel, idx, axis=0) + bias
         if mask is None:
