@@ -1,0 +1,269 @@
+"""Engine: loop semantics, early stopping, fold axis, no retracing, LR range test."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxsel import engine
+from jaxsel.engine.loop import masked_permutation
+
+
+# A tiny least-squares method: enough to exercise the engine without any model code.
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["learning_rate", "script"], meta_fields=["n_features"]
+)
+@dataclasses.dataclass(frozen=True)
+class _Linear:
+    n_features: int
+    learning_rate: float = 0.05
+    script: jax.Array | None = None  # when set, eval loss = script[epoch] (scripted early stopping)
+    traces = [0]  # class attribute: counts traces of train_loss
+
+    def init(self, key, data):
+        return {"w": 0.1 * jax.random.normal(key, (self.n_features,))}, {"steps": jnp.int32(0)}
+
+    def optimizer(self, learning_rate):
+        return optax.sgd(learning_rate)
+
+    def epoch_context(self, epoch):
+        return {"epoch": epoch}
+
+    def train_loss(self, params, state, batch, key, ctx):
+        type(self).traces[0] += 1
+        noise = 1e-3 * jax.random.normal(key, batch["y"].shape)
+        r = batch["x"] @ params["w"] - batch["y"] + noise
+        return jnp.mean(r**2), ({"steps": state["steps"] + 1}, {"abs_w": jnp.sum(jnp.abs(params["w"]))})
+
+    def eval_loss(self, params, state, batch, weights, ctx):
+        r = batch["x"] @ params["w"] - batch["y"]
+        loss = jnp.sum(weights * r**2) / jnp.sum(weights)
+        if self.script is not None:
+            loss = self.script[ctx["epoch"]]
+        return loss, {"mse": loss}
+
+
+def _regression(n=240, p=5, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, p)).astype(np.float32)
+    w = np.arange(1, p + 1, dtype=np.float32)
+    return {"x": jnp.asarray(x), "y": jnp.asarray(x @ w)}, w
+
+
+def _folds(n, n_folds, seed=0):
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    parts = np.array_split(perm, n_folds)
+    trains = [np.concatenate([q for j, q in enumerate(parts) if j != i]) for i in range(n_folds)]
+    vals = parts
+    return engine.make_splits(trains, vals)
+
+
+def test_masked_permutation_is_a_permutation_of_valid_entries():
+    idx = jnp.arange(10, 20, dtype=jnp.int32)
+    out = np.asarray(masked_permutation(jax.random.key(0), idx, 7))
+    assert sorted(out[:7].tolist()) == list(range(10, 17))
+    assert sorted(out[7:].tolist()) == [17, 18, 19]
+    other = np.asarray(masked_permutation(jax.random.key(1), idx, 7))
+    assert not np.array_equal(out[:7], other[:7])
+
+
+def test_make_splits_pads_and_records_lengths():
+    s = engine.make_splits([np.arange(5), np.arange(3)], [np.arange(2), np.arange(4)])
+    assert s.train_idx.shape == (2, 5) and s.val_idx.shape == (2, 4)
+    np.testing.assert_array_equal(s.n_train, [5, 3])
+    np.testing.assert_array_equal(s.n_val, [2, 4])
+    with pytest.raises(ValueError, match="validation"):
+        engine.make_splits([np.arange(5)], [np.arange(0)])
+
+
+def test_loop_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="min_epochs"):
+        engine.LoopConfig(max_epochs=5, min_epochs=6)
+    with pytest.raises(ValueError, match="batch_size"):
+        engine.LoopConfig(batch_size=0)
+    with pytest.raises(ValueError, match="patience"):
+        engine.LoopConfig(patience=0)
+
+
+def test_fit_converges_and_history_shape():
+    data, w = _regression()
+    split = _folds(240, 4).fold(0)
+    loop = engine.LoopConfig(max_epochs=30, batch_size=16, min_epochs=0, patience=None)
+    res = engine.fit(_Linear(5), loop, jax.random.key(0), data, split)
+    np.testing.assert_allclose(res.params["w"], w, atol=2e-2)
+    assert res.history["val_loss"].shape == (30,)
+    assert int(res.n_epochs) == 30
+    # Model state is carried through every optimiser step: 180 cells // 16 = 11 steps/epoch.
+    assert int(res.model_state["steps"]) == 30 * 11
+    assert float(res.history["val_loss"][-1]) < 1e-3 < float(res.history["val_loss"][0])
+
+
+def _reference_early_stop(script, min_epochs, patience):
+    """Lightning's rule: strict improvement resets the wait; stop when wait >= patience
+    but never before min_epochs epochs."""
+    best, wait, best_epoch = np.inf, 0, -1
+    for epoch, v in enumerate(script):
+        if v < best:
+            best, wait, best_epoch = v, 0, epoch
+        else:
+            wait += 1
+        if epoch + 1 >= min_epochs and wait >= patience:
+            return epoch + 1, best_epoch
+    return len(script), best_epoch
+
+
+@pytest.mark.parametrize(
+    "script,min_epochs,patience",
+    [
+        ([5, 4, 3, 3, 3, 3, 2, 1, 1, 1, 1, 1], 0, 3),  # plateau: stops after 3 non-improvements
+        ([5, 4, 3, 3, 3, 3, 2, 1, 1, 1, 1, 1], 8, 3),  # min_epochs holds it past the first plateau
+        ([5, 6, 7, 8, 9, 9, 9, 9, 9, 9, 9, 9], 2, 2),  # never improves after epoch 0
+        ([9, 8, 7, 6, 5, 4, 3, 2, 1, 0, -1, -2], 0, 2),  # always improves: runs to the end
+    ],
+)
+def test_early_stopping_matches_reference_rule(script, min_epochs, patience):
+    data, _ = _regression()
+    split = _folds(240, 4).fold(0)
+    loop = engine.LoopConfig(max_epochs=len(script), batch_size=32, min_epochs=min_epochs, patience=patience)
+    m = _Linear(5, script=jnp.asarray(script, jnp.float32))
+    res = engine.fit(m, loop, jax.random.key(0), data, split)
+    n_epochs, best_epoch = _reference_early_stop(script, min_epochs, patience)
+    assert int(res.n_epochs) == n_epochs
+    assert int(res.best_epoch) == best_epoch
+    hist = np.asarray(res.history["val_loss"])
+    np.testing.assert_array_equal(hist[:n_epochs], np.asarray(script[:n_epochs], np.float32))
+    assert np.all(np.isnan(hist[n_epochs:]))
+
+
+def test_best_validation_parameters_are_returned():
+    # Scripted val loss is lowest at epoch 1; the returned params are that epoch's.
+    data, _ = _regression()
+    split = _folds(240, 4).fold(0)
+    script = jnp.asarray([3.0, 1.0, 2.0, 2.0, 2.0, 2.0], jnp.float32)
+    m = _Linear(5, script=script)
+    loop = engine.LoopConfig(max_epochs=6, batch_size=32, min_epochs=0, patience=10)
+    best = engine.fit(m, loop, jax.random.key(0), data, split)
+    two = engine.fit(m, dataclasses.replace(loop, max_epochs=2, patience=None), jax.random.key(0), data, split)
+    assert int(best.best_epoch) == 1
+    np.testing.assert_array_equal(best.params["w"], two.params["w"])
+
+
+def test_vmapped_folds_equal_looped_fits_bit_for_bit():
+    data, _ = _regression()
+    splits = _folds(250, 5)  # unequal fold sizes: padding must not leak into results
+    m = _Linear(5)
+    loop = engine.LoopConfig(max_epochs=8, batch_size=16, min_epochs=2, patience=2)
+    keys = engine.fold_keys(jax.random.key(3), 5)
+    together = engine.fit_folds(m, loop, keys, data, splits, mesh=None)
+    loop1 = dataclasses.replace(loop, steps_per_epoch=int(np.min(splits.n_train)) // 16)
+    for i in range(5):
+        alone = engine.fit(m, loop1, keys[i], data, splits.fold(i))
+        jax.tree.map(
+            lambda a, b: np.testing.assert_array_equal(np.asarray(a[i]), np.asarray(b)), together, alone
+        )
+    # lax.map with a fold batch (the memory knob) gives the same program results.
+    mapped = engine.fit_folds(m, loop, keys, data, splits, mesh=None, batch_size=2)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), together, mapped)
+
+
+def test_hyperparameter_grid_as_fold_axis():
+    data, _ = _regression()
+    splits = _folds(240, 3)
+    lrs = [0.001, 0.01, 0.1]
+    grid = engine.stack_trees([_Linear(5, learning_rate=lr) for lr in lrs])
+    loop = engine.LoopConfig(max_epochs=5, batch_size=16, min_epochs=0, patience=None)
+    keys = engine.fold_keys(jax.random.key(0), 3)
+    res = engine.fit_folds(grid, loop, keys, data, splits, method_batched=True, mesh=None)
+    np.testing.assert_allclose(res.learning_rate, lrs, rtol=1e-6)
+    final = np.asarray(res.history["val_loss"][:, -1])
+    assert final[0] > final[1] > final[2]  # larger steps converge further in 5 epochs
+
+
+def test_second_fit_with_same_shapes_does_not_retrace():
+    data, _ = _regression()
+    splits = _folds(240, 3)
+    loop = engine.LoopConfig(max_epochs=3, batch_size=16, min_epochs=0, patience=None)
+    keys = engine.fold_keys(jax.random.key(0), 3)
+    engine.fit_folds(_Linear(5), loop, keys, data, splits, mesh=None)
+    before = _Linear.traces[0]
+    other = {"x": data["x"] * 2.0, "y": data["y"] + 1.0}
+    engine.fit_folds(_Linear(5, learning_rate=0.01), loop, engine.fold_keys(jax.random.key(9), 3), other, splits, mesh=None)
+    assert _Linear.traces[0] == before
+
+
+def test_fit_folds_validates_inputs():
+    data, _ = _regression()
+    splits = _folds(240, 3)
+    loop = engine.LoopConfig(max_epochs=2, batch_size=16, min_epochs=0, patience=None)
+    with pytest.raises(ValueError, match="one key per fold"):
+        engine.fit_folds(_Linear(5), loop, engine.fold_keys(jax.random.key(0), 2), data, splits, mesh=None)
+    with pytest.raises(ValueError, match="batch_size"):
+        engine.fit_folds(_Linear(5), engine.LoopConfig(batch_size=1000, min_epochs=0), engine.fold_keys(jax.random.key(0), 3), data, splits)
+
+
+def _lightning_suggestion(lrs, losses, beta=0.98, skip_begin=10, skip_end=1):
+    avg, smoothed = 0.0, []
+    for i, loss in enumerate(losses):
+        avg = beta * avg + (1 - beta) * loss
+        smoothed.append(avg / (1 - beta ** (i + 1)))
+    curve = np.asarray(smoothed)[skip_begin:-skip_end]
+    return np.asarray(lrs)[skip_begin:-skip_end][np.argmin(np.gradient(curve))]
+
+
+def test_lr_suggestion_matches_lightning_rule():
+    finder = engine.LRFinder(max_lr=1e-2, n_steps=60)
+    lrs = np.asarray(finder.rates())
+    rng = np.random.default_rng(0)
+    losses = 2.0 - np.tanh((np.log10(lrs) + 4.5) * 2) + 0.02 * rng.normal(size=60)
+    got, _ = engine.suggest_lr(finder, jnp.asarray(lrs), jnp.asarray(losses, jnp.float32))
+    np.testing.assert_allclose(float(got), _lightning_suggestion(lrs, losses), rtol=1e-5)
+    np.testing.assert_allclose(lrs[0], 1e-8, rtol=1e-5)
+
+
+def test_lr_finder_runs_inside_the_fit():
+    data, _ = _regression()
+    split = _folds(240, 4).fold(0)
+    loop = engine.LoopConfig(max_epochs=5, batch_size=16, min_epochs=0, patience=None,
+                             lr_finder=engine.LRFinder(max_lr=0.5, n_steps=40))
+    res = engine.fit(_Linear(5, learning_rate=123.0), loop, jax.random.key(0), data, split)
+    lr = float(res.learning_rate)
+    assert 1e-8 <= lr <= 0.5 and lr != 123.0
+    assert np.isfinite(float(res.history["val_loss"][-1]))
+
+
+_SHARDED = textwrap.dedent(
+    """
+    import os, sys, jax, numpy as np
+    sys.path.insert(0, {tests!r})
+    from test_engine import _Linear, _regression, _folds
+    from jaxsel import engine
+    assert jax.device_count() == 4, jax.devices()
+    data, _ = _regression()
+    splits = _folds(250, 5)  # 5 folds on 4 devices: padded to 8
+    loop = engine.LoopConfig(max_epochs=6, batch_size=16, min_epochs=1, patience=2)
+    keys = engine.fold_keys(jax.random.key(3), 5)
+    sharded = engine.fit_folds(_Linear(5), loop, keys, data, splits)          # mesh over 4 devices
+    single = engine.fit_folds(_Linear(5), loop, keys, data, splits, mesh=None) # one device
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), sharded, single)
+    assert sharded.params["w"].shape == (5, 5)
+    print("SHARDED_OK")
+    """
+)
+
+
+def test_sharded_equals_unsharded_on_four_cpu_devices():
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu")
+    code = _SHARDED.format(tests=os.path.dirname(__file__))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "SHARDED_OK" in out.stdout, out.stderr[-3000:]
