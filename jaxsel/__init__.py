@@ -1,3 +1,21 @@
 """jaxsel: fast JAX/Flax marker-gene selection and gene imputation for single-cell data."""
 
 __version__ = "0.1.0"
+
+from . import datasets, engine, metrics, preprocessing, tl
+from .estimators import ConcreteVAE, DEMarkers, GlobalGumbelVAE, HVGMarkers, MarkerMap, RandomMarkers
+
+__all__ = [
+    "__version__",
+    "MarkerMap",
+    "ConcreteVAE",
+    "GlobalGumbelVAE",
+    "RandomMarkers",
+    "HVGMarkers",
+    "DEMarkers",
+    "tl",
+    "datasets",
+    "metrics",
+    "preprocessing",
+    "engine",
+]

@@ -1,0 +1,922 @@
+"""scikit-learn estimators for marker-gene selection.
+
+Numpy (or scipy.sparse, or pandas) in, numpy out. Every estimator here is a
+:class:`~sklearn.feature_selection.SelectorMixin`: after ``fit`` it exposes
+``markers_`` (selected gene indices, best first) and ``scores_`` (one score
+per gene), and inherits ``get_support``, ``transform``, ``inverse_transform``
+and ``get_feature_names_out``. This module only validates and converts; the
+models live in :mod:`jaxsel.methods`.
+
+Neural selectors (one compiled JAX program per fit, see
+:mod:`jaxsel.methods.markermap`):
+
+- :class:`MarkerMap` (Gregory et al. 2024), default ``objective="supervised"``;
+- :class:`GlobalGumbelVAE`, the global Gumbel-gate VAE baseline of the paper;
+- :class:`ConcreteVAE`, the concrete autoencoder of Abid et al. (2019).
+
+Plain baselines of the paper: :class:`RandomMarkers`, :class:`HVGMarkers`
+(Seurat highly variable genes) and :class:`DEMarkers` (one-vs-rest
+differential expression, round robin over cell types).
+
+Note that ``transform`` keeps the input's column order (the scikit-learn
+``SelectorMixin`` convention, ``X[:, get_support()]``), whereas ``markers_``
+is in rank order; ``X[:, np.sort(markers_)]`` equals ``transform(X)``.
+"""
+
+from __future__ import annotations
+
+import numbers
+import re
+
+import jax
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.feature_selection import SelectorMixin
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from . import engine, metrics, preprocessing
+from ._validation import (
+    _DEFAULT_MAX_DENSE_BYTES,
+    check_labels,
+    check_n_markers,
+    check_random_state,
+    to_dense,
+)
+from .methods import baselines
+from .methods import markermap as mm
+
+__all__ = [
+    "MarkerMap",
+    "GlobalGumbelVAE",
+    "ConcreteVAE",
+    "RandomMarkers",
+    "HVGMarkers",
+    "DEMarkers",
+    "MAX_DENSE_BYTES",
+]
+
+#: Largest dense float32 matrix (in bytes) that a sparse ``X`` is densified into.
+#: The neural selectors and the HVG/DE baselines compute on dense arrays; past this
+#: size ``fit`` raises a ``ValueError`` instead of allocating. Raise it (for example
+#: ``jaxsel.estimators.MAX_DENSE_BYTES = 2**34``) when the memory is there.
+MAX_DENSE_BYTES = _DEFAULT_MAX_DENSE_BYTES
+
+
+# ------------------------------------------------------------------------ validation
+
+
+def _reraise_named(err: Exception, name: str):
+    """Re-raise ``err`` with the argument name in its message when it lacks it."""
+    msg = str(err)
+    if re.search(rf"\b{re.escape(name)}\b", msg):
+        raise err
+    raise type(err)(f"Invalid {name}: {msg}") from err
+
+
+def _check_X(est, X, *, reset: bool, dense: bool = True):
+    """Validate ``X`` [n_cells, n_genes]; returns float32 (dense unless ``dense=False``).
+
+    Sets ``n_features_in_`` / ``feature_names_in_`` when ``reset``, checks them
+    otherwise. Never modifies ``X``; may return it when no conversion is needed.
+    """
+    if isinstance(X, (str, bytes)) or X is None:
+        raise TypeError(f"X must be a matrix of shape [n_cells, n_genes], got {X!r}.")
+    if hasattr(X, "obs") and hasattr(X, "var"):
+        raise TypeError(
+            "X must be a matrix of shape [n_cells, n_genes], got an AnnData object; pass "
+            "adata.X (or a layer), or use the functions in jaxsel.tl."
+        )
+    try:
+        X = validate_data(
+            est,
+            X,
+            reset=reset,
+            accept_sparse=("csr", "csc"),
+            dtype=(np.float32, np.float64),
+            ensure_all_finite=True,
+        )
+    except (ValueError, TypeError) as err:
+        _reraise_named(err, "X")
+    if dense:
+        X = to_dense(X, MAX_DENSE_BYTES, name="X", dtype=np.float32)
+    elif X.dtype != np.float32:
+        X = X.astype(np.float32)
+    return X
+
+
+def _check_y(y, n_cells: int, *, est_name: str, need_classes: int):
+    """Integer codes and sorted classes of ``y``; ``need_classes`` is 1 or 2."""
+    codes, classes = check_labels(y, n_cells, name="y", min_classes=1)
+    if need_classes >= 2 and classes.shape[0] < 2:
+        raise ValueError(
+            f"y has only one class ({classes[0]!r}); {est_name} needs labels with at least "
+            f"2 classes."
+        )
+    return codes, classes
+
+
+def _require_y(y, est_name: str, why: str):
+    if y is None:
+        raise ValueError(
+            f"{est_name} requires y to be passed, but the target y is None; {why}"
+        )
+
+
+def _check_real(value, name: str, *, low=None, high=None, low_open=False, high_open=False,
+                allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}.")
+    value = float(value)
+    ok = np.isfinite(value)
+    if low is not None:
+        ok &= value > low if low_open else value >= low
+    if high is not None:
+        ok &= value < high if high_open else value <= high
+    if not ok:
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        br = ("(" if low_open or low is None else "[", ")" if high_open or high is None else "]")
+        raise ValueError(f"{name} must be in {br[0]}{lo}, {hi}{br[1]}, got {value}.")
+    return value
+
+
+def _check_int(value, name: str, low: int):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {low}, got {value!r}.")
+    value = int(value)
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value}.")
+    return value
+
+
+def _n_markers(n_markers, n_genes: int) -> int:
+    """:func:`check_n_markers` with the feature count of ``X`` in the message."""
+    try:
+        return check_n_markers(n_markers, n_genes)
+    except ValueError as err:
+        raise ValueError(f"{err} (X has {n_genes} feature(s))") from err
+
+
+def _support_mask(est):
+    check_is_fitted(est, "markers_")
+    mask = np.zeros(est.n_features_in_, dtype=bool)
+    mask[est.markers_] = True
+    return mask
+
+
+def _rank_scores(markers, n_genes: int):
+    """Scores that encode a rank order: ``n_markers - i`` for the i-th marker, else 0."""
+    scores = np.zeros(n_genes, dtype=np.float32)
+    scores[markers] = np.arange(markers.shape[0], 0, -1, dtype=np.float32)
+    return scores
+
+
+# ----------------------------------------------------------------- neural selectors
+
+
+class _NeuralSelector(SelectorMixin, BaseEstimator):
+    """Shared implementation of the MarkerMap-family estimators (not public).
+
+    Subclasses set ``_selector`` (one of :data:`jaxsel.methods.markermap.SELECTORS`)
+    and the default ``objective``.
+    """
+
+    _selector = "markermap"
+
+    def __init__(
+        self,
+        n_markers=50,
+        *,
+        objective="supervised",
+        alpha=None,
+        hidden_size=None,
+        latent_size=16,
+        batch_size=64,
+        max_epochs=100,
+        min_epochs=25,
+        patience=3,
+        learning_rate=None,
+        validation_fraction=0.1,
+        random_state=None,
+        temperature=3.0,
+        temperature_decay=0.95,
+        kl_beta=0.1,
+        encoder_layers=2,
+        max_lr=None,
+    ):
+        self.n_markers = n_markers
+        self.objective = objective
+        self.alpha = alpha
+        self.hidden_size = hidden_size
+        self.latent_size = latent_size
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.min_epochs = min_epochs
+        self.patience = patience
+        self.learning_rate = learning_rate
+        self.validation_fraction = validation_fraction
+        self.random_state = random_state
+        self.temperature = temperature
+        self.temperature_decay = temperature_decay
+        self.kl_beta = kl_beta
+        self.encoder_layers = encoder_layers
+        self.max_lr = max_lr
+
+    # -- parameters ---------------------------------------------------------------
+
+    def _alpha(self) -> float:
+        """The loss trade-off: ``alpha`` when given, else the objective's."""
+        if self.alpha is not None:
+            return _check_real(self.alpha, "alpha", low=0.0, high=1.0)
+        if not isinstance(self.objective, str) or self.objective not in mm.OBJECTIVES:
+            raise ValueError(
+                f"objective must be one of {sorted(mm.OBJECTIVES)} (or pass alpha), got "
+                f"{self.objective!r}."
+            )
+        return mm.OBJECTIVES[self.objective]
+
+    def _objective_name(self, alpha: float) -> str:
+        if self.alpha is None:
+            return f"objective={self.objective!r}"
+        return f"alpha={alpha}"
+
+    def _default_max_lr(self, alpha: float) -> float:
+        """The reference package's benchmark ``max_lr`` for this selector and objective."""
+        if self._selector == "global_gumbel":
+            return 1e-5
+        if self._selector == "markermap" and alpha == 0.0:
+            return 1e-3
+        return 1e-4
+
+    def _needs_labels(self) -> bool:
+        try:
+            return self._alpha() < 1.0
+        except (TypeError, ValueError):
+            return False
+
+    def _has_classifier(self) -> bool:
+        cfg = getattr(self, "cfg_", None)
+        if cfg is not None:
+            return bool(cfg.use_clf)
+        try:
+            return self._alpha() < 1.0
+        except (TypeError, ValueError):
+            return True
+
+    def _has_decoder(self) -> bool:
+        cfg = getattr(self, "cfg_", None)
+        if cfg is not None:
+            return bool(cfg.use_recon)
+        try:
+            return self._alpha() > 0.0
+        except (TypeError, ValueError):
+            return True
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        tags.target_tags.required = self._needs_labels()
+        return tags
+
+    def _setup(self, n_cells: int, n_genes: int, y):
+        """Validate parameters and labels.
+
+        Returns ``(cfg, loop, codes, classes, seed, validation_fraction)``; ``codes``
+        are the label codes when ``y`` is given (they stratify the split), ``classes``
+        only when the model has a classifier.
+        """
+        n_markers = _n_markers(self.n_markers, n_genes)
+        alpha = self._alpha()
+        name = type(self).__name__
+        vf = _check_real(
+            self.validation_fraction, "validation_fraction", low=0.0, high=1.0,
+            low_open=True, high_open=True,
+        )
+        lr = _check_real(self.learning_rate, "learning_rate", low=0.0, low_open=True, allow_none=True)
+        max_lr = _check_real(self.max_lr, "max_lr", low=1e-8, low_open=True, allow_none=True)
+        _check_real(self.kl_beta, "kl_beta", low=0.0)
+        _check_real(self.temperature, "temperature", low=0.0, low_open=True)
+        _check_real(self.temperature_decay, "temperature_decay", low=0.0, high=1.0, low_open=True)
+        if self.hidden_size is not None:
+            _check_int(self.hidden_size, "hidden_size", 1)
+        for pname in ("latent_size", "encoder_layers", "batch_size", "max_epochs"):
+            _check_int(getattr(self, pname), pname, 1)
+        _check_int(self.min_epochs, "min_epochs", 0)
+        if self.patience is not None:
+            _check_int(self.patience, "patience", 1)
+        seed = check_random_state(self.random_state)
+
+        codes = classes = None
+        if alpha < 1.0:
+            _require_y(
+                y, name,
+                f"{self._objective_name(alpha)} trains a classifier on cell labels; pass y "
+                f"or use objective='unsupervised'.",
+            )
+            codes, classes = _check_y(y, n_cells, est_name=f"{name} ({self._objective_name(alpha)})",
+                                      need_classes=2)
+        elif y is not None:  # labels only stratify the validation split
+            codes, _ = _check_y(y, n_cells, est_name=name, need_classes=1)
+
+        n_val = n_cells - int((1.0 - vf) * n_cells)
+        n_train = n_cells - n_val
+        if n_val < 1:
+            raise ValueError(
+                f"validation_fraction={vf} leaves no validation cell out of {n_cells}; raise it."
+            )
+        if n_train < self.batch_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} is larger than the {n_train} training cells "
+                f"(n_cells={n_cells}, validation_fraction={vf}); lower batch_size."
+            )
+
+        kw = dict(
+            selector=self._selector,
+            hidden_size=None if self.hidden_size is None else int(self.hidden_size),
+            latent_size=int(self.latent_size),
+            encoder_layers=int(self.encoder_layers),
+            temperature=float(self.temperature),
+            temperature_decay=float(self.temperature_decay),
+            kl_beta=float(self.kl_beta),
+        )
+        if lr is not None:
+            kw["learning_rate"] = lr
+        cfg = mm.MarkerMapConfig.create(
+            n_genes,
+            n_markers,
+            alpha=alpha,
+            n_classes=0 if classes is None or alpha >= 1.0 else int(classes.shape[0]),
+            **kw,
+        )
+        finder = None
+        if lr is None:
+            finder = engine.LRFinder(max_lr=max_lr if max_lr is not None else self._default_max_lr(alpha))
+        loop = engine.LoopConfig(
+            max_epochs=int(self.max_epochs),
+            batch_size=int(self.batch_size),
+            min_epochs=int(self.min_epochs),
+            patience=None if self.patience is None else int(self.patience),
+            lr_finder=finder,
+        )
+        return cfg, loop, codes, classes, seed, vf
+
+    # -- fitting ------------------------------------------------------------------
+
+    def fit(self, X, y=None):
+        """Select ``n_markers`` genes.
+
+        Parameters
+        ----------
+        X : array-like, scipy.sparse matrix or pandas DataFrame, shape [n_cells, n_genes]
+            Preprocessed expression (the paper: normalised, log1p, scaled per gene;
+            :func:`jaxsel.preprocessing.markermap_recipe`). Sparse input is densified
+            under the :data:`MAX_DENSE_BYTES` guard. Never modified.
+        y : array-like, shape [n_cells], optional
+            Cell labels of any sortable type. Required unless the objective is
+            unsupervised (``alpha == 1``); when given, the validation split is stratified.
+
+        Returns
+        -------
+        self
+        """
+        x = _check_X(self, X, reset=True)
+        n_cells, n_genes = x.shape
+        cfg, loop, codes, classes, seed, vf = self._setup(n_cells, n_genes, y)
+        tr, va = preprocessing.split_indices(
+            n_cells if codes is None else codes,
+            (1.0 - vf, vf),
+            random_state=seed,
+            stratify=codes is not None,
+        )
+        split = engine.make_splits([tr], [va]).fold(0)
+        result = mm.fit(cfg, loop, jax.random.key(seed), x, codes if cfg.use_clf else None, split)
+        result = jax.device_get(result)
+        n_epochs = int(result.n_epochs)
+
+        self.cfg_ = cfg
+        self.result_ = result
+        self.markers_ = np.asarray(result.markers).astype(np.intp)
+        self.scores_ = np.asarray(result.scores, dtype=np.float32)
+        self.history_ = {k: np.asarray(v)[:n_epochs] for k, v in result.history.items()}
+        self.n_epochs_ = n_epochs
+        self.best_epoch_ = int(result.best_epoch)
+        self.learning_rate_ = float(result.learning_rate)
+        if classes is not None:
+            self.classes_ = classes
+        elif hasattr(self, "classes_"):
+            del self.classes_
+        return self
+
+    def _get_support_mask(self):
+        return _support_mask(self)
+
+    def _fitted_x(self, X):
+        check_is_fitted(self, "markers_")
+        return _check_X(self, X, reset=False)
+
+    @available_if(_has_classifier)
+    def decision_function(self, X):
+        """Class logits from the markers only, [n_cells, n_classes] (order of ``classes_``)."""
+        x = self._fitted_x(X)
+        return np.asarray(mm.predict_logits(self.cfg_, self.result_, x))
+
+    @available_if(_has_classifier)
+    def predict_proba(self, X):
+        """Class probabilities from the markers only, [n_cells, n_classes]."""
+        return np.asarray(jax.nn.softmax(self.decision_function(X), axis=-1))
+
+    @available_if(_has_classifier)
+    def predict(self, X):
+        """Cell labels (values of the ``y`` given to ``fit``) from the markers only."""
+        logits = self.decision_function(X)
+        return self.classes_[np.argmax(logits, axis=1)]
+
+    @available_if(_has_decoder)
+    def reconstruct(self, X):
+        """Decoder mean of all genes from the markers only, [n_cells, n_genes]."""
+        x = self._fitted_x(X)
+        return np.asarray(mm.reconstruct(self.cfg_, self.result_, x))
+
+    def embed(self, X):
+        """Latent means of the encoder from the markers only, [n_cells, latent_size]."""
+        x = self._fitted_x(X)
+        return np.asarray(mm.embed(self.cfg_, self.result_, x))
+
+    # -- cross-validation -----------------------------------------------------------
+
+    def cross_validate(self, X, y=None, n_folds=5, classifiers=("knn", "rf"), batch_size=None):
+        """K-fold marker selection and evaluation, all folds in one compiled program.
+
+        The cells are dealt into ``n_folds`` test folds (stratified when ``y`` is given,
+        :func:`jaxsel.preprocessing.kfold_indices`); from each fold's training part a
+        ``validation_fraction`` is carved out for early stopping. All folds are fitted
+        together by :func:`jaxsel.methods.markermap.fit_folds`. Each fold's markers are
+        then judged on its test cells by :func:`jaxsel.metrics.classification_scores`,
+        a classifier trained on the fold's training cells (without its validation part)
+        and restricted to the markers. The estimator itself is not fitted or changed.
+
+        Parameters
+        ----------
+        X : array-like or sparse, shape [n_cells, n_genes]
+        y : array-like, shape [n_cells], optional
+            Needed by supervised/joint objectives, and for the classification scores
+            (without ``y`` only markers and training curves are returned).
+        n_folds : int, default 5
+        classifiers : str, sequence or dict, default ("knn", "rf")
+            As in :func:`jaxsel.metrics.evaluate_markers`.
+        batch_size : int, optional
+            Folds fitted at a time; ``None`` fits all together (``vmap``), an int runs
+            ``lax.map`` with that many folds per step (less memory).
+
+        Returns
+        -------
+        dict
+            ``markers`` int [n_folds, n_markers] (best first); ``scores`` float32
+            [n_folds, n_genes]; ``n_epochs``, ``best_epoch`` int [n_folds];
+            ``learning_rate`` float32 [n_folds]; ``history`` dict of
+            [n_folds, max_epochs] arrays (NaN after a fold stopped);
+            ``test_indices`` list of int arrays; and, when ``y`` is given,
+            ``classification``: ``{classifier: {"accuracy", "misclassification_rate",
+            "average_misclassification_rate", "f1_macro", "f1_weighted"}}`` of float
+            arrays [n_folds].
+        """
+        x = _check_X(BaseEstimator(), X, reset=True)  # leaves self untouched
+        n_cells, n_genes = x.shape
+        n_folds = _check_int(n_folds, "n_folds", 2)
+        if n_folds > n_cells:
+            raise ValueError(f"n_folds must be in [2, n_cells={n_cells}], got {n_folds}.")
+        if batch_size is not None:
+            _check_int(batch_size, "batch_size", 1)
+        cfg, loop, codes, _, seed, vf = self._setup(n_cells, n_genes, y)
+        folds = preprocessing.kfold_indices(
+            n_cells if codes is None else codes,
+            n_folds,
+            random_state=seed,
+            stratify=codes is not None,
+            validation_fraction=vf,
+        )
+        min_train = min(tr.shape[0] for tr, _, _ in folds)
+        if min_train < loop.batch_size:
+            raise ValueError(
+                f"batch_size={loop.batch_size} is larger than the smallest fold's {min_train} "
+                f"training cells; lower batch_size (the estimator's) or n_folds."
+            )
+        splits = engine.make_splits([f[0] for f in folds], [f[1] for f in folds])
+        keys = engine.fold_keys(jax.random.key(seed), n_folds)
+        res = mm.fit_folds(
+            cfg, loop, keys, x, codes if cfg.use_clf else None, splits, batch_size=batch_size
+        )
+        res = jax.device_get(res)
+        markers = np.asarray(res.markers).astype(np.intp)
+        out = {
+            "markers": markers,
+            "scores": np.asarray(res.scores, dtype=np.float32),
+            "n_epochs": np.asarray(res.n_epochs).astype(np.int64),
+            "best_epoch": np.asarray(res.best_epoch).astype(np.int64),
+            "learning_rate": np.asarray(res.learning_rate, dtype=np.float32),
+            "history": {k: np.asarray(v) for k, v in res.history.items()},
+            "test_indices": [f[2] for f in folds],
+        }
+        if codes is not None:
+            keys_kept = (
+                "accuracy",
+                "misclassification_rate",
+                "average_misclassification_rate",
+                "f1_macro",
+                "f1_weighted",
+            )
+            per_fold = []
+            for i, (tr, _, te) in enumerate(folds):
+                ev = metrics.evaluate_markers(
+                    x[tr], codes[tr], x[te], codes[te], markers[i],
+                    classifiers=classifiers, reconstruction=False, random_state=seed,
+                )
+                per_fold.append(ev["classification"])
+            out["classification"] = {
+                name: {k: np.array([pf[name][k] for pf in per_fold]) for k in keys_kept}
+                for name in per_fold[0]
+            }
+        return out
+
+
+_NEURAL_PARAMS_DOC = """
+    Parameters
+    ----------
+    n_markers : int, default 50
+        Genes to select (``1 <= n_markers <= n_genes``).
+    objective : {{"supervised", "unsupervised", "joint"}}, default "{objective}"
+        Loss: cross-entropy of a classifier on the latent mean (``alpha = 0``), VAE
+        reconstruction of all genes (``alpha = 1``), or their even mix (``alpha = 0.5``).
+    alpha : float in [0, 1], optional
+        Overrides ``objective``: ``alpha * VAE + (1 - alpha) * cross-entropy``.
+    hidden_size : int, optional
+        Hidden width; ``None`` means about ``n_genes / 10`` (at least 16), the
+        paper's rule (the package's benchmark script uses 256).
+    latent_size : int, default 16
+        Latent dimension (paper and package).
+    batch_size : int, default 64
+        Cells per optimiser step (package benchmark). The last incomplete batch of
+        an epoch is dropped.
+    max_epochs, min_epochs : int, default 100, 25
+        Epoch budget and the minimum before early stopping (package benchmark).
+    patience : int or None, default 3
+        Epochs without a validation improvement before stopping (the package's
+        benchmark uses 4 for unsupervised MarkerMap and 10 for the global gate);
+        ``None`` disables early stopping. The best-validation parameters are kept.
+    learning_rate : float, optional
+        Adam step size. ``None`` (default) runs the paper's learning-rate range test
+        (:class:`jaxsel.engine.LRFinder`: Lightning's default exponential schedule
+        over 100 steps from 1e-8 to ``max_lr``, inside the same compiled program;
+        the package's benchmark uses a linear schedule over 500 rates); a number
+        skips it.
+    validation_fraction : float in (0, 1), default 0.1
+        Cells of ``X`` held out for early stopping (stratified when ``y`` is given).
+    random_state : int, numpy Generator or None, default None
+        Seeds the validation split and the JAX PRNG key (``None`` means 0: no hidden
+        global RNG state, results are reproducible).
+    temperature, temperature_decay : float, default 3.0, 0.95
+        Gumbel temperature at epoch 0 (the package's benchmark value) and its
+        per-epoch decay (the benchmark's global-gate value), floored at 1e-4.
+    kl_beta : float, default 0.1
+        KL weight of the VAE loss (package).
+    encoder_layers : int, default 2
+        Hidden encoder blocks: the paper's 2 (the package builds 3).
+    max_lr : float, optional
+        Upper end of the range test. ``None`` uses the reference package's benchmark
+        settings: {max_lr_doc}. Ignored when ``learning_rate`` is given.
+
+    Attributes
+    ----------
+    markers_ : ndarray of int, shape [n_markers]
+        Selected gene indices, best first.
+    scores_ : ndarray of float32, shape [n_genes]
+        The selector's gene scores (the top ``n_markers`` are ``markers_``).
+    history_ : dict of ndarray, shape [n_epochs_]
+        Per-epoch training/validation losses and metrics.
+    n_epochs_, best_epoch_ : int
+        Epochs run; the (0-based) epoch whose parameters were kept.
+    learning_rate_ : float
+        The Adam step size used (found by the range test or given).
+    classes_ : ndarray
+        Sorted labels of ``y`` (only when the model has a classifier).
+    n_features_in_ : int
+    feature_names_in_ : ndarray of str
+        When ``X`` was a DataFrame with string column names.
+    cfg_ : :class:`jaxsel.methods.markermap.MarkerMapConfig`
+    result_ : :class:`jaxsel.methods.markermap.MarkerMapResult`
+"""
+
+
+class MarkerMap(_NeuralSelector):
+    """MarkerMap (Gregory et al., npj Syst Biol Appl 2024): k genes by a learned,
+    instance-wise Gumbel top-k selector.
+
+    A network maps each cell to gene logits, a running average of them across
+    minibatches is perturbed with Gumbel noise and relaxed to a k-hot mask
+    (continuous top-k), and the masked input feeds a classifier (supervised), a VAE
+    (unsupervised) or both (joint). At the end the markers are the top-k of the
+    averaged logits. See :mod:`jaxsel.methods.markermap` for the model and where it
+    follows the paper or the authors' package.
+
+    Defaults follow the paper where it is explicit (learning rate by a range test,
+    two encoder layers, hidden width about ``n_genes / 10``) and the authors'
+    package (``markermap`` 1.0.3) and its benchmark script elsewhere (batch 64,
+    100/25 epochs, latent 16, temperature 3.0, ``kl_beta`` 0.1, ``max_lr``).
+    """
+
+    _selector = "markermap"
+
+    def __init__(
+        self,
+        n_markers=50,
+        *,
+        objective="supervised",
+        alpha=None,
+        hidden_size=None,
+        latent_size=16,
+        batch_size=64,
+        max_epochs=100,
+        min_epochs=25,
+        patience=3,
+        learning_rate=None,
+        validation_fraction=0.1,
+        random_state=None,
+        temperature=3.0,
+        temperature_decay=0.95,
+        kl_beta=0.1,
+        encoder_layers=2,
+        max_lr=None,
+    ):
+        super().__init__(
+            n_markers, objective=objective, alpha=alpha, hidden_size=hidden_size,
+            latent_size=latent_size, batch_size=batch_size, max_epochs=max_epochs,
+            min_epochs=min_epochs, patience=patience, learning_rate=learning_rate,
+            validation_fraction=validation_fraction, random_state=random_state,
+            temperature=temperature, temperature_decay=temperature_decay, kl_beta=kl_beta,
+            encoder_layers=encoder_layers, max_lr=max_lr,
+        )
+
+
+class GlobalGumbelVAE(_NeuralSelector):
+    """Global Gumbel-gate VAE: one learned logit per gene with Gumbel top-k
+    (the paper's "global gate" baseline).
+
+    Same body, loss and training as :class:`MarkerMap`, but the selection logits are
+    a single parameter vector instead of a network of the cells.
+    """
+
+    _selector = "global_gumbel"
+
+    def __init__(
+        self,
+        n_markers=50,
+        *,
+        objective="unsupervised",
+        alpha=None,
+        hidden_size=None,
+        latent_size=16,
+        batch_size=64,
+        max_epochs=100,
+        min_epochs=25,
+        patience=3,
+        learning_rate=None,
+        validation_fraction=0.1,
+        random_state=None,
+        temperature=3.0,
+        temperature_decay=0.95,
+        kl_beta=0.1,
+        encoder_layers=2,
+        max_lr=None,
+    ):
+        super().__init__(
+            n_markers, objective=objective, alpha=alpha, hidden_size=hidden_size,
+            latent_size=latent_size, batch_size=batch_size, max_epochs=max_epochs,
+            min_epochs=min_epochs, patience=patience, learning_rate=learning_rate,
+            validation_fraction=validation_fraction, random_state=random_state,
+            temperature=temperature, temperature_decay=temperature_decay, kl_beta=kl_beta,
+            encoder_layers=encoder_layers, max_lr=max_lr,
+        )
+
+
+class ConcreteVAE(_NeuralSelector):
+    """Concrete autoencoder (Abid et al. 2019) as a VAE: ``n_markers`` Gumbel-softmax
+    rows over the genes, each picking one gene.
+
+    Markers are ranked by the noiseless column sums of the selection matrix, which
+    gives exactly ``n_markers`` distinct genes (the package ranks a noisy sample).
+    """
+
+    _selector = "concrete"
+
+    def __init__(
+        self,
+        n_markers=50,
+        *,
+        objective="unsupervised",
+        alpha=None,
+        hidden_size=None,
+        latent_size=16,
+        batch_size=64,
+        max_epochs=100,
+        min_epochs=25,
+        patience=3,
+        learning_rate=None,
+        validation_fraction=0.1,
+        random_state=None,
+        temperature=3.0,
+        temperature_decay=0.95,
+        kl_beta=0.1,
+        encoder_layers=2,
+        max_lr=None,
+    ):
+        super().__init__(
+            n_markers, objective=objective, alpha=alpha, hidden_size=hidden_size,
+            latent_size=latent_size, batch_size=batch_size, max_epochs=max_epochs,
+            min_epochs=min_epochs, patience=patience, learning_rate=learning_rate,
+            validation_fraction=validation_fraction, random_state=random_state,
+            temperature=temperature, temperature_decay=temperature_decay, kl_beta=kl_beta,
+            encoder_layers=encoder_layers, max_lr=max_lr,
+        )
+
+
+MarkerMap.__doc__ += _NEURAL_PARAMS_DOC.format(
+    objective="supervised",
+    max_lr_doc="1e-3 for supervised MarkerMap, 1e-4 for joint/unsupervised",
+) + """
+    Examples
+    --------
+    >>> import jaxsel
+    >>> sel = jaxsel.MarkerMap(n_markers=50, random_state=0).fit(X, y)  # doctest: +SKIP
+    >>> sel.get_support(indices=True); sel.transform(X)                 # doctest: +SKIP
+"""
+GlobalGumbelVAE.__doc__ += _NEURAL_PARAMS_DOC.format(
+    objective="unsupervised", max_lr_doc="1e-5 for the global gate"
+)
+ConcreteVAE.__doc__ += _NEURAL_PARAMS_DOC.format(
+    objective="unsupervised", max_lr_doc="1e-4 for the Concrete VAE"
+)
+
+
+# ------------------------------------------------------------------------ baselines
+
+
+class _BaselineSelector(SelectorMixin, BaseEstimator):
+    """Shared parts of the plain baselines (not public)."""
+
+    def _get_support_mask(self):
+        return _support_mask(self)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
+
+
+class RandomMarkers(_BaselineSelector):
+    """``n_markers`` genes drawn uniformly at random (the paper's random baseline).
+
+    Parameters
+    ----------
+    n_markers : int, default 50
+    random_state : int, numpy Generator or None, default None
+        Seeds the draw (``None`` means 0).
+
+    Attributes
+    ----------
+    markers_ : ndarray of int, shape [n_markers]
+        Drawn genes, in draw order.
+    scores_ : ndarray of float32, shape [n_genes]
+        ``n_markers - i`` for the i-th drawn gene, 0 for the others (the draw order
+        as a score, so that the top ``n_markers`` are ``markers_``).
+    n_features_in_, feature_names_in_
+    """
+
+    def __init__(self, n_markers=50, *, random_state=None):
+        self.n_markers = n_markers
+        self.random_state = random_state
+
+    def fit(self, X, y=None):
+        """Draw the markers; ``X`` only gives the number of genes, ``y`` is ignored."""
+        x = _check_X(self, X, reset=True, dense=False)
+        n_genes = x.shape[1]
+        n_markers = _n_markers(self.n_markers, n_genes)
+        seed = check_random_state(self.random_state)
+        markers = baselines.random_markers(jax.random.key(seed), n_genes, n_markers)
+        self.markers_ = np.asarray(markers).astype(np.intp)
+        self.scores_ = _rank_scores(self.markers_, n_genes)
+        return self
+
+
+class HVGMarkers(_BaselineSelector):
+    """Seurat-flavour highly variable genes (scanpy's ``flavor="seurat"``).
+
+    Parameters
+    ----------
+    n_markers : int, default 50
+    n_bins : int, default 20
+        Equal-width mean bins for the dispersion z-scores (scanpy's default).
+    random_state : None
+        Accepted for a uniform interface with the other selectors; unused (the
+        selection is deterministic).
+
+    Notes
+    -----
+    ``X`` must be log1p-normalised expression (non-negative; e.g.
+    :func:`jaxsel.preprocessing.normalize_total` then :func:`~jaxsel.preprocessing.log1p`),
+    not scaled data.
+
+    Attributes
+    ----------
+    markers_ : ndarray of int, shape [n_markers]
+        Highest normalised dispersion first.
+    scores_ : ndarray of float32, shape [n_genes]
+        Normalised dispersions (NaN where undefined, e.g. all-zero genes).
+    n_features_in_, feature_names_in_
+    """
+
+    def __init__(self, n_markers=50, *, n_bins=20, random_state=None):
+        self.n_markers = n_markers
+        self.n_bins = n_bins
+        self.random_state = random_state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.positive_only = True
+        return tags
+
+    def fit(self, X, y=None):
+        """Rank genes by normalised dispersion; ``y`` is ignored."""
+        x = _check_X(self, X, reset=True)
+        n_genes = x.shape[1]
+        n_markers = _n_markers(self.n_markers, n_genes)
+        n_bins = _check_int(self.n_bins, "n_bins", 1)
+        check_random_state(self.random_state)
+        if x.min() < 0:
+            raise ValueError(
+                f"Negative values in data passed to HVGMarkers: X must be log1p-normalised "
+                f"expression (>= 0), found minimum {x.min():.4g}; pass data before scaling."
+            )
+        markers, disp = baselines.highly_variable_genes(x, n_markers, n_bins)
+        self.markers_ = np.asarray(markers).astype(np.intp)
+        self.scores_ = np.asarray(disp, dtype=np.float32)
+        return self
+
+
+class DEMarkers(_BaselineSelector):
+    """One-vs-rest differential-expression markers, picked round robin over cell types.
+
+    The MarkerMap paper's scanpy ``rank_genes_groups`` baseline: every gene gets a
+    score per cell type (:func:`jaxsel.methods.baselines.de_scores`), then the types
+    take turns, each taking its best gene not yet chosen.
+
+    Parameters
+    ----------
+    n_markers : int, default 50
+    method : {"t-test", "t-test_overestim_var", "wilcoxon"}, default "t-test"
+        scanpy's score (``wilcoxon`` with tie correction).
+    random_state : None
+        Accepted for a uniform interface; unused (deterministic).
+
+    Attributes
+    ----------
+    markers_ : ndarray of int, shape [n_markers]
+        In round-robin selection order.
+    class_scores_ : ndarray of float32, shape [n_classes, n_genes]
+        Per-type scores (order of ``classes_``).
+    scores_ : ndarray of float32, shape [n_genes]
+        Each gene's best score over the types. Note that the round-robin markers are
+        not simply the top of ``scores_``.
+    classes_ : ndarray
+    n_features_in_, feature_names_in_
+    """
+
+    def __init__(self, n_markers=50, *, method="t-test", random_state=None):
+        self.n_markers = n_markers
+        self.method = method
+        self.random_state = random_state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True
+        return tags
+
+    def fit(self, X, y=None):
+        """Score genes against the labels ``y`` and pick markers round robin."""
+        x = _check_X(self, X, reset=True)
+        n_cells, n_genes = x.shape
+        n_markers = _n_markers(self.n_markers, n_genes)
+        if not isinstance(self.method, str) or self.method not in baselines.DE_METHODS:
+            raise ValueError(f"method must be one of {baselines.DE_METHODS}, got {self.method!r}.")
+        check_random_state(self.random_state)
+        _require_y(y, "DEMarkers", "pass cell labels y for differential expression.")
+        codes, classes = _check_y(y, n_cells, est_name="DEMarkers", need_classes=2)
+        scores = baselines.de_scores(x, codes, int(classes.shape[0]), self.method)
+        markers = baselines.round_robin_markers(scores, n_markers)
+        self.class_scores_ = np.asarray(scores, dtype=np.float32)
+        self.scores_ = self.class_scores_.max(axis=0)
+        self.markers_ = np.asarray(markers).astype(np.intp)
+        self.classes_ = classes
+        return self

@@ -1,0 +1,352 @@
+"""scanpy-style marker selection on AnnData objects.
+
+Every function reads the expression matrix from ``adata.X`` (or
+``adata.layers[layer]``) and, where needed, cell labels from
+``adata.obs[labels_key]``, fits the matching estimator of
+:mod:`jaxsel.estimators`, and writes only
+
+- ``adata.var[key_added]``: bool, the selected genes;
+- ``adata.var[f"{key_added}_score"]``: float, the estimator's per-gene ``scores_``;
+- ``adata.uns[key_added]``: a dict with ``params`` (the estimator's parameters),
+  ``markers`` (gene names, best first) and, for the neural selectors, ``history``
+  (per-epoch curves as lists), ``n_epochs`` and ``learning_rate``.
+
+Existing entries under those keys are overwritten; nothing else (``X``, layers,
+``obs``, ``obsm``, other ``var`` columns or ``uns`` entries) is touched. With
+``copy=True`` the input is left unchanged and a modified copy is returned;
+otherwise the functions return ``None``. Nothing is written when fitting fails.
+
+The matrix is used as it is: the neural selectors expect preprocessed
+(normalised, log1p, scaled) expression, :func:`hvg_markers` log1p-normalised
+expression, :func:`de_markers` usually log1p-normalised expression.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import estimators
+
+__all__ = [
+    "markermap",
+    "concrete_vae",
+    "global_gumbel_vae",
+    "de_markers",
+    "hvg_markers",
+    "random_markers",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_adata(adata):
+    if not (hasattr(adata, "X") and hasattr(adata, "obs") and hasattr(adata, "var")):
+        raise TypeError(
+            f"adata must be an anndata.AnnData object, got {type(adata).__name__}; for "
+            f"matrices use the estimators (jaxsel.MarkerMap, ...)."
+        )
+
+
+def _check_key(value, name: str):
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{name} must be a non-empty string, got {value!r}.")
+
+
+def _get_x(adata, layer):
+    if layer is None:
+        if adata.X is None:
+            raise ValueError("adata.X is None; pass layer= to read a layer instead.")
+        return adata.X
+    _check_key(layer, "layer")
+    if layer not in adata.layers:
+        raise KeyError(
+            f"layer={layer!r} is not in adata.layers (available: {sorted(adata.layers.keys())})."
+        )
+    return adata.layers[layer]
+
+
+def _get_labels(adata, labels_key, *, required: bool, why: str = ""):
+    if labels_key is None:
+        if required:
+            raise ValueError(f"labels_key is required: {why}")
+        return None
+    _check_key(labels_key, "labels_key")
+    if labels_key not in adata.obs.columns:
+        raise KeyError(
+            f"labels_key={labels_key!r} is not a column of adata.obs (available: "
+            f"{list(adata.obs.columns)})."
+        )
+    return adata.obs[labels_key]
+
+
+def _plain(value):
+    """A parameter value h5ad can store: None, bool, int, float, str; else its repr."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return repr(value)
+
+
+def _write(adata, key_added: str, est, extra: dict):
+    genes = np.asarray(adata.var_names)
+    adata.var[key_added] = est.get_support()
+    adata.var[f"{key_added}_score"] = np.asarray(est.scores_, dtype=np.float64)
+    uns = {
+        "params": {k: _plain(v) for k, v in est.get_params(deep=False).items()},
+        "markers": [str(g) for g in genes[est.markers_]],
+    }
+    uns.update(extra)
+    adata.uns[key_added] = uns
+
+
+def _neural_extra(est) -> dict:
+    return {
+        "history": {k: np.asarray(v, dtype=np.float64).tolist() for k, v in est.history_.items()},
+        "n_epochs": int(est.n_epochs_),
+        "learning_rate": float(est.learning_rate_),
+    }
+
+
+def _run(adata, est, *, layer, labels, key_added, copy, neural):
+    _check_key(key_added, "key_added")
+    x = _get_x(adata, layer)
+    est.fit(x, labels)
+    if copy:
+        adata = adata.copy()
+    _write(adata, key_added, est, _neural_extra(est) if neural else {})
+    return adata if copy else None
+
+
+def _neural(cls, adata, n_markers, labels_key, objective, default_objective, layer, key_added,
+            copy, kwargs):
+    _check_adata(adata)
+    if objective is None:
+        objective = default_objective(labels_key)
+    est = cls(n_markers=n_markers, objective=objective, **kwargs)
+    needs_labels = est._needs_labels()
+    labels = _get_labels(
+        adata, labels_key, required=needs_labels,
+        why=f"{cls.__name__} with objective={objective!r} (alpha={est.alpha}) trains a "
+        f"classifier on cell labels; pass labels_key (a column of adata.obs) or "
+        f"objective='unsupervised'.",
+    )
+    return _run(adata, est, layer=layer, labels=labels, key_added=key_added, copy=copy, neural=True)
+
+
+_NEURAL_DOC = """
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        Cells x genes; ``adata.X`` (or ``layer``) holds preprocessed expression
+        (dense or sparse; never modified).
+    n_markers : int, default 50
+    labels_key : str, optional
+        Column of ``adata.obs`` with cell labels. Needed by the supervised and joint
+        objectives; for the unsupervised one it only stratifies the validation split.
+    objective : {{"supervised", "unsupervised", "joint"}}, optional
+        {objective_doc}
+    layer : str, optional
+        Read ``adata.layers[layer]`` instead of ``adata.X``.
+    key_added : str, default "{key}"
+        Where the results go: ``adata.var[key_added]``,
+        ``adata.var[key_added + "_score"]``, ``adata.uns[key_added]``.
+    copy : bool, default False
+        Work on (and return) a copy, leaving ``adata`` unchanged.
+    **kwargs
+        Further parameters of :class:`jaxsel.{cls}` (``alpha``, ``hidden_size``,
+        ``max_epochs``, ``learning_rate``, ``random_state``, ...).
+
+    Returns
+    -------
+    anndata.AnnData or None
+        The modified copy when ``copy=True``, else None (``adata`` is updated).
+
+    Raises
+    ------
+    KeyError
+        If ``labels_key`` or ``layer`` does not exist.
+    ValueError
+        If the objective needs labels and ``labels_key`` is None, or on invalid data.
+"""
+
+
+# ----------------------------------------------------------------- neural selectors
+
+
+def markermap(
+    adata,
+    n_markers: int = 50,
+    labels_key: str | None = None,
+    *,
+    objective: str | None = None,
+    layer: str | None = None,
+    key_added: str = "markermap",
+    copy: bool = False,
+    **kwargs,
+):
+    """Select marker genes with :class:`jaxsel.MarkerMap`."""
+    return _neural(
+        estimators.MarkerMap, adata, n_markers, labels_key, objective,
+        lambda key: "supervised" if key is not None else "unsupervised",
+        layer, key_added, copy, kwargs,
+    )
+
+
+def concrete_vae(
+    adata,
+    n_markers: int = 50,
+    labels_key: str | None = None,
+    *,
+    objective: str | None = None,
+    layer: str | None = None,
+    key_added: str = "concrete_vae",
+    copy: bool = False,
+    **kwargs,
+):
+    """Select marker genes with :class:`jaxsel.ConcreteVAE`."""
+    return _neural(
+        estimators.ConcreteVAE, adata, n_markers, labels_key, objective,
+        lambda key: "unsupervised", layer, key_added, copy, kwargs,
+    )
+
+
+def global_gumbel_vae(
+    adata,
+    n_markers: int = 50,
+    labels_key: str | None = None,
+    *,
+    objective: str | None = None,
+    layer: str | None = None,
+    key_added: str = "global_gumbel_vae",
+    copy: bool = False,
+    **kwargs,
+):
+    """Select marker genes with :class:`jaxsel.GlobalGumbelVAE`."""
+    return _neural(
+        estimators.GlobalGumbelVAE, adata, n_markers, labels_key, objective,
+        lambda key: "unsupervised", layer, key_added, copy, kwargs,
+    )
+
+
+markermap.__doc__ += _NEURAL_DOC.format(
+    key="markermap", cls="MarkerMap",
+    objective_doc='Default: "supervised" when ``labels_key`` is given, else "unsupervised".',
+) + """
+    Examples
+    --------
+    >>> import jaxsel
+    >>> jaxsel.tl.markermap(adata, n_markers=50, labels_key="cell_type")  # doctest: +SKIP
+    >>> adata.var_names[adata.var["markermap"]]                          # doctest: +SKIP
+"""
+concrete_vae.__doc__ += _NEURAL_DOC.format(
+    key="concrete_vae", cls="ConcreteVAE", objective_doc='Default: "unsupervised".'
+)
+global_gumbel_vae.__doc__ += _NEURAL_DOC.format(
+    key="global_gumbel_vae", cls="GlobalGumbelVAE", objective_doc='Default: "unsupervised".'
+)
+
+
+# ------------------------------------------------------------------------ baselines
+
+
+def de_markers(
+    adata,
+    n_markers: int = 50,
+    labels_key: str | None = None,
+    *,
+    method: str = "t-test",
+    layer: str | None = None,
+    key_added: str = "de_markers",
+    copy: bool = False,
+):
+    """One-vs-rest differential-expression markers, round robin over cell types.
+
+    Fits :class:`jaxsel.DEMarkers`; ``adata.var[key_added + "_score"]`` is each
+    gene's best score over the cell types. Same conventions as :func:`markermap`.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        ``adata.X`` (or ``layer``): usually log1p-normalised expression.
+    n_markers : int, default 50
+    labels_key : str
+        Column of ``adata.obs`` with cell labels (required).
+    method : {"t-test", "t-test_overestim_var", "wilcoxon"}, default "t-test"
+    layer, key_added, copy
+        As in :func:`markermap`; ``key_added`` defaults to ``"de_markers"``.
+
+    Returns
+    -------
+    anndata.AnnData or None
+    """
+    _check_adata(adata)
+    labels = _get_labels(
+        adata, labels_key, required=True,
+        why="differential expression compares cell types; pass a column of adata.obs.",
+    )
+    est = estimators.DEMarkers(n_markers=n_markers, method=method)
+    return _run(adata, est, layer=layer, labels=labels, key_added=key_added, copy=copy, neural=False)
+
+
+def hvg_markers(
+    adata,
+    n_markers: int = 50,
+    *,
+    n_bins: int = 20,
+    layer: str | None = None,
+    key_added: str = "hvg_markers",
+    copy: bool = False,
+):
+    """Seurat-flavour highly variable genes (:class:`jaxsel.HVGMarkers`).
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        ``adata.X`` (or ``layer``) must be log1p-normalised expression (>= 0).
+    n_markers : int, default 50
+    n_bins : int, default 20
+    layer, key_added, copy
+        As in :func:`markermap`; ``key_added`` defaults to ``"hvg_markers"``.
+
+    Returns
+    -------
+    anndata.AnnData or None
+    """
+    _check_adata(adata)
+    est = estimators.HVGMarkers(n_markers=n_markers, n_bins=n_bins)
+    return _run(adata, est, layer=layer, labels=None, key_added=key_added, copy=copy, neural=False)
+
+
+def random_markers(
+    adata,
+    n_markers: int = 50,
+    *,
+    random_state=None,
+    key_added: str = "random_markers",
+    copy: bool = False,
+):
+    """``n_markers`` genes drawn at random (:class:`jaxsel.RandomMarkers`).
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+    n_markers : int, default 50
+    random_state : int, numpy Generator or None, default None
+    key_added, copy
+        As in :func:`markermap`; ``key_added`` defaults to ``"random_markers"``.
+
+    Returns
+    -------
+    anndata.AnnData or None
+    """
+    _check_adata(adata)
+    est = estimators.RandomMarkers(n_markers=n_markers, random_state=random_state)
+    return _run(adata, est, layer=None, labels=None, key_added=key_added, copy=copy, neural=False)
