@@ -23,7 +23,6 @@ __all__ = [
 # Smallest positive normal float32. The reference uses 1e-40, a float32 denormal that
 # XLA may flush to zero (log(0) = -inf); the normal minimum keeps the same intent.
 _TINY = float(jnp.finfo(jnp.float32).tiny)
-_LOG_TINY = float(jnp.log(jnp.float32(_TINY)))
 
 
 def gumbel_noise(key, shape, dtype=jnp.float32, eps: float = _TINY):
@@ -48,8 +47,12 @@ def continuous_topk(logits, k: int, temperature):
 
     def body(carry, _):
         w, onehot, total = carry
-        # khot mask 1 - onehot in log space, floored at the smallest normal float.
-        w = w + jnp.maximum(jnp.log1p(-onehot), _LOG_TINY)
+        # khot mask 1 - onehot in log space, floored at the smallest normal float. The
+        # floor is applied before the log: flooring after it (max(log1p(-p), c)) gives
+        # 0 * inf = NaN gradients once a softmax saturates at p == 1 (low temperature).
+        # Below 1, float32 spacing makes 1 - p either 0 or >= 6e-8, so the floor only
+        # acts at exact saturation and the gradient 1/(1 - p) stays below ~1.7e7.
+        w = w + jnp.log(jnp.maximum(1.0 - onehot, _TINY))
         onehot = jax.nn.softmax(w / temperature, axis=-1)
         return (w, onehot, total + onehot), None
 
