@@ -353,7 +353,9 @@ class _NeuralSelector(SelectorMixin, BaseEstimator):
         )
         finder = None
         if lr is None:
-            finder = engine.LRFinder(max_lr=max_lr if max_lr is not None else self._default_max_lr(alpha))
+            finder = engine.LRFinder(
+                max_lr=max_lr if max_lr is not None else self._default_max_lr(alpha), mode="linear", n_steps=500
+            )
         loop = engine.LoopConfig(
             max_epochs=int(self.max_epochs),
             batch_size=int(self.batch_size),
@@ -568,9 +570,9 @@ _NEURAL_PARAMS_DOC = """
         ``None`` disables early stopping. The best-validation parameters are kept.
     learning_rate : float, optional
         Adam step size. ``None`` (default) runs the paper's learning-rate range test
-        (:class:`jaxsel.engine.LRFinder`: Lightning's default exponential schedule
-        over 100 steps from 1e-8 to ``max_lr``, inside the same compiled program;
-        the package's benchmark uses a linear schedule over 500 rates); a number
+        (:class:`jaxsel.engine.LRFinder` with the paper benchmark's settings: a
+        linear schedule over 500 steps from 1e-8 to ``max_lr``, Lightning's
+        suggestion rule, inside the same compiled program as the fit); a number
         skips it.
     validation_fraction : float in (0, 1), default 0.1
         Cells of ``X`` held out for early stopping (stratified when ``y`` is given).

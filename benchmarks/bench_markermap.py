@@ -1,0 +1,498 @@
+"""jaxsel's MarkerMap family next to the reference package, in one run.
+
+    python benchmarks/bench_markermap.py                 # everything (about an hour on 2 cores)
+    python benchmarks/bench_markermap.py --quick         # Paul15, supervised, 1 seed: a smoke run
+    python benchmarks/bench_markermap.py --no-reference  # jaxsel only (no torch needed)
+    python benchmarks/bench_markermap.py --report benchmarks/results/markermap.json  # re-render
+
+On the real Paul15, Zeisel (level1class) and CBMC CITE-seq data in ``../shared/data``
+(skipped when absent), with k = 50, the same split (70/10/20, seed 0), the same
+preprocessing (per-cell total 1e4, log1p, per-gene scale clipped at 10), architecture
+(hidden 256, latent 16, the package's three-block encoder), batch size 64 and epochs:
+
+1. speed at equal epochs: each model trained for exactly ``--epochs`` epochs at a fixed
+   learning rate by both implementations; seconds per epoch, compile time separately,
+   model FLOPs per step, achieved GFLOP/s against a plain jitted matmul measured in the
+   same run;
+2. 10 folds of supervised MarkerMap on Paul15 fitted in one vmapped program against the
+   same 10 fits in a Python loop (one compiled program reused);
+3. quality with the paper's whole protocol (learning-rate range test, linear mode over
+   500 steps, early stopping with the paper script's patience), ``--seeds`` seeds each:
+   wall time, epochs, peak memory, kNN and random-forest accuracy and weighted F1 on the
+   test split; random markers as the floor.
+
+Results go to ``benchmarks/results/markermap.json`` (written after every fit, so a
+partial run keeps what it did) and ``benchmarks/results/markermap.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import jaxsel  # noqa: E402
+from jaxsel import datasets, engine, metrics  # noqa: E402
+from jaxsel import preprocessing as pp  # noqa: E402
+from jaxsel.methods import markermap as mm  # noqa: E402
+
+DATASETS = {"paul15": "cell_type", "zeisel2015": "level1class", "cbmc_citeseq": "cell_type"}
+MODELS = ("supervised", "unsupervised", "joint", "concrete_vae", "global_gumbel")
+# The paper benchmark script's settings per model (see reference_markermap.MODEL_DEFAULTS).
+SETTINGS = {
+    "supervised": dict(selector="markermap", alpha=0.0, max_lr=1e-3, patience=3, temperature_decay=0.95, min_temperature=1e-4),
+    "unsupervised": dict(selector="markermap", alpha=1.0, max_lr=1e-4, patience=4, temperature_decay=0.95, min_temperature=1e-4),
+    "joint": dict(selector="markermap", alpha=0.5, max_lr=1e-4, patience=3, temperature_decay=0.95, min_temperature=1e-4),
+    "concrete_vae": dict(selector="concrete", alpha=1.0, max_lr=1e-4, patience=3, temperature_decay=0.99, min_temperature=1e-4),
+    "global_gumbel": dict(selector="global_gumbel", alpha=1.0, max_lr=1e-5, patience=10, temperature_decay=0.95, min_temperature=1e-3),
+}
+K, HIDDEN, LATENT, BATCH, MIN_EPOCHS, MAX_EPOCHS = 50, 256, 16, 64, 25, 100
+
+
+# ----------------------------------------------------------------------------- tools
+
+
+class PeakRSS:
+    """Highest resident set size of this process while the block runs (sampled, 20 ms)."""
+
+    def __init__(self):
+        self.start_mb = self.peak_mb = _rss_mb()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, _rss_mb())
+            self._stop.wait(0.02)
+
+    def __enter__(self):
+        self.start_mb = self.peak_mb = _rss_mb()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak_mb = max(self.peak_mb, _rss_mb())
+
+    @property
+    def delta_mb(self):
+        return self.peak_mb - self.start_mb
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def machine_info() -> dict:
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        platform=platform.platform(),
+        cpu=cpu,
+        cores=os.cpu_count(),
+        python=platform.python_version(),
+        devices=[str(d) for d in jax.devices()],
+        versions={"jaxsel": jaxsel.__version__, "jax": jax.__version__},
+    )
+    for name in ("flax", "optax", "numpy", "sklearn", "torch", "pytorch_lightning", "markermap"):
+        try:
+            mod = __import__(name)
+            info["versions"][name] = getattr(mod, "__version__", "?")
+        except Exception:  # noqa: BLE001
+            pass
+    try:
+        from importlib.metadata import version
+
+        info["versions"]["markermap"] = version("markermap")
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+def matmul_gflops(shape=(1024, 1024, 1024), repeats=None) -> float:
+    """Throughput of a plain jitted float32 matmul [m, k] @ [k, n] (the yardstick)."""
+    m, k, n = shape
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(m, k)), jnp.float32)
+    b = jnp.asarray(np.random.default_rng(1).normal(size=(k, n)), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    flops = 2.0 * m * k * n
+    repeats = repeats or max(3, int(2e10 / flops))
+    best = np.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(repeats):
+            out = f(a, b)
+        out.block_until_ready()
+        best = min(best, (time.perf_counter() - t) / repeats)
+    return flops / best / 1e9
+
+
+def model_flops_per_step(cfg: mm.MarkerMapConfig, batch: int) -> dict:
+    """Matmul FLOPs of one optimiser step.
+
+    ``nominal``: the model as the authors' package runs it (f_pi output layer per cell,
+    dense masked input): 2 * B * fan_in * fan_out per linear layer forward; backward
+    counts 2x forward for every layer except the first layer of each input path, whose
+    input is data (1x: weight gradient only).
+    ``executed``: what jaxsel runs after its exact rewrites (f_pi output on the batch
+    mean, masked-input backward from one shared product), same counting.
+    """
+    B, G, H, Z, C, L = batch, cfg.n_genes, cfg.hidden_size, cfg.latent_size, cfg.n_classes, cfg.encoder_layers
+    lin = lambda i, o, n=B: 2.0 * n * i * o  # noqa: E731
+    fwd_first, fwd_rest = 0.0, 0.0  # first layers of each path see data; the rest backprop input grads
+    exe = 0.0
+    if cfg.selector == "markermap":
+        fwd_first += lin(G, H)
+        fwd_rest += lin(H, H) + lin(H, G)
+        exe += 2 * lin(G, H) + 3 * lin(H, H) + 2 * lin(H, G, 1)
+        enc_in = G
+    elif cfg.selector == "concrete":
+        fwd_first += lin(G, cfg.n_markers)  # x @ W^T
+        exe += 2 * lin(G, cfg.n_markers)
+        enc_in = cfg.n_markers
+    else:
+        enc_in = G
+    # encoder: the masked first layer backpropagates into the mask (2x) except for concrete
+    first_enc = lin(enc_in, H)
+    if cfg.selector == "concrete":
+        fwd_rest += first_enc
+        exe += 3 * first_enc
+    elif cfg.selector == "markermap":
+        fwd_rest += first_enc
+        exe += 2 * first_enc  # shared-gram backward: one product for kernel and mask grads
+    else:
+        fwd_rest += first_enc
+        exe += 2 * first_enc
+    rest = (L - 1) * lin(H, H) + 2 * lin(H, Z)
+    if cfg.use_recon:
+        rest += 2 * (lin(Z, H) + lin(H, G))
+    if cfg.use_clf:
+        rest += lin(Z, H) + lin(H, C)
+    fwd_rest += rest
+    exe += 3 * rest
+    return {"nominal": fwd_first * 2 + fwd_rest * 3, "executed": exe}
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def load(name: str):
+    x, y, _ = datasets.paper_dataset(name)
+    xp, _ = pp.markermap_recipe(x)
+    classes, yc = np.unique(y, return_inverse=True)
+    tr, va, te = pp.split_indices(len(yc), (0.7, 0.1, 0.2), random_state=0)
+    return dict(name=name, x=np.asarray(xp, np.float32), y=yc.astype(np.int32), classes=classes, tr=tr, va=va, te=te)
+
+
+def jax_config(model: str, d) -> mm.MarkerMapConfig:
+    s = SETTINGS[model]
+    return mm.MarkerMapConfig.create(
+        d["x"].shape[1], K, alpha=s["alpha"], n_classes=len(d["classes"]), selector=s["selector"],
+        hidden_size=HIDDEN, latent_size=LATENT, encoder_layers=3, temperature=3.0,
+        temperature_decay=s["temperature_decay"], min_temperature=s["min_temperature"], learning_rate=s["max_lr"],
+    )
+
+
+def jax_fit(model, d, *, seed, fixed_epochs=None):
+    """One jaxsel fit; compile timed separately (ahead of time), then the run."""
+    cfg = jax_config(model, d)
+    s = SETTINGS[model]
+    if fixed_epochs:
+        loop = engine.LoopConfig(max_epochs=fixed_epochs, batch_size=BATCH, min_epochs=0, patience=None)
+    else:
+        loop = engine.LoopConfig(
+            max_epochs=MAX_EPOCHS, batch_size=BATCH, min_epochs=MIN_EPOCHS, patience=s["patience"],
+            lr_finder=engine.LRFinder(max_lr=s["max_lr"], mode="linear", n_steps=500),
+        )
+    data = mm._data(d["x"], d["y"] if cfg.use_clf else None)
+    split = engine.make_splits([d["tr"]], [d["va"]]).fold(0)
+    key = jax.random.key(seed)
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        compiled = mm._fit_single.lower(cfg, loop, key, data, split).compile()
+        t1 = time.perf_counter()
+        res = compiled(cfg, key, data, split)
+        markers = np.asarray(res.markers)  # blocks
+        t2 = time.perf_counter()
+    n_epochs = int(res.n_epochs)
+    steps = len(d["tr"]) // BATCH
+    out = dict(
+        impl="jaxsel", model=model, seed=seed, markers=markers.tolist(), compile_s=t1 - t0, run_s=t2 - t1,
+        wall_s=t2 - t1, epochs=n_epochs, best_epoch=int(res.best_epoch), lr=float(res.learning_rate),
+        steps_per_epoch=steps, peak_rss_delta_mb=mem.delta_mb, peak_rss_mb=mem.peak_mb,
+    )
+    if fixed_epochs:
+        out["s_per_epoch"] = (t2 - t1) / n_epochs
+    fl = model_flops_per_step(cfg, BATCH)
+    out["flops_per_step_nominal"], out["flops_per_step_executed"] = fl["nominal"], fl["executed"]
+    return out
+
+
+def ref_fit(model, d, *, seed, fixed_epochs=None):
+    from reference_markermap import run_reference
+
+    s = SETTINGS[model]
+    y_tr = d["y"][d["tr"]] if s["alpha"] < 1 else None
+    y_va = d["y"][d["va"]] if s["alpha"] < 1 else None
+    r = run_reference(
+        model, d["x"][d["tr"]], y_tr, d["x"][d["va"]], y_va, k=K, hidden=HIDDEN, latent=LATENT,
+        batch_size=BATCH, min_epochs=MIN_EPOCHS, max_epochs=MAX_EPOCHS, seed=seed,
+        fixed_epochs=fixed_epochs, lr=s["max_lr"] if fixed_epochs else None, num_classes=len(d["classes"]),
+    )
+    keep = ("wall_s", "lr_find_s", "train_s", "epochs", "s_per_epoch", "min_epoch_s", "steps_per_epoch",
+            "peak_rss_delta_mb", "peak_rss_mb", "lr", "other_cpu_frac", "lr_suggestion_failed")
+    out = {k: r.get(k) for k in keep}
+    out.update(impl="reference", model=model, seed=seed, markers=np.asarray(r["markers"]).tolist())
+    return out
+
+
+def evaluate(d, markers, seed=0) -> dict:
+    x, y, tr, te = d["x"], d["y"], d["tr"], d["te"]
+    out = {}
+    for clf in ("knn", "rf"):
+        s = metrics.classification_scores(x[tr], y[tr], x[te], y[te], np.asarray(markers), clf, random_state=seed)
+        out[f"{clf}_acc"] = float(s["accuracy"])
+        out[f"{clf}_f1w"] = float(s["f1_weighted"])
+    return out
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def folds_phase(d, n_folds=10, seed=0) -> dict:
+    """10 folds of supervised MarkerMap in one vmapped program vs a loop of single fits."""
+    cfg = jax_config("supervised", d)
+    loop = engine.LoopConfig(max_epochs=MAX_EPOCHS, batch_size=BATCH, min_epochs=MIN_EPOCHS, patience=3)
+    idx = np.concatenate([d["tr"], d["va"], d["te"]])
+    labels = d["y"][idx]
+    folds = pp.kfold_indices(labels, n_folds, random_state=seed, stratify=True, validation_fraction=0.125)
+    trains = [idx[f[0]] for f in folds]
+    vals = [idx[f[1]] for f in folds]
+    splits = engine.make_splits(trains, vals)
+    loop = dataclasses.replace(loop, steps_per_epoch=int(np.min(np.asarray(splits.n_train))) // BATCH)
+    data = mm._data(d["x"], d["y"])
+    keys = engine.fold_keys(jax.random.key(seed), n_folds)
+
+    t0 = time.perf_counter()
+    lowered = engine.folds._fit_folds_jit.lower(cfg, loop, keys, data, splits, None, None, False)
+    compiled = lowered.compile()
+    t1 = time.perf_counter()
+    fr = compiled(cfg, keys, data, splits)
+    jax.block_until_ready(fr)
+    t2 = time.perf_counter()
+
+    single = mm._fit_single.lower(cfg, loop, keys[0], data, splits.fold(0)).compile()
+    t3 = time.perf_counter()
+    loop_res = []
+    for i in range(n_folds):
+        r = single(cfg, keys[i], data, splits.fold(i))
+        loop_res.append(np.asarray(r.markers))
+    t4 = time.perf_counter()
+    vm_markers = np.asarray(jax.vmap(lambda p, s: mm.markers(cfg, p, s))(fr.params, fr.model_state))
+    same = [set(a.tolist()) == set(b.tolist()) for a, b in zip(vm_markers, loop_res)]
+    return dict(
+        n_folds=n_folds, vmapped_compile_s=t1 - t0, vmapped_run_s=t2 - t1, loop_compile_s=t3 - t2,
+        loop_run_s=t4 - t3, epochs=np.asarray(fr.n_epochs).tolist(), same_markers_as_loop=same,
+    )
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def _ms(values):
+    v = [x for x in values if x is not None]
+    if not v:
+        return "n/a"
+    if len(v) == 1:
+        return f"{v[0]:.3f}"
+    return f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}"
+
+
+def render(res: dict) -> str:
+    m = res["machine"]
+    lines = [
+        "# MarkerMap family: jaxsel vs the reference package (markermap 1.0.3)",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; devices {m['devices']}. ",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}. Date {m['date']}.",
+        f"Command: `{res.get('command', '')}`",
+        "",
+        f"Plain jitted float32 matmul on this machine: {res['matmul_gflops']['1024^3']:.1f} GFLOP/s (1024^3), "
+        f"{res['matmul_gflops']['step_shape']:.1f} GFLOP/s at the step's shape (64 x genes x 256).",
+        "",
+    ]
+    if res.get("notes"):
+        lines += [f"- {n}" for n in res["notes"]] + [""]
+    sp = res.get("speed", [])
+    if sp:
+        lines += [
+            f"## Speed at equal epochs ({res['speed_epochs']} epochs, fixed learning rate, batch 64)",
+            "",
+            "| data | model | jaxsel s/epoch | reference s/epoch | speed-up | jaxsel compile s | steps/epoch (jaxsel / ref) "
+            "| nominal GFLOP/step | jaxsel GFLOP/s (nominal) | % of matmul | executed GFLOP/step |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in sp:
+            j, r = row["jaxsel"], row.get("reference") or {}
+            gfs = j["flops_per_step_nominal"] * j["steps_per_epoch"] / j["s_per_epoch"] / 1e9
+            ratio = (r.get("s_per_epoch") or np.nan) / j["s_per_epoch"]
+            lines.append(
+                f"| {row['data']} | {row['model']} | {j['s_per_epoch']:.3f} | "
+                f"{r.get('s_per_epoch') if r.get('s_per_epoch') is None else round(r['s_per_epoch'], 3)} | "
+                f"{ratio:.2f}x | {j['compile_s']:.1f} | {j['steps_per_epoch']} / {r.get('steps_per_epoch', 'n/a')} | "
+                f"{j['flops_per_step_nominal'] / 1e9:.3f} | {gfs:.1f} | {100 * gfs / res['matmul_gflops']['1024^3']:.0f}% | "
+                f"{j['flops_per_step_executed'] / 1e9:.3f} |"
+            )
+        lines.append("")
+    fo = res.get("folds")
+    if fo:
+        lines += [
+            "## 10 folds in one vmapped program vs 10 fits in a loop (supervised MarkerMap, Paul15)",
+            "",
+            "| | compile s | run s |",
+            "|---|---|---|",
+            f"| one vmapped program | {fo['vmapped_compile_s']:.1f} | {fo['vmapped_run_s']:.1f} |",
+            f"| loop of single fits (one compiled program reused) | {fo['loop_compile_s']:.1f} | {fo['loop_run_s']:.1f} |",
+            "",
+            f"Epochs run per fold: {fo['epochs']}; markers identical to the looped fits in "
+            f"{sum(fo['same_markers_as_loop'])}/{fo['n_folds']} folds.",
+            "",
+        ]
+    q = res.get("quality", [])
+    if q:
+        lines += [
+            "## Quality with the paper's protocol (LR range test, early stopping), k = 50, test split",
+            "",
+            "| data | model | impl | seeds | kNN acc | RF acc | kNN F1w | RF F1w | wall s | epochs | jaxsel compile s | peak RSS delta MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        groups = {}
+        for row in q:
+            groups.setdefault((row["data"], row["model"], row["impl"]), []).append(row)
+        for (data, model, impl), rows in groups.items():
+            lines.append(
+                f"| {data} | {model} | {impl} | {len(rows)} | {_ms([r['knn_acc'] for r in rows])} | "
+                f"{_ms([r['rf_acc'] for r in rows])} | {_ms([r['knn_f1w'] for r in rows])} | {_ms([r['rf_f1w'] for r in rows])} | "
+                f"{_ms([r.get('wall_s') for r in rows])} | {_ms([r.get('epochs') for r in rows])} | "
+                f"{_ms([r.get('compile_s') for r in rows]) if impl == 'jaxsel' else '-'} | {_ms([r.get('peak_rss_delta_mb') for r in rows])} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--quality-models", default=None, help="models for the quality phase (default: --models)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=5, help="epochs of the equal-epoch speed phase")
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--skip", default="", help="comma list of phases to skip: speed,folds,quality")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "results" / "markermap.json"))
+    ap.add_argument("--report", default=None, help="only re-render the markdown of an existing JSON")
+    args = ap.parse_args(argv)
+
+    if args.report:
+        res = json.loads(Path(args.report).read_text())
+        Path(args.report).with_suffix(".md").write_text(render(res))
+        print(render(res))
+        return
+    if args.quick:
+        args.datasets, args.models, args.seeds, args.epochs = "paul15", "supervised", 1, 3
+    if datasets.shared_data_dir() is None:
+        print("SKIP: ../shared/data not found (set JAXSEL_DATA_DIR); nothing to benchmark")
+        return
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    reference = not args.no_reference
+    if reference:
+        from reference_markermap import import_markermap
+
+        import_markermap()  # prints that it registers the `persist` stand-in
+    skip = set(filter(None, args.skip.split(",")))
+    models = args.models.split(",")
+    qmodels = (args.quality_models or args.models).split(",")
+    res = dict(machine=machine_info(), command="python " + " ".join([sys.argv[0]] + sys.argv[1:]),
+               speed_epochs=args.epochs, speed=[], quality=[], notes=[])
+    res["notes"].append(
+        "jaxsel drops the last incomplete minibatch of an epoch (static shapes); the reference keeps it, "
+        "so its epochs have one more (smaller) step."
+    )
+    if reference:
+        res["notes"].append(
+            "markermap 1.0.3 imports `persist` (Covert's PERSIST, not on PyPI) at import time; an empty "
+            "stand-in module was registered under that name. MarkerMap never calls it."
+        )
+    save = lambda: out.write_text(json.dumps(res, indent=1, default=float))  # noqa: E731
+    data = {name: load(name) for name in args.datasets.split(",")}
+    first = next(iter(data.values()))
+    res["matmul_gflops"] = {
+        "1024^3": matmul_gflops(),
+        "step_shape": matmul_gflops((BATCH, first["x"].shape[1], HIDDEN)),
+    }
+    print("matmul GFLOP/s", res["matmul_gflops"], flush=True)
+
+    if "speed" not in skip:
+        for name, d in data.items():
+            for model in models:
+                j = jax_fit(model, d, seed=0, fixed_epochs=args.epochs)
+                r = ref_fit(model, d, seed=0, fixed_epochs=args.epochs) if reference else None
+                res["speed"].append(dict(data=name, model=model, jaxsel=j, reference=r))
+                print(f"[speed] {name} {model}: jaxsel {j['s_per_epoch']:.3f} s/epoch (compile {j['compile_s']:.1f} s)"
+                      + (f", reference {r['s_per_epoch']:.3f} s/epoch" if r else ""), flush=True)
+                save()
+    if "folds" not in skip and "paul15" in data:
+        res["folds"] = folds_phase(data["paul15"])
+        print("[folds]", res["folds"], flush=True)
+        save()
+    if "quality" not in skip:
+        for name, d in data.items():
+            for s in range(args.seeds):
+                rm = np.random.default_rng(s).choice(d["x"].shape[1], K, replace=False)
+                res["quality"].append(dict(data=name, model="random", impl="-", seed=s, **evaluate(d, rm, s)))
+            for model in qmodels:
+                for s in range(args.seeds):
+                    for impl in (["jaxsel", "reference"] if reference else ["jaxsel"]):
+                        row = jax_fit(model, d, seed=s) if impl == "jaxsel" else ref_fit(model, d, seed=s)
+                        row.update(evaluate(d, row["markers"], s), data=name)
+                        res["quality"].append(row)
+                        print(f"[quality] {name} {model} {impl} seed {s}: knn {row['knn_acc']:.3f} rf {row['rf_acc']:.3f} "
+                              f"wall {row['wall_s']:.1f}s epochs {row['epochs']} lr {row['lr']:.2e}", flush=True)
+                        save()
+    save()
+    md = render(res)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
