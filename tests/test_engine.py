@@ -21,13 +21,16 @@ from jaxsel.engine.loop import masked_permutation
 
 # A tiny least-squares method: enough to exercise the engine without any model code.
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["learning_rate", "script"], meta_fields=["n_features"]
+    jax.tree_util.register_dataclass,
+    data_fields=["learning_rate", "script"],
+    meta_fields=["n_features", "freeze_after"],
 )
 @dataclasses.dataclass(frozen=True)
 class _Linear:
     n_features: int
     learning_rate: float = 0.05
     script: jax.Array | None = None  # when set, eval loss = script[epoch] (scripted early stopping)
+    freeze_after: int | None = None
     traces = [0]  # class attribute: counts traces of train_loss
 
     def init(self, key, data):
@@ -37,7 +40,10 @@ class _Linear:
         return optax.sgd(learning_rate)
 
     def epoch_context(self, epoch):
-        return {"epoch": epoch}
+        ctx = {"epoch": epoch}
+        if self.freeze_after is not None:  # per-epoch learning-rate schedule: 1, 1, ..., 0
+            ctx["lr_scale"] = jnp.where(epoch < self.freeze_after, 1.0, 0.0)
+        return ctx
 
     def train_loss(self, params, state, batch, key, ctx):
         type(self).traces[0] += 1
@@ -109,6 +115,19 @@ def test_fit_converges_and_history_shape():
     assert float(res.history["val_loss"][-1]) < 1e-3 < float(res.history["val_loss"][0])
 
 
+def test_per_epoch_learning_rate_schedule():
+    data, _ = _regression()
+    split = _folds(240, 4).fold(0)
+    loop = engine.LoopConfig(max_epochs=6, batch_size=16, min_epochs=0, patience=None)
+    frozen = engine.fit(_Linear(5, freeze_after=2), loop, jax.random.key(0), data, split)
+    two = engine.fit(_Linear(5), dataclasses.replace(loop, max_epochs=2), jax.random.key(0), data, split)
+    # Epochs 2.. have learning rate 0: the parameters are those after epoch 2 (up to the
+    # last bit: the scaled update may be fused differently).
+    np.testing.assert_allclose(frozen.params["w"], two.params["w"], rtol=1e-6)
+    assert not np.allclose(frozen.params["w"], engine.fit(_Linear(5), loop, jax.random.key(0), data, split).params["w"], rtol=1e-3)
+    assert int(frozen.model_state["steps"]) == 6 * 11  # the steps still ran
+
+
 def _reference_early_stop(script, min_epochs, patience):
     """Lightning's rule: strict improvement resets the wait; stop when wait >= patience
     but never before min_epochs epochs."""
@@ -140,7 +159,8 @@ def test_early_stopping_matches_reference_rule(script, min_epochs, patience):
     res = engine.fit(m, loop, jax.random.key(0), data, split)
     n_epochs, best_epoch = _reference_early_stop(script, min_epochs, patience)
     assert int(res.n_epochs) == n_epochs
-    assert int(res.best_epoch) == best_epoch
+    eligible = np.asarray(script[:n_epochs], np.float32)[max(min_epochs - 1, 0):]
+    assert int(res.best_epoch) == max(min_epochs - 1, 0) + int(np.argmin(eligible))
     hist = np.asarray(res.history["val_loss"])
     np.testing.assert_array_equal(hist[:n_epochs], np.asarray(script[:n_epochs], np.float32))
     assert np.all(np.isnan(hist[n_epochs:]))
@@ -157,6 +177,22 @@ def test_best_validation_parameters_are_returned():
     two = engine.fit(m, dataclasses.replace(loop, max_epochs=2, patience=None), jax.random.key(0), data, split)
     assert int(best.best_epoch) == 1
     np.testing.assert_array_equal(best.params["w"], two.params["w"])
+
+
+def test_min_epochs_is_a_floor_for_the_returned_parameters():
+    # Lowest loss at epoch 0, min_epochs=5, patience=3: patience counts from epoch 0
+    # (Lightning), so the fit stops after 5 epochs; the parameters come from the best
+    # epoch among those that may end the fit (epochs 4..), i.e. epoch 4, not epoch 0.
+    data, _ = _regression()
+    split = _folds(240, 4).fold(0)
+    script = jnp.asarray([1.0, 5.0, 4.0, 3.0, 2.5, 2.7, 2.6, 2.9], jnp.float32)
+    loop = engine.LoopConfig(max_epochs=8, batch_size=32, min_epochs=5, patience=3)
+    res = engine.fit(_Linear(5, script=script), loop, jax.random.key(0), data, split)
+    assert int(res.n_epochs) == _reference_early_stop(np.asarray(script), 5, 3)[0] == 5
+    assert int(res.best_epoch) == 4
+    five = engine.fit(_Linear(5), dataclasses.replace(loop, max_epochs=5, patience=None, min_epochs=0),
+                      jax.random.key(0), data, split)
+    np.testing.assert_array_equal(res.params["w"], five.params["w"])
 
 
 def test_vmapped_folds_equal_looped_fits_bit_for_bit():
@@ -213,12 +249,31 @@ def test_fit_folds_validates_inputs():
 
 
 def _lightning_suggestion(lrs, losses, beta=0.98, skip_begin=10, skip_end=1):
+    """Lightning 2.x (_LRCallback + _LRFinder.suggestion), transcribed in numpy: the
+    global step it reads is already incremented, and the gradient is w.r.t. the rates."""
     avg, smoothed = 0.0, []
     for i, loss in enumerate(losses):
+        global_step = i + 1
         avg = beta * avg + (1 - beta) * loss
-        smoothed.append(avg / (1 - beta ** (i + 1)))
+        smoothed.append(avg / (1 - beta ** (global_step + 1)))
     curve = np.asarray(smoothed)[skip_begin:-skip_end]
-    return np.asarray(lrs)[skip_begin:-skip_end][np.argmin(np.gradient(curve))]
+    rates = np.asarray(lrs, np.float64)[skip_begin:-skip_end]
+    return rates[np.argmin(np.gradient(curve, rates))]
+
+
+def _lightning_rates(min_lr, max_lr, n, mode):
+    """The learning rate Lightning's _LinearLR / _ExponentialLR give at each step."""
+    out = []
+    for last_epoch in range(n):
+        r = (last_epoch + 1) / n if last_epoch > 0 else 0.0
+        out.append(min_lr + r * (max_lr - min_lr) if mode == "linear" else min_lr * (max_lr / min_lr) ** r)
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("mode", ["exponential", "linear"])
+def test_lr_rates_match_lightning_schedulers(mode):
+    finder = engine.LRFinder(max_lr=1e-3, n_steps=50, mode=mode)
+    np.testing.assert_allclose(np.asarray(finder.rates()), _lightning_rates(1e-8, 1e-3, 50, mode), rtol=1e-5)
 
 
 def test_lr_suggestion_matches_lightning_rule():

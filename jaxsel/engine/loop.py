@@ -51,7 +51,10 @@ class LoopConfig:
     max_epochs : number of epochs the scan runs (the history length).
     batch_size : cells per optimiser step. The last incomplete batch of an epoch is
         dropped; a fresh permutation each epoch means every cell is still seen.
-    min_epochs : early stopping cannot stop before this many epochs.
+    min_epochs : early stopping cannot stop before this many epochs, and the returned
+        best-validation parameters are chosen among epochs ``>= min_epochs - 1`` (the
+        epochs at which the fit may end). Patience itself counts from epoch 0, as in
+        Lightning.
     patience : epochs without a strict improvement of the validation loss before
         stopping; ``None`` disables early stopping (all ``max_epochs`` run, the final
         parameters are returned).
@@ -94,7 +97,9 @@ class Method(Protocol):
         """Optimiser for a scalar or a schedule (a function of the step count)."""
 
     def epoch_context(self, epoch) -> PyTree:
-        """Per-epoch schedule values (e.g. the Gumbel temperature)."""
+        """Per-epoch schedule values (a dict), e.g. the Gumbel temperature. The key
+        ``"lr_scale"``, when present, multiplies that epoch's optimiser updates (a
+        per-epoch learning-rate schedule on top of the optimiser's own)."""
 
     def train_loss(self, params, model_state, batch, key, ctx):
         """``loss, (new_model_state, metrics)`` on one minibatch in training mode."""
@@ -187,6 +192,7 @@ class _State(NamedTuple):
     best_model_state: PyTree
     best_val: jax.Array
     best_epoch: jax.Array
+    patience_val: jax.Array
     bad_epochs: jax.Array
     stopped: jax.Array
     n_epochs: jax.Array
@@ -243,6 +249,8 @@ def fit_one(method: Method, loop: LoopConfig, key, data, split: Splits, params=N
             idx, k = xs
             (loss, (ms, aux)), grads = grad_fn(p, ms, gather(data, idx), k, ctx)
             updates, os = tx.update(grads, os, p)
+            if "lr_scale" in ctx:  # per-epoch learning-rate schedule from the method
+                updates = jax.tree.map(lambda u: u * ctx["lr_scale"], updates)
             p = optax.apply_updates(p, updates)
             return (p, ms, os), (loss, aux)
 
@@ -252,9 +260,16 @@ def fit_one(method: Method, loop: LoopConfig, key, data, split: Splits, params=N
             (batches, jax.random.split(k_steps, n_steps)),
         )
         val, val_metrics = method.eval_loss(p, ms, val_batch, val_w, ctx)
-        improved = val < state.best_val
-        pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(improved, a, b), new, old)  # noqa: E731
+        # Patience follows Lightning: a strict improvement on the best loss so far resets it.
+        improved = val < state.patience_val
         bad = jnp.where(improved, 0, state.bad_epochs + 1)
+        # The returned parameters are the best among epochs that may end the fit
+        # (epoch + 1 >= min_epochs): min_epochs is a floor for the parameters too, so a
+        # loss that rises while the Gumbel temperature is still high (the VAE variants
+        # at the paper's settings) cannot send back a barely-trained model.
+        eligible = epoch + 1 >= loop.min_epochs
+        better = eligible & (val < state.best_val)
+        pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(better, a, b), new, old)  # noqa: E731
         stop = jnp.asarray(False)
         if loop.patience is not None:
             stop = (epoch + 1 >= loop.min_epochs) & (bad >= loop.patience)
@@ -264,8 +279,9 @@ def fit_one(method: Method, loop: LoopConfig, key, data, split: Splits, params=N
             opt_state=os,
             best_params=pick(p, state.best_params),
             best_model_state=pick(ms, state.best_model_state),
-            best_val=jnp.where(improved, val, state.best_val),
-            best_epoch=jnp.where(improved, epoch, state.best_epoch),
+            best_val=jnp.where(better, val, state.best_val),
+            best_epoch=jnp.where(better, epoch, state.best_epoch),
+            patience_val=jnp.where(improved, val, state.patience_val),
             bad_epochs=bad,
             stopped=stop,
             n_epochs=state.n_epochs + 1,
@@ -289,6 +305,7 @@ def fit_one(method: Method, loop: LoopConfig, key, data, split: Splits, params=N
         best_params=params,
         best_model_state=model_state,
         best_val=jnp.asarray(jnp.inf, jnp.float32),
+        patience_val=jnp.asarray(jnp.inf, jnp.float32),
         best_epoch=jnp.asarray(-1, jnp.int32),
         bad_epochs=jnp.asarray(0, jnp.int32),
         stopped=jnp.asarray(False),

@@ -54,28 +54,39 @@ class LRFinder:
             )
 
     def rates(self):
-        """[n_steps] learning rates tried: with ``r = i / n_steps``,
+        """[n_steps] learning rates tried, as Lightning's schedulers step them: step 0 at
+        ``min_lr``, step ``i >= 1`` at ``r = (i + 1) / n_steps`` of the way to ``max_lr``,
         ``min_lr * (max_lr/min_lr) ** r`` (exponential) or
-        ``min_lr + r * (max_lr - min_lr)`` (linear), as Lightning's schedulers."""
-        r = jnp.arange(self.n_steps, dtype=jnp.float32) / self.n_steps
+        ``min_lr + r * (max_lr - min_lr)`` (linear)."""
+        i = jnp.arange(self.n_steps, dtype=jnp.float32)
+        r = jnp.where(i > 0, i + 1.0, 0.0) / self.n_steps
         if self.mode == "linear":
             return self.min_lr + r * (self.max_lr - self.min_lr)
         return self.min_lr * (self.max_lr / self.min_lr) ** r
 
 
 def suggest_lr(finder: LRFinder, lrs, losses):
-    """Smoothed-loss steepest-descent suggestion; non-finite points are never chosen."""
+    """Lightning's suggestion: steepest descent of the smoothed loss w.r.t. the rate.
+
+    Two details of Lightning 2.x are reproduced because they decide the suggestion:
+    the bias correction of step ``i`` (0-based) divides by ``1 - beta ** (i + 2)``
+    (Lightning reads the global step *after* the optimiser step), which halves the first
+    smoothed values so the curve starts low and rises; and the gradient is taken with
+    respect to the learning rates (``torch.gradient(losses, spacing=[lrs])``).
+    Without the first, noise in the first few losses often makes the steepest descent
+    fall right after the skipped points. Non-finite points are never chosen.
+    """
     beta = finder.smoothing
 
     def smooth(avg, xs):
         loss, i = xs
         avg = beta * avg + (1.0 - beta) * loss
-        return avg, avg / (1.0 - beta ** (i + 1.0))
+        return avg, avg / (1.0 - beta ** (i + 2.0))
 
     _, smoothed = lax.scan(smooth, jnp.float32(0.0), (losses, jnp.arange(losses.shape[0], dtype=jnp.float32)))
     sl = slice(finder.skip_begin, finder.n_steps - finder.skip_end)
     curve, rates = smoothed[sl], lrs[sl]
-    grad = jnp.gradient(curve)
+    grad = jnp.gradient(curve, rates)
     grad = jnp.where(jnp.isfinite(grad), grad, jnp.inf)
     return rates[jnp.argmin(grad)], smoothed
 
