@@ -344,6 +344,11 @@ def render(res: dict) -> str:
         f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}. Date {m['date']}.",
         f"Command: `{res.get('command', '')}`",
         "",
+    ]
+    if res.get("resumed_from"):
+        r = res["resumed_from"]
+        lines += [f"Reference and random-marker rows reused from `{r['command']}` (run {r['date']}, same machine).", ""]
+    lines += [
         f"Plain jitted float32 matmul on this machine: {res['matmul_gflops']['1024^3']:.1f} GFLOP/s (1024^3), "
         f"{res['matmul_gflops']['step_shape']:.1f} GFLOP/s at the step's shape (64 x genes x 256).",
         "",
@@ -419,6 +424,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results" / "markermap.json"))
     ap.add_argument("--report", default=None, help="only re-render the markdown of an existing JSON")
+    ap.add_argument("--resume", default=None,
+                    help="an earlier JSON: keep its reference (and random) rows and skipped phases, recompute jaxsel")
     args = ap.parse_args(argv)
 
     if args.report:
@@ -452,6 +459,18 @@ def main(argv=None):
             "markermap 1.0.3 imports `persist` (Covert's PERSIST, not on PyPI) at import time; an empty "
             "stand-in module was registered under that name. MarkerMap never calls it."
         )
+    old = json.loads(Path(args.resume).read_text()) if args.resume else None
+    kept = {}
+    if old:
+        res["notes"] += [n for n in old.get("notes", []) if n not in res["notes"]]
+        for row in old.get("quality", []):
+            if row.get("impl") in ("reference", "-"):
+                kept[(row["data"], row["model"], row["impl"], row["seed"])] = row
+        if "speed" in skip:
+            res["speed"] = old.get("speed", [])
+        if "folds" in skip and "folds" in old:
+            res["folds"] = old["folds"]
+        res["resumed_from"] = dict(file=args.resume, date=old["machine"]["date"], command=old.get("command"))
     save = lambda: out.write_text(json.dumps(res, indent=1, default=float))  # noqa: E731
     data = {name: load(name) for name in args.datasets.split(",")}
     first = next(iter(data.values()))
@@ -478,10 +497,16 @@ def main(argv=None):
         for name, d in data.items():
             for s in range(args.seeds):
                 rm = np.random.default_rng(s).choice(d["x"].shape[1], K, replace=False)
-                res["quality"].append(dict(data=name, model="random", impl="-", seed=s, **evaluate(d, rm, s)))
+                res["quality"].append(kept.get((name, "random", "-", s))
+                                      or dict(data=name, model="random", impl="-", seed=s, **evaluate(d, rm, s)))
             for model in qmodels:
                 for s in range(args.seeds):
-                    for impl in (["jaxsel", "reference"] if reference else ["jaxsel"]):
+                    for impl in (["jaxsel", "reference"] if reference or kept else ["jaxsel"]):
+                        if impl == "reference" and (name, model, impl, s) in kept:
+                            res["quality"].append(kept[(name, model, impl, s)])
+                            continue
+                        if impl == "reference" and not reference:
+                            continue
                         row = jax_fit(model, d, seed=s) if impl == "jaxsel" else ref_fit(model, d, seed=s)
                         row.update(evaluate(d, row["markers"], s), data=name)
                         res["quality"].append(row)

@@ -181,16 +181,18 @@ class _NeuralSelector(SelectorMixin, BaseEstimator):
     """Shared implementation of the MarkerMap-family estimators (not public).
 
     Subclasses set ``_selector`` (one of :data:`jaxsel.methods.markermap.SELECTORS`)
-    and the default ``objective``.
+    and ``_default_objective`` (used when ``objective=None``); they share this
+    ``__init__``, so scikit-learn sees one signature.
     """
 
     _selector = "markermap"
+    _default_objective = "supervised"
 
     def __init__(
         self,
         n_markers=50,
         *,
-        objective="supervised",
+        objective=None,
         alpha=None,
         hidden_size=None,
         latent_size=16,
@@ -231,16 +233,20 @@ class _NeuralSelector(SelectorMixin, BaseEstimator):
         """The loss trade-off: ``alpha`` when given, else the objective's."""
         if self.alpha is not None:
             return _check_real(self.alpha, "alpha", low=0.0, high=1.0)
-        if not isinstance(self.objective, str) or self.objective not in mm.OBJECTIVES:
+        objective = self._objective()
+        if not isinstance(objective, str) or objective not in mm.OBJECTIVES:
             raise ValueError(
                 f"objective must be one of {sorted(mm.OBJECTIVES)} (or pass alpha), got "
-                f"{self.objective!r}."
+                f"{objective!r}."
             )
-        return mm.OBJECTIVES[self.objective]
+        return mm.OBJECTIVES[objective]
+
+    def _objective(self):
+        return self._default_objective if self.objective is None else self.objective
 
     def _objective_name(self, alpha: float) -> str:
         if self.alpha is None:
-            return f"objective={self.objective!r}"
+            return f"objective={self._objective()!r}"
         return f"alpha={alpha}"
 
     def _default_max_lr(self, alpha: float) -> float:
@@ -549,8 +555,8 @@ _NEURAL_PARAMS_DOC = """
     ----------
     n_markers : int, default 50
         Genes to select (``1 <= n_markers <= n_genes``).
-    objective : {{"supervised", "unsupervised", "joint"}}, default "{objective}"
-        Loss: cross-entropy of a classifier on the latent mean (``alpha = 0``), VAE
+    objective : {{"supervised", "unsupervised", "joint"}} or None, default None
+        ``None`` means "{objective}" for this class. Loss: cross-entropy of a classifier on the latent mean (``alpha = 0``), VAE
         reconstruction of all genes (``alpha = 1``), or their even mix (``alpha = 0.5``).
     alpha : float in [0, 1], optional
         Overrides ``objective``: ``alpha * VAE + (1 - alpha) * cross-entropy``.
@@ -631,35 +637,6 @@ class MarkerMap(_NeuralSelector):
 
     _selector = "markermap"
 
-    def __init__(
-        self,
-        n_markers=50,
-        *,
-        objective="supervised",
-        alpha=None,
-        hidden_size=None,
-        latent_size=16,
-        batch_size=64,
-        max_epochs=100,
-        min_epochs=25,
-        patience=3,
-        learning_rate=None,
-        validation_fraction=0.1,
-        random_state=None,
-        temperature=3.0,
-        temperature_decay=0.95,
-        kl_beta=0.1,
-        encoder_layers=2,
-        max_lr=None,
-    ):
-        super().__init__(
-            n_markers, objective=objective, alpha=alpha, hidden_size=hidden_size,
-            latent_size=latent_size, batch_size=batch_size, max_epochs=max_epochs,
-            min_epochs=min_epochs, patience=patience, learning_rate=learning_rate,
-            validation_fraction=validation_fraction, random_state=random_state,
-            temperature=temperature, temperature_decay=temperature_decay, kl_beta=kl_beta,
-            encoder_layers=encoder_layers, max_lr=max_lr,
-        )
 
 
 class GlobalGumbelVAE(_NeuralSelector):
@@ -671,36 +648,8 @@ class GlobalGumbelVAE(_NeuralSelector):
     """
 
     _selector = "global_gumbel"
+    _default_objective = "unsupervised"
 
-    def __init__(
-        self,
-        n_markers=50,
-        *,
-        objective="unsupervised",
-        alpha=None,
-        hidden_size=None,
-        latent_size=16,
-        batch_size=64,
-        max_epochs=100,
-        min_epochs=25,
-        patience=3,
-        learning_rate=None,
-        validation_fraction=0.1,
-        random_state=None,
-        temperature=3.0,
-        temperature_decay=0.95,
-        kl_beta=0.1,
-        encoder_layers=2,
-        max_lr=None,
-    ):
-        super().__init__(
-            n_markers, objective=objective, alpha=alpha, hidden_size=hidden_size,
-            latent_size=latent_size, batch_size=batch_size, max_epochs=max_epochs,
-            min_epochs=min_epochs, patience=patience, learning_rate=learning_rate,
-            validation_fraction=validation_fraction, random_state=random_state,
-            temperature=temperature, temperature_decay=temperature_decay, kl_beta=kl_beta,
-            encoder_layers=encoder_layers, max_lr=max_lr,
-        )
 
 
 class ConcreteVAE(_NeuralSelector):
@@ -712,36 +661,8 @@ class ConcreteVAE(_NeuralSelector):
     """
 
     _selector = "concrete"
+    _default_objective = "unsupervised"
 
-    def __init__(
-        self,
-        n_markers=50,
-        *,
-        objective="unsupervised",
-        alpha=None,
-        hidden_size=None,
-        latent_size=16,
-        batch_size=64,
-        max_epochs=100,
-        min_epochs=25,
-        patience=3,
-        learning_rate=None,
-        validation_fraction=0.1,
-        random_state=None,
-        temperature=3.0,
-        temperature_decay=0.95,
-        kl_beta=0.1,
-        encoder_layers=2,
-        max_lr=None,
-    ):
-        super().__init__(
-            n_markers, objective=objective, alpha=alpha, hidden_size=hidden_size,
-            latent_size=latent_size, batch_size=batch_size, max_epochs=max_epochs,
-            min_epochs=min_epochs, patience=patience, learning_rate=learning_rate,
-            validation_fraction=validation_fraction, random_state=random_state,
-            temperature=temperature, temperature_decay=temperature_decay, kl_beta=kl_beta,
-            encoder_layers=encoder_layers, max_lr=max_lr,
-        )
 
 
 MarkerMap.__doc__ += _NEURAL_PARAMS_DOC.format(
