@@ -272,6 +272,41 @@ def check_labels(y, n_cells: int | None, *, name: str = "y", min_classes: int = 
     return codes.reshape(-1).astype(np.int32), classes
 
 
+def check_real(value, name: str, *, low=None, high=None, low_open=False, high_open=False,
+                allow_none=False):
+    """A finite real number within ``[low, high]`` (open ends on request), as a float.
+
+    Raises ``TypeError`` for non-numbers (``bool`` included) and ``ValueError`` outside
+    the range, both naming ``name``.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}.")
+    value = float(value)
+    ok = np.isfinite(value)
+    if low is not None:
+        ok &= value > low if low_open else value >= low
+    if high is not None:
+        ok &= value < high if high_open else value <= high
+    if not ok:
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        br = ("(" if low_open or low is None else "[", ")" if high_open or high is None else "]")
+        raise ValueError(f"{name} must be in {br[0]}{lo}, {hi}{br[1]}, got {value}.")
+    return value
+
+
+def check_int(value, name: str, low: int):
+    """An integer ``>= low`` (``bool`` rejected), as an int; errors name ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {low}, got {value!r}.")
+    value = int(value)
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value}.")
+    return value
+
+
 def check_n_markers(n_markers, n_genes: int) -> int:
     """Validate a number of markers to select.
 

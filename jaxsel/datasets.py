@@ -13,38 +13,17 @@
 
 from __future__ import annotations
 
-import numbers
 import os
 from pathlib import Path
 
 import numpy as np
 
-from jaxsel._validation import check_random_state, to_dense
+from jaxsel._validation import check_int, check_random_state, check_real, to_dense
 
 __all__ = ["make_markers", "load_shared", "paper_dataset", "shared_data_dir", "SHARED_FILES"]
 
 
 # --------------------------------------------------------------------------- synthetic
-
-
-def _check_int(value, name: str, low: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {low}, got {value!r}.")
-    value = int(value)
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}.")
-    return value
-
-
-def _check_real(value, name: str, low: float, high: float = np.inf, *, low_open=False) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {value!r}.")
-    value = float(value)
-    ok = (value > low if low_open else value >= low) and value <= high and np.isfinite(value)
-    if not ok:
-        bound = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bound}{low}, {high}], got {value}.")
-    return value
 
 
 def make_markers(
@@ -124,21 +103,21 @@ def make_markers(
     (``marker_genes``, ``xor_genes``, ``type_names``, ``markers_by_type``).
     Gene names are ``gene_000``, ..., cell names ``cell_0000``, ...
     """
-    n_cells = _check_int(n_cells, "n_cells", 2)
-    n_genes = _check_int(n_genes, "n_genes", 1)
-    n_types = _check_int(n_types, "n_types", 1)
-    n_markers_per_type = _check_int(n_markers_per_type, "n_markers_per_type", 1)
-    n_xor_genes = _check_int(n_xor_genes, "n_xor_genes", 0)
+    n_cells = check_int(n_cells, "n_cells", 2)
+    n_genes = check_int(n_genes, "n_genes", 1)
+    n_types = check_int(n_types, "n_types", 1)
+    n_markers_per_type = check_int(n_markers_per_type, "n_markers_per_type", 1)
+    n_xor_genes = check_int(n_xor_genes, "n_xor_genes", 0)
     if n_xor_genes == 1 or n_xor_genes > 30:
         raise ValueError(
             f"n_xor_genes must be 0 (no XOR toy) or between 2 and 30, got {n_xor_genes} "
             f"(one gene alone would be informative on its own)."
         )
-    xor_fraction = _check_real(xor_fraction, "xor_fraction", 0.0, 1.0)
+    xor_fraction = check_real(xor_fraction, "xor_fraction", low=0.0, high=1.0)
     if xor_fraction >= 1.0:
         raise ValueError(f"xor_fraction must be < 1, got {xor_fraction}.")
-    library_size = _check_real(library_size, "library_size", 0.0, low_open=True)
-    noise = _check_real(noise, "noise", 0.0)
+    library_size = check_real(library_size, "library_size", low=0.0, low_open=True)
+    noise = check_real(noise, "noise", low=0.0)
     seed = check_random_state(random_state)
 
     n_planted = n_types * n_markers_per_type + n_xor_genes

@@ -25,7 +25,6 @@ is in rank order; ``X[:, np.sort(markers_)]`` equals ``transform(X)``.
 
 from __future__ import annotations
 
-import numbers
 import re
 
 import jax
@@ -38,8 +37,10 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from . import engine, metrics, preprocessing
 from ._validation import (
     _DEFAULT_MAX_DENSE_BYTES,
+    check_int,
     check_labels,
     check_n_markers,
+    check_real,
     check_random_state,
     to_dense,
 )
@@ -123,35 +124,6 @@ def _require_y(y, est_name: str, why: str):
         )
 
 
-def _check_real(value, name: str, *, low=None, high=None, low_open=False, high_open=False,
-                allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}.")
-    value = float(value)
-    ok = np.isfinite(value)
-    if low is not None:
-        ok &= value > low if low_open else value >= low
-    if high is not None:
-        ok &= value < high if high_open else value <= high
-    if not ok:
-        lo = "-inf" if low is None else low
-        hi = "inf" if high is None else high
-        br = ("(" if low_open or low is None else "[", ")" if high_open or high is None else "]")
-        raise ValueError(f"{name} must be in {br[0]}{lo}, {hi}{br[1]}, got {value}.")
-    return value
-
-
-def _check_int(value, name: str, low: int):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {low}, got {value!r}.")
-    value = int(value)
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value}.")
-    return value
-
-
 def _n_markers(n_markers, n_genes: int) -> int:
     """:func:`check_n_markers` with the feature count of ``X`` in the message."""
     try:
@@ -232,7 +204,7 @@ class _NeuralSelector(SelectorMixin, BaseEstimator):
     def _alpha(self) -> float:
         """The loss trade-off: ``alpha`` when given, else the objective's."""
         if self.alpha is not None:
-            return _check_real(self.alpha, "alpha", low=0.0, high=1.0)
+            return check_real(self.alpha, "alpha", low=0.0, high=1.0)
         objective = self._objective()
         if not isinstance(objective, str) or objective not in mm.OBJECTIVES:
             raise ValueError(
@@ -297,22 +269,22 @@ class _NeuralSelector(SelectorMixin, BaseEstimator):
         n_markers = _n_markers(self.n_markers, n_genes)
         alpha = self._alpha()
         name = type(self).__name__
-        vf = _check_real(
+        vf = check_real(
             self.validation_fraction, "validation_fraction", low=0.0, high=1.0,
             low_open=True, high_open=True,
         )
-        lr = _check_real(self.learning_rate, "learning_rate", low=0.0, low_open=True, allow_none=True)
-        max_lr = _check_real(self.max_lr, "max_lr", low=1e-8, low_open=True, allow_none=True)
-        _check_real(self.kl_beta, "kl_beta", low=0.0)
-        _check_real(self.temperature, "temperature", low=0.0, low_open=True)
-        _check_real(self.temperature_decay, "temperature_decay", low=0.0, high=1.0, low_open=True)
+        lr = check_real(self.learning_rate, "learning_rate", low=0.0, low_open=True, allow_none=True)
+        max_lr = check_real(self.max_lr, "max_lr", low=1e-8, low_open=True, allow_none=True)
+        check_real(self.kl_beta, "kl_beta", low=0.0)
+        check_real(self.temperature, "temperature", low=0.0, low_open=True)
+        check_real(self.temperature_decay, "temperature_decay", low=0.0, high=1.0, low_open=True)
         if self.hidden_size is not None:
-            _check_int(self.hidden_size, "hidden_size", 1)
+            check_int(self.hidden_size, "hidden_size", 1)
         for pname in ("latent_size", "encoder_layers", "batch_size", "max_epochs"):
-            _check_int(getattr(self, pname), pname, 1)
-        _check_int(self.min_epochs, "min_epochs", 0)
+            check_int(getattr(self, pname), pname, 1)
+        check_int(self.min_epochs, "min_epochs", 0)
         if self.patience is not None:
-            _check_int(self.patience, "patience", 1)
+            check_int(self.patience, "patience", 1)
         seed = check_random_state(self.random_state)
 
         codes = classes = None
@@ -493,11 +465,11 @@ class _NeuralSelector(SelectorMixin, BaseEstimator):
         """
         x = _check_X(BaseEstimator(), X, reset=True)  # leaves self untouched
         n_cells, n_genes = x.shape
-        n_folds = _check_int(n_folds, "n_folds", 2)
+        n_folds = check_int(n_folds, "n_folds", 2)
         if n_folds > n_cells:
             raise ValueError(f"n_folds must be in [2, n_cells={n_cells}], got {n_folds}.")
         if batch_size is not None:
-            _check_int(batch_size, "batch_size", 1)
+            check_int(batch_size, "batch_size", 1)
         cfg, loop, codes, _, seed, vf = self._setup(n_cells, n_genes, y)
         folds = preprocessing.kfold_indices(
             n_cells if codes is None else codes,
@@ -775,7 +747,7 @@ class HVGMarkers(_BaselineSelector):
         x = _check_X(self, X, reset=True)
         n_genes = x.shape[1]
         n_markers = _n_markers(self.n_markers, n_genes)
-        n_bins = _check_int(self.n_bins, "n_bins", 1)
+        n_bins = check_int(self.n_bins, "n_bins", 1)
         check_random_state(self.random_state)
         if x.min() < 0:
             raise ValueError(

@@ -478,7 +478,19 @@ def _apply_eval(cfg, params, model_state, x, idx):
 
 
 def _chunked(fn, x, chunk: int):
-    outs = [fn(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)]
+    """``fn`` over row chunks of one fixed size (the last one padded), so that inputs of
+    any length reuse one compiled program per chunk size instead of one per remainder."""
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("x has no cells")
+    size = min(chunk, n)
+    outs = []
+    for i in range(0, n, size):
+        part = x[i : i + size]
+        rows = part.shape[0]
+        if rows < size:
+            part = jnp.concatenate([part, jnp.zeros((size - rows, *part.shape[1:]), part.dtype)])
+        outs.append(jax.tree.map(lambda a: a[:rows], fn(part)))
     return jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
 
 
