@@ -60,6 +60,9 @@ def test_every_selector_and_objective_returns_k_distinct_markers(xor_data, selec
     np.testing.assert_array_equal(np.sort(m), np.sort(np.argsort(-np.asarray(res.scores))[:9]))
     if cfg.use_clf:
         assert mm.predict_logits(cfg, res, xp[:10]).shape == (10, int(y.max()) + 1)
+    else:
+        with pytest.raises(ValueError, match="classifier"):
+            mm.predict_logits(cfg, res, xp[:10])
     if selector == "markermap" and alpha == 0.0:
         # Chunked inference pads the last chunk: same values, and inputs of other lengths
         # reuse the chunk-size program instead of compiling one per remainder.
@@ -69,9 +72,6 @@ def test_every_selector_and_objective_returns_k_distinct_markers(xor_data, selec
         mm.embed(cfg, res, xp[:29], chunk=8)
         mm.embed(cfg, res, xp[:19], chunk=8)
         assert mm._apply_eval._cache_size() == before + 1
-    else:
-        with pytest.raises(ValueError, match="classifier"):
-            mm.predict_logits(cfg, res, xp[:10])
     if cfg.use_recon:
         assert mm.reconstruct(cfg, res, xp[:10]).shape == (10, xp.shape[1])
     assert mm.embed(cfg, res, xp[:10]).shape == (10, cfg.latent_size)
