@@ -231,12 +231,12 @@ def jax_fit(model, d, *, seed, fixed_epochs=None):
             max_epochs=MAX_EPOCHS, batch_size=BATCH, min_epochs=MIN_EPOCHS, patience=s["patience"],
             lr_finder=engine.LRFinder(max_lr=s["max_lr"], mode="linear", n_steps=500),
         )
-    data = mm._data(d["x"], d["y"] if cfg.use_clf else None)
+    data = mm.make_data(d["x"], d["y"] if cfg.use_clf else None)
     split = engine.make_splits([d["tr"]], [d["va"]]).fold(0)
     key = jax.random.key(seed)
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        compiled = mm._fit_single.lower(cfg, loop, key, data, split).compile()
+        compiled = mm.fit(cfg, loop, key, data, None, split, lower=True).compile()
         t1 = time.perf_counter()
         res = compiled(cfg, key, data, split)
         markers = np.asarray(res.markers)  # blocks
@@ -296,26 +296,22 @@ def folds_phase(d, n_folds=10, seed=0) -> dict:
     trains = [idx[f[0]] for f in folds]
     vals = [idx[f[1]] for f in folds]
     splits = engine.make_splits(trains, vals)
+    # the single fits use the fold program's steps per epoch (the smallest fold's)
     loop = dataclasses.replace(loop, steps_per_epoch=int(np.min(np.asarray(splits.n_train))) // BATCH)
-    data = mm._data(d["x"], d["y"])
+    data = mm.make_data(d["x"], d["y"])
     keys = engine.fold_keys(jax.random.key(seed), n_folds)
 
     t0 = time.perf_counter()
-    lowered = engine.folds._fit_folds_jit.lower(cfg, loop, keys, data, splits, None, None, False)
-    compiled = lowered.compile()
+    compiled = mm.fit_folds(cfg, loop, keys, data, None, splits, mesh=None, lower=True).compile()
     t1 = time.perf_counter()
     fr = compiled(cfg, keys, data, splits)
-    jax.block_until_ready(fr)
+    vm_markers = np.asarray(fr.markers)  # blocks
     t2 = time.perf_counter()
 
-    single = mm._fit_single.lower(cfg, loop, keys[0], data, splits.fold(0)).compile()
+    single = mm.fit(cfg, loop, keys[0], data, None, splits.fold(0), lower=True).compile()
     t3 = time.perf_counter()
-    loop_res = []
-    for i in range(n_folds):
-        r = single(cfg, keys[i], data, splits.fold(i))
-        loop_res.append(np.asarray(r.markers))
+    loop_res = [np.asarray(single(cfg, keys[i], data, splits.fold(i)).markers) for i in range(n_folds)]
     t4 = time.perf_counter()
-    vm_markers = np.asarray(jax.vmap(lambda p, s: mm.markers(cfg, p, s))(fr.params, fr.model_state))
     same = [set(a.tolist()) == set(b.tolist()) for a, b in zip(vm_markers, loop_res)]
     return dict(
         n_folds=n_folds, vmapped_compile_s=t1 - t0, vmapped_run_s=t2 - t1, loop_compile_s=t3 - t2,

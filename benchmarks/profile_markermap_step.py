@@ -12,7 +12,7 @@ if datasets.shared_data_dir() is None:
 x, y, genes = datasets.paper_dataset("paul15")
 xp, _ = pp.markermap_recipe(x)
 classes, yc = np.unique(y, return_inverse=True)
-data = mm._data(xp, yc)
+data = mm.make_data(xp, yc)
 cfg = mm.MarkerMapConfig.create(xp.shape[1], 50, alpha=0.0, n_classes=len(classes), hidden_size=256, encoder_layers=3)
 p, s = cfg.init(jax.random.key(0), data)
 ctx = cfg.epoch_context(jnp.int32(0))

@@ -1,6 +1,6 @@
 """Method-agnostic training engine: one compiled program per fit, folds as a leading axis."""
 
-from .folds import fit_folds, fold_keys, fold_mesh, map_folds, stack_trees
+from .folds import fit_folds, fold_keys, fold_mesh, map_folds, prepare_folds, run_folds, stack_trees
 from .loop import FitResult, LoopConfig, Method, Splits, fit, fit_one, make_splits
 from .lr_finder import LRFinder, lr_range_test, suggest_lr
 
@@ -18,6 +18,8 @@ __all__ = [
     "lr_range_test",
     "make_splits",
     "map_folds",
+    "prepare_folds",
+    "run_folds",
     "stack_trees",
     "suggest_lr",
 ]

@@ -18,6 +18,7 @@ process) arrays; under a multi-process runtime they stay sharded along ``"folds"
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -29,7 +30,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from .loop import FitResult, LoopConfig, Method, Splits, fit_one
 
-__all__ = ["map_folds", "fit_folds", "fold_mesh", "stack_trees", "fold_keys"]
+__all__ = ["map_folds", "fit_folds", "fold_mesh", "stack_trees", "fold_keys", "prepare_folds", "run_folds"]
 
 
 def fold_mesh(devices: Sequence | None = None) -> Mesh | None:
@@ -112,12 +113,38 @@ def _fit_fold(per_fold, shared, *, loop: LoopConfig, method_batched: bool):
     return fit_one(method, loop, key, data, split)
 
 
-@functools.partial(jax.jit, static_argnames=("loop", "batch_size", "mesh", "method_batched"))
-def _fit_folds_jit(method, loop, keys, data, splits, batch_size, mesh, method_batched):
+def run_folds(method, loop, keys, data, splits, *, method_batched=False, batch_size=None, mesh=None):
+    """Traceable body of :func:`fit_folds` (call inside ``jit`` with ``loop`` resolved by
+    :func:`prepare_folds`); methods wrap it to post-process results in the same program."""
     fn = functools.partial(_fit_fold, loop=loop, method_batched=method_batched)
     if method_batched:
         return map_folds(fn, (keys, splits, method), data, batch_size=batch_size, mesh=mesh)
     return map_folds(fn, (keys, splits), (method, data), batch_size=batch_size, mesh=mesh)
+
+
+_fit_folds_jit = jax.jit(run_folds, static_argnames=("loop", "batch_size", "mesh", "method_batched"))
+
+
+def prepare_folds(loop: LoopConfig, keys, splits: Splits, mesh="auto"):
+    """Host-side checks and static settings for a fold-parallel fit: ``(loop, mesh)``.
+
+    Sets ``loop.steps_per_epoch`` from the smallest fold when unset (every fold then runs
+    the same steps), resolves ``mesh="auto"`` and checks one key per fold.
+    """
+    if mesh == "auto":
+        mesh = fold_mesh()
+    if loop.steps_per_epoch is None:
+        min_train = int(np.min(np.asarray(splits.n_train)))
+        if min_train < loop.batch_size:
+            raise ValueError(
+                f"batch_size ({loop.batch_size}) is larger than the smallest fold's training set "
+                f"({min_train} cells); lower batch_size"
+            )
+        loop = dataclasses.replace(loop, steps_per_epoch=min_train // loop.batch_size)
+    n = splits.n_folds
+    if jax.random.key_data(keys).shape[0] != n:
+        raise ValueError(f"keys must have one key per fold ({n}), got shape {keys.shape}")
+    return loop, mesh
 
 
 def fit_folds(
@@ -130,6 +157,7 @@ def fit_folds(
     method_batched: bool = False,
     batch_size: int | None = None,
     mesh: Mesh | None | str = "auto",
+    lower: bool = False,
 ) -> FitResult:
     """Fit every fold of ``splits`` in one compiled program.
 
@@ -146,28 +174,15 @@ def fit_folds(
         at a time (less memory).
     mesh : ``"auto"`` shards over all devices when there are several, ``None`` forces one
         device, or an explicit ``("folds",)`` :class:`~jax.sharding.Mesh`.
+    lower : return the lowered program (``jax.stages.Lowered``: ``.compile()`` it to time
+        compilation separately, then call the result with ``(method, keys, data,
+        splits)``) instead of running it.
 
     Returns
     -------
     :class:`FitResult` whose leaves have a leading [n_folds] axis.
     """
-    if mesh == "auto":
-        mesh = fold_mesh()
-    if loop.steps_per_epoch is None:
-        min_train = int(np.min(np.asarray(splits.n_train)))
-        if min_train < loop.batch_size:
-            raise ValueError(
-                f"batch_size ({loop.batch_size}) is larger than the smallest fold's training set "
-                f"({min_train} cells); lower batch_size"
-            )
-        loop = _replace(loop, steps_per_epoch=min_train // loop.batch_size)
-    n = splits.n_folds
-    if jax.random.key_data(keys).shape[0] != n:
-        raise ValueError(f"keys must have one key per fold ({n}), got shape {keys.shape}")
-    return _fit_folds_jit(method, loop, keys, data, splits, batch_size, mesh, method_batched)
-
-
-def _replace(loop: LoopConfig, **kw) -> LoopConfig:
-    import dataclasses
-
-    return dataclasses.replace(loop, **kw)
+    loop, mesh = prepare_folds(loop, keys, splits, mesh)
+    args = (method, loop, keys, data, splits)
+    kw = dict(method_batched=method_batched, batch_size=batch_size, mesh=mesh)
+    return _fit_folds_jit.lower(*args, **kw) if lower else _fit_folds_jit(*args, **kw)

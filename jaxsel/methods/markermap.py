@@ -70,6 +70,7 @@ __all__ = [
     "default_hidden_size",
     "fit",
     "fit_folds",
+    "make_data",
     "markers",
     "gene_scores",
     "predict_logits",
@@ -417,10 +418,16 @@ def _result(cfg: MarkerMapConfig, fr: engine.FitResult) -> MarkerMapResult:
     )
 
 
-def _data(x, y):
+def make_data(x, y=None):
+    """The data pytree a fit reads: ``{"x": float32 [n_cells, n_genes], "y": int32 [n_cells]}``
+    (``y`` zeros when unsupervised). Build it once to reuse device arrays across fits."""
     x = jnp.asarray(x, jnp.float32)
     y = jnp.zeros((x.shape[0],), jnp.int32) if y is None else jnp.asarray(y, jnp.int32)
     return {"x": x, "y": y}
+
+
+def _as_data(x, y):
+    return x if isinstance(x, dict) else make_data(x, y)
 
 
 @functools.partial(jax.jit, static_argnames=("loop",))
@@ -428,7 +435,7 @@ def _fit_single(cfg, loop, key, data, split):
     return _result(cfg, engine.fit_one(cfg, loop, key, data, split))
 
 
-def fit(cfg: MarkerMapConfig, loop: engine.LoopConfig, key, x, y, split: engine.Splits) -> MarkerMapResult:
+def fit(cfg: MarkerMapConfig, loop: engine.LoopConfig, key, x, y, split: engine.Splits, *, lower: bool = False):
     """Fit one model in one compiled program.
 
     Parameters
@@ -436,10 +443,20 @@ def fit(cfg: MarkerMapConfig, loop: engine.LoopConfig, key, x, y, split: engine.
     cfg : :class:`MarkerMapConfig`.
     loop : :class:`jaxsel.engine.LoopConfig` (epochs, batch size, early stopping, LR finder).
     key : typed PRNG key.
-    x : [n_cells, n_genes] preprocessed expression; y : [n_cells] int labels or None.
+    x : [n_cells, n_genes] preprocessed expression (or a :func:`make_data` dict, then
+        ``y`` is ignored); y : [n_cells] int labels or None.
     split : single-fit :class:`jaxsel.engine.Splits` (train and validation indices).
+    lower : return the lowered program instead (``.compile()`` it to time compilation
+        separately; call the compiled object with ``(cfg, key, data, split)``).
     """
-    return _fit_single(cfg, loop, key, _data(x, y), split)
+    args = (cfg, loop, key, _as_data(x, y), split)
+    return _fit_single.lower(*args) if lower else _fit_single(*args)
+
+
+@functools.partial(jax.jit, static_argnames=("loop", "batch_size", "mesh", "cfg_batched"))
+def _fit_folds_program(cfg, loop, keys, data, splits, batch_size, mesh, cfg_batched):
+    fr = engine.run_folds(cfg, loop, keys, data, splits, method_batched=cfg_batched, batch_size=batch_size, mesh=mesh)
+    return jax.vmap(_result, in_axes=(0 if cfg_batched else None, 0))(cfg, fr)
 
 
 def fit_folds(
@@ -453,23 +470,20 @@ def fit_folds(
     cfg_batched: bool = False,
     batch_size: int | None = None,
     mesh="auto",
+    lower: bool = False,
 ) -> MarkerMapResult:
     """Fit every fold (or restart, or hyperparameter setting) in one compiled program.
 
     Same arguments as :func:`fit` with a leading fold axis on ``keys`` and ``splits``
     (and on ``cfg``'s leaves when ``cfg_batched``); ``batch_size`` and ``mesh`` as in
     :func:`jaxsel.engine.fit_folds`. Returns a :class:`MarkerMapResult` with a leading
-    [n_folds] axis.
+    [n_folds] axis (markers and scores computed in the same program), or with
+    ``lower=True`` the lowered program (call its compiled form with
+    ``(cfg, keys, data, splits)``).
     """
-    fr = engine.fit_folds(
-        cfg, loop, keys, _data(x, y), splits, method_batched=cfg_batched, batch_size=batch_size, mesh=mesh
-    )
-    return _results(cfg, fr, cfg_batched)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg_batched",))
-def _results(cfg, fr, cfg_batched):
-    return jax.vmap(_result, in_axes=(0 if cfg_batched else None, 0))(cfg, fr)
+    loop, mesh = engine.prepare_folds(loop, keys, splits, mesh)
+    args = (cfg, loop, keys, _as_data(x, y), splits, batch_size, mesh, cfg_batched)
+    return _fit_folds_program.lower(*args) if lower else _fit_folds_program(*args)
 
 
 @jax.jit
