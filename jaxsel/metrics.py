@@ -33,7 +33,7 @@ from jaxsel._validation import (
     to_dense,
 )
 
-__all__ = ["classification_scores", "reconstruction_scores", "evaluate_markers"]
+__all__ = ["classification_scores", "reconstruction_scores", "evaluate_markers", "r2_score"]
 
 
 def _check_pair(x_train, x_test):
@@ -307,3 +307,30 @@ def evaluate_markers(
         out["reconstruction"] = reconstruction_scores(x_train, x_test, idx)
     return out
 
+
+
+def r2_score(y_true, y_pred, *, center=None, per_feature: bool = False):
+    """Coefficient of determination as the sparse bottleneck / sRRR papers define it.
+
+    ``R^2 = 1 - sum((y - y_hat)^2) / sum((y - c)^2)``, summed over cells *and* features
+    (one multivariate number), where ``c`` is the *training-set* mean of ``Y``
+    (``center``). The papers centre train and test ``Y`` with the training mean before
+    fitting, so the default ``center=None`` means ``c = 0``: pass already-centred data,
+    or pass the training mean here. This differs from scikit-learn's ``r2_score``, which
+    centres each test feature with its own test mean and averages the per-feature values.
+
+    ``per_feature=True`` returns the ``[n_features]`` vector of the same ratio per column.
+    """
+    y_true = check_matrix(y_true, name="y_true", dtype=np.float64, allow_sparse=False)
+    y_pred = check_matrix(y_pred, name="y_pred", dtype=np.float64, allow_sparse=False)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true and y_pred must have the same shape, got {y_true.shape} and {y_pred.shape}")
+    c = np.zeros(y_true.shape[1]) if center is None else np.asarray(center, dtype=np.float64).reshape(-1)
+    if c.shape != (y_true.shape[1],):
+        raise ValueError(f"center must have one value per feature ({y_true.shape[1]}), got shape {c.shape}")
+    axis = 0 if per_feature else None
+    ss_res = np.sum((y_true - y_pred) ** 2, axis=axis)
+    ss_tot = np.sum((y_true - c) ** 2, axis=axis)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2 = 1.0 - ss_res / ss_tot
+    return r2 if per_feature else float(r2)
