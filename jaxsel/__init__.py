@@ -3,7 +3,15 @@
 __version__ = "0.1.0"
 
 from . import datasets, engine, metrics, preprocessing, tl
-from .estimators import ConcreteVAE, DEMarkers, GlobalGumbelVAE, HVGMarkers, MarkerMap, RandomMarkers
+from .estimators import (
+    ConcreteVAE,
+    DEMarkers,
+    GlobalGumbelVAE,
+    HVGMarkers,
+    MarkerMap,
+    RandomMarkers,
+    SparseBottleneck,
+)
 
 __all__ = [
     "__version__",
@@ -13,6 +21,7 @@ __all__ = [
     "RandomMarkers",
     "HVGMarkers",
     "DEMarkers",
+    "SparseBottleneck",
     "tl",
     "datasets",
     "metrics",

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxsel._validation import check_int, check_random_state, check_real, to_dense
 
-__all__ = ["make_markers", "load_shared", "paper_dataset", "shared_data_dir", "SHARED_FILES"]
+__all__ = ["make_markers", "make_paired", "load_shared", "paper_dataset", "shared_data_dir", "SHARED_FILES"]
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -245,6 +245,58 @@ def _to_anndata(x, y, info):
         "markers_by_type": dict(info["markers_by_type"]),
     }
     return adata
+
+
+def make_paired(
+    n_cells: int = 600,
+    n_genes: int = 100,
+    n_outputs: int = 8,
+    n_informative: int = 6,
+    n_types: int = 4,
+    noise: float = 0.3,
+    random_state=0,
+):
+    """Paired data ``X -> Y`` whose ``Y`` depends non-linearly on a few planted genes.
+
+    A 2-D latent state ``z`` per cell is drawn around one of ``n_types`` cluster centres
+    (the cell type). The ``n_informative`` planted genes are noisy linear read-outs of
+    ``z`` (each gene loads on both coordinates); all other genes are independent noise
+    with varied scales. ``Y`` is a smooth non-linear function of ``z`` (sines and
+    products of random projections) plus Gaussian noise of SD ``noise``. So only the
+    planted genes carry information about ``Y``, through a 2-D bottleneck: the structure
+    a sparse bottleneck network should recover.
+
+    Both matrices are standardised (zero mean, unit SD per column), as the sBNN paper
+    preprocesses X and Y.
+
+    Returns
+    -------
+    x : float32 [n_cells, n_genes]; y : float32 [n_cells, n_outputs];
+    info : dict with ``informative_genes`` (sorted int indices), ``latent`` [n, 2],
+        ``cell_type`` [n] int labels.
+    """
+    for name, v in (("n_cells", n_cells), ("n_genes", n_genes), ("n_outputs", n_outputs),
+                    ("n_informative", n_informative), ("n_types", n_types)):
+        check_int(v, name, 1)
+    if n_informative > n_genes:
+        raise ValueError(f"n_informative ({n_informative}) must not exceed n_genes ({n_genes})")
+    check_real(noise, "noise", low=0.0)
+    rng = np.random.default_rng(check_random_state(random_state))
+    centres = rng.normal(0.0, 2.0, size=(n_types, 2))
+    cell_type = rng.integers(0, n_types, size=n_cells)
+    z = centres[cell_type] + rng.normal(0.0, 0.6, size=(n_cells, 2))
+    informative = np.sort(rng.choice(n_genes, size=n_informative, replace=False))
+    x = rng.normal(0.0, 1.0, size=(n_cells, n_genes)) * rng.lognormal(0.0, 0.3, size=n_genes)
+    load = rng.normal(0.0, 1.0, size=(2, n_informative))
+    x[:, informative] = z @ load + 0.3 * rng.normal(0.0, 1.0, size=(n_cells, n_informative))
+    proj = rng.normal(0.0, 1.0, size=(2, n_outputs))
+    phase = rng.uniform(0, 2 * np.pi, size=n_outputs)
+    u = z @ proj / 2.0
+    y = np.sin(u + phase) + 0.3 * u * np.roll(u, 1, axis=1) + noise * rng.normal(size=(n_cells, n_outputs))
+    x = (x - x.mean(0)) / x.std(0)
+    y = (y - y.mean(0)) / y.std(0)
+    info = {"informative_genes": informative, "latent": z, "cell_type": cell_type}
+    return x.astype(np.float32), y.astype(np.float32), info
 
 
 # --------------------------------------------------------------------------- shared data

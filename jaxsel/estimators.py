@@ -54,6 +54,7 @@ __all__ = [
     "RandomMarkers",
     "HVGMarkers",
     "DEMarkers",
+    "SparseBottleneck",
     "MAX_DENSE_BYTES",
 ]
 
@@ -815,3 +816,288 @@ class DEMarkers(_BaselineSelector):
         self.markers_ = np.asarray(markers).astype(np.intp)
         self.classes_ = classes
         return self
+
+
+# ------------------------------------------------------ paired-modality selectors
+
+
+def _check_Y(Y, n_cells: int):
+    """``Y`` [n_cells, n_features] float32 (a 1-D ``Y`` is one feature), finite."""
+    if Y is None:
+        raise ValueError("Y is required: the paired modality [n_cells, n_features] to predict.")
+    if hasattr(Y, "obs") and hasattr(Y, "var"):
+        raise TypeError("Y must be a matrix [n_cells, n_features], got an AnnData object.")
+    try:
+        arr = np.asarray(Y.toarray() if hasattr(Y, "toarray") else Y)
+    except Exception as err:  # noqa: BLE001 - ragged lists and the like
+        raise TypeError(f"Y must be a numeric matrix [n_cells, n_features]: {err}") from err
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise ValueError(f"Y must be 2-D [n_cells, n_features], got shape {arr.shape}.")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise TypeError(f"Y must be numeric, got dtype {arr.dtype}.")
+    if arr.shape[0] != n_cells:
+        raise ValueError(f"X and Y must have the same number of cells, got {n_cells} and {arr.shape[0]}.")
+    if arr.shape[1] < 1:
+        raise ValueError("Y has no features (columns).")
+    arr = arr.astype(np.float32)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("Y contains NaN or infinite values; impute or drop those cells first.")
+    return arr
+
+
+def _paired_folds(n_cells: int, n_folds, seed: int):
+    n_folds = check_int(n_folds, "n_folds", 2)
+    if n_folds > n_cells:
+        raise ValueError(f"n_folds must be in [2, n_cells={n_cells}], got {n_folds}.")
+    return preprocessing.kfold_indices(n_cells, n_folds, random_state=seed)
+
+
+def _selection_stability(genes, n_genes: int):
+    """Per-gene selection frequency and mean pairwise overlap of selected sets."""
+    genes = np.asarray(genes)
+    n = genes.shape[0]
+    counts = np.zeros(n_genes, dtype=np.int64)
+    for g in genes:
+        counts[g] += 1
+    sets = [set(g.tolist()) for g in genes]
+    overlaps = [len(sets[i] & sets[j]) for i in range(n) for j in range(i + 1, n)]
+    return {
+        "genes": genes,
+        "frequency": counts / n,
+        "counts": counts,
+        "mean_pairwise_overlap": float(np.mean(overlaps)) if overlaps else float("nan"),
+        "always_selected": np.flatnonzero(counts == n),
+    }
+
+
+class SparseBottleneck(SelectorMixin, BaseEstimator):
+    """Sparse bottleneck neural network (Bernaerts, Berens & Kobak 2022).
+
+    Predicts a paired modality ``Y`` from genes ``X`` through a 2-D bottleneck, selects
+    ``n_genes`` genes with a group lasso on the first layer, prunes to exactly those and
+    fine-tunes. The whole schedule (pre-training on k-means clusters of ``Y``, frozen /
+    unfrozen regression, pruning, fine-tuning, autoencoder head) is one compiled program;
+    :meth:`cross_validate` runs all folds of it in one program. See
+    :mod:`jaxsel.methods.sbnn` for the model and where it differs from the authors' code.
+
+    Parameters
+    ----------
+    n_genes : int, default 25
+        Genes kept by pruning.
+    schedule : {"pretrain_freeze", "straight", "pretrain_straight"}, default "pretrain_freeze"
+        The paper's procedure, the variant without pre-training, or pre-training
+        followed by training all layers.
+    lasso : float, default 0.1
+        Group-lasso weight on the first layer.
+    hidden : tuple of int, default (512, 128)
+    latent_size : int, default 2
+    learning_rate : float, default 1e-4
+        Later stages use half of it.
+    batch_size : int, default 32
+    epochs : dict, optional
+        Stage lengths overriding the schedule's, keys ``pretrain``, ``frozen``,
+        ``unfrozen``, ``finetune``, ``ae`` (e.g. ``{"ae": 0}`` skips the autoencoder).
+    n_clusters : int, default 20
+        k-means clusters of ``Y`` for pre-training.
+    random_state : int, optional
+
+    Attributes
+    ----------
+    genes_ : int [n_genes], selected genes (largest first-layer weight norm first).
+    scores_ : float32 [n_features_in_], first-layer row norms at pruning.
+    history_ : dict of per-epoch arrays (``train_r2``, ``test_r2`` (here: on the
+        training cells, as no cells are held out), ...).
+    """
+
+    def __init__(
+        self,
+        n_genes=25,
+        *,
+        schedule="pretrain_freeze",
+        lasso=0.1,
+        hidden=(512, 128),
+        latent_size=2,
+        learning_rate=1e-4,
+        batch_size=32,
+        epochs=None,
+        n_clusters=20,
+        random_state=None,
+    ):
+        self.n_genes = n_genes
+        self.schedule = schedule
+        self.lasso = lasso
+        self.hidden = hidden
+        self.latent_size = latent_size
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.n_clusters = n_clusters
+        self.random_state = random_state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True
+        return tags
+
+    def _config(self, n_genes_in: int, n_outputs: int):
+        from .methods import sbnn
+
+        n_sel = _n_markers(self.n_genes, n_genes_in)
+        kw = dict(
+            n_selected=n_sel,
+            lasso=check_real(self.lasso, "lasso", low=0.0),
+            hidden=tuple(self.hidden),
+            latent_size=check_int(self.latent_size, "latent_size", 1),
+            learning_rate=check_real(self.learning_rate, "learning_rate", low=0.0, low_open=True),
+            batch_size=check_int(self.batch_size, "batch_size", 1),
+            n_clusters=check_int(self.n_clusters, "n_clusters", 2),
+        )
+        names = {"pretrain", "frozen", "unfrozen", "finetune", "ae"}
+        for k, v in (self.epochs or {}).items():
+            if k not in names:
+                raise ValueError(f"epochs keys must be among {sorted(names)}, got {k!r}.")
+            kw[f"{k}_epochs"] = check_int(v, f"epochs[{k!r}]", 0)
+        return sbnn.SparseBottleneckConfig.create(n_genes_in, n_outputs, schedule=self.schedule, **kw)
+
+    def _pretraining(self, cfg, y, train_sets, seed):
+        if not cfg.pretrain_epochs:
+            return None, None
+        clusters, pre_tr, pre_va = preprocessing.pretraining_clusters(
+            y, train_sets, n_clusters=cfg.n_clusters, random_state=seed
+        )
+        return np.maximum(clusters, 0), engine.make_splits(pre_tr, pre_va)
+
+    def fit(self, X, Y):
+        """Fit the whole schedule on all cells.
+
+        Parameters
+        ----------
+        X : array-like [n_cells, n_genes]; preprocessed expression (the paper:
+            :func:`jaxsel.preprocessing.sbnn_recipe`). Never modified.
+        Y : array-like [n_cells, n_features]; the paired modality (standardised).
+        """
+        from .methods import sbnn
+
+        x = _check_X(self, X, reset=True)
+        y = _check_Y(Y, x.shape[0])
+        cfg = self._config(x.shape[1], y.shape[1])
+        seed = check_random_state(self.random_state)
+        everyone = np.arange(x.shape[0])
+        split = engine.make_splits([everyone], [everyone])
+        clusters, pre = self._pretraining(cfg, y, [everyone], seed)
+        data = sbnn.make_data(x, y, None if clusters is None else clusters[0])
+        res = sbnn.fit(cfg, jax.random.key(seed), data, split.fold(0), None if pre is None else pre.fold(0))
+        res = jax.device_get(res)
+        self.cfg_ = cfg
+        self.result_ = res
+        self.genes_ = np.asarray(res.genes).astype(np.intp)
+        self.scores_ = np.asarray(res.gene_norms, dtype=np.float32)
+        self.history_ = {k: np.asarray(v) for k, v in res.history.items()}
+        self.n_outputs_ = y.shape[1]
+        return self
+
+    def _get_support_mask(self):
+        check_is_fitted(self, "genes_")
+        mask = np.zeros(self.n_features_in_, dtype=bool)
+        mask[self.genes_] = True
+        return mask
+
+    def _fitted_x(self, X):
+        check_is_fitted(self, "genes_")
+        return _check_X(self, X, reset=False)
+
+    def predict(self, X):
+        """Predicted ``Y`` from the selected genes, [n_cells, n_features]."""
+        from .methods import sbnn
+
+        return np.asarray(sbnn.predict(self.cfg_, self.result_, self._fitted_x(X)))
+
+    def latent(self, X):
+        """The bottleneck embedding, [n_cells, latent_size]."""
+        from .methods import sbnn
+
+        return np.asarray(sbnn.latent(self.cfg_, self.result_, self._fitted_x(X)))
+
+    def reconstruct_genes(self, X):
+        """The autoencoder head's prediction of the selected genes (columns in
+        ``genes_`` order), [n_cells, n_genes]."""
+        from .methods import sbnn
+
+        if not self.cfg_.ae_epochs:
+            raise ValueError("the autoencoder head was not trained (epochs={'ae': 0})")
+        return np.asarray(sbnn.reconstruct_genes(self.cfg_, self.result_, self._fitted_x(X)))
+
+    def score(self, X, Y):
+        """Test R^2 as the paper defines it, centred with the training mean of ``Y``."""
+        check_is_fitted(self, "genes_")
+        x = self._fitted_x(X)
+        y = _check_Y(Y, x.shape[0])
+        return metrics.r2_score(y, self.predict(x), center=np.asarray(self.result_.y_mean))
+
+    def cross_validate(self, X, Y, n_folds=10, batch_size=None):
+        """K-fold CV of the whole schedule, all folds in one compiled program.
+
+        Each fold centres ``X`` and ``Y`` with its training means, pre-trains on k-means
+        clusters of its training ``Y``, and tracks train and test R^2 every epoch. The
+        estimator itself is not fitted or changed.
+
+        Returns
+        -------
+        dict
+            ``test_r2`` / ``train_r2`` float [n_folds] (final parameters),
+            ``test_r2_per_feature`` [n_folds, n_features], ``history`` dict of
+            [n_folds, n_epochs(, ...)] arrays, ``genes`` int [n_folds, n_genes],
+            ``test_indices`` list of arrays.
+        """
+        from .methods import sbnn
+
+        x = _check_X(BaseEstimator(), X, reset=True)
+        y = _check_Y(Y, x.shape[0])
+        cfg = self._config(x.shape[1], y.shape[1])
+        seed = check_random_state(self.random_state)
+        if batch_size is not None:
+            check_int(batch_size, "batch_size", 1)
+        folds = _paired_folds(x.shape[0], n_folds, seed)
+        train_sets = [f[0] for f in folds]
+        splits = engine.make_splits(train_sets, [f[2] for f in folds])
+        clusters, pre = self._pretraining(cfg, y, train_sets, seed)
+        keys = engine.fold_keys(jax.random.key(seed), len(folds))
+        res = sbnn.fit_folds(cfg, keys, sbnn.make_data(x, y), splits, clusters, pre, batch_size=batch_size)
+        res = jax.device_get(res)
+        hist = {k: np.asarray(v) for k, v in res.history.items()}
+        return {
+            "test_r2": hist["test_r2"][:, -1],
+            "train_r2": hist["train_r2"][:, -1],
+            "test_r2_per_feature": hist["test_r2_per_feature"][:, -1],
+            "history": hist,
+            "genes": np.asarray(res.genes).astype(np.intp),
+            "test_indices": [f[2] for f in folds],
+        }
+
+    def selection_stability(self, X, Y, n_restarts=10, batch_size=None):
+        """Fit ``n_restarts`` random restarts on all cells in one program and report how
+        often each gene is selected.
+
+        Returns
+        -------
+        dict
+            ``genes`` [n_restarts, n_genes]; ``frequency`` [n_features] (fraction of
+            restarts selecting each gene); ``counts``; ``mean_pairwise_overlap`` (genes
+            shared by two restarts, averaged over pairs); ``always_selected``.
+        """
+        from .methods import sbnn
+
+        x = _check_X(BaseEstimator(), X, reset=True)
+        y = _check_Y(Y, x.shape[0])
+        n_restarts = check_int(n_restarts, "n_restarts", 2)
+        cfg = self._config(x.shape[1], y.shape[1])
+        seed = check_random_state(self.random_state)
+        everyone = np.arange(x.shape[0])
+        sets = [everyone] * n_restarts
+        splits = engine.make_splits(sets, sets)
+        clusters, pre = self._pretraining(cfg, y, sets, seed)
+        keys = engine.fold_keys(jax.random.key(seed), n_restarts)
+        res = sbnn.fit_folds(cfg, keys, sbnn.make_data(x, y), splits, clusters, pre, batch_size=batch_size)
+        return _selection_stability(np.asarray(res.genes), x.shape[1])

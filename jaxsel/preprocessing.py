@@ -41,6 +41,8 @@ __all__ = [
     "log1p",
     "scale",
     "markermap_recipe",
+    "sbnn_recipe",
+    "pretraining_clusters",
     "split_indices",
     "kfold_indices",
 ]
@@ -371,6 +373,105 @@ def markermap_recipe(
     x = log1p(x)
     x, _, _ = scale(x, max_value=max_value, max_dense_bytes=max_dense_bytes)
     return x, gene_mask
+
+
+def sbnn_recipe(x, y=None, *, max_dense_bytes: int = _DEFAULT_MAX_DENSE_BYTES):
+    """The sparse bottleneck paper's preprocessing of paired data ``X -> Y``.
+
+    Counts are scaled to the median cell total (``x / sum * median(sum)``), then
+    ``log2(x + 1)``, then every gene is standardised to zero mean and unit SD over all
+    cells; every column of ``y`` is standardised the same way (Bernaerts et al. 2022;
+    Kobak et al. 2021). Constant genes are left at zero instead of dividing by zero.
+
+    Parameters
+    ----------
+    x : array-like or sparse, shape [n_cells, n_genes]; raw counts.
+    y : array-like, shape [n_cells, n_features], optional; the paired modality
+        (must be finite).
+
+    Returns
+    -------
+    x_processed : numpy.ndarray float32 [n_cells, n_genes]
+    y_processed : numpy.ndarray float32 [n_cells, n_features] (only when ``y`` is given)
+    """
+    x = check_matrix(x, name="x", dtype=None)
+    x = log1p(normalize_total(x, target_sum=None), base=2)
+    x, _, _ = scale(x, max_value=None, max_dense_bytes=max_dense_bytes)
+    if y is None:
+        return x
+    y = check_matrix(y, name="y", dtype=np.float64, allow_sparse=False)
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"x and y must have the same number of cells, got {x.shape[0]} and {y.shape[0]}.")
+    if not np.all(np.isfinite(y)):
+        raise ValueError("y contains NaN or infinite values; impute or drop those cells first.")
+    sd = y.std(axis=0)
+    y = (y - y.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    return x, y.astype(np.float32)
+
+
+def pretraining_clusters(
+    y,
+    train_sets,
+    *,
+    n_clusters: int = 20,
+    min_cluster_size: int = 10,
+    val_fraction: float = 0.4,
+    n_init: int = 10,
+    random_state=0,
+):
+    """Per-fold k-means labels of ``Y`` and the pre-training train / held-out cells.
+
+    The sparse bottleneck paper pre-trains its network as a classifier of k-means
+    clusters of ``Y``. For each fold, k-means (scikit-learn, ``n_init`` restarts) runs
+    on that fold's training cells only; cells in clusters with fewer than
+    ``min_cluster_size`` training cells are left out of pre-training; the remaining
+    training cells are shuffled and ``val_fraction`` of them held out for early
+    stopping (the paper's 60/40 split).
+
+    Parameters
+    ----------
+    y : array-like [n_cells, n_features]
+    train_sets : list of int index arrays, one per fold (the regression training cells).
+
+    Returns
+    -------
+    clusters : int32 [n_folds, n_cells] (label -1 for cells outside a fold's training set)
+    pre_train, pre_val : lists of int64 index arrays (one per fold)
+    """
+    from sklearn.cluster import KMeans
+
+    y = check_matrix(y, name="y", dtype=np.float64, allow_sparse=False)
+    if isinstance(n_clusters, (bool, np.bool_)) or not isinstance(n_clusters, numbers.Integral) or n_clusters < 2:
+        raise ValueError(f"n_clusters must be an integer >= 2, got {n_clusters!r}.")
+    val_fraction = _check_fraction(val_fraction, "val_fraction")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+    seed = check_random_state(random_state)
+    rng = np.random.default_rng(seed)
+    clusters = np.full((len(train_sets), y.shape[0]), -1, dtype=np.int32)
+    pre_train, pre_val = [], []
+    for i, train in enumerate(train_sets):
+        train = np.asarray(train, dtype=np.int64)
+        if train.shape[0] < n_clusters:
+            raise ValueError(
+                f"fold {i} has {train.shape[0]} training cells, fewer than n_clusters={n_clusters}."
+            )
+        km = KMeans(n_clusters=int(n_clusters), n_init=n_init, random_state=seed).fit(y[train])
+        labels = km.labels_.astype(np.int32)
+        clusters[i, train] = labels
+        sizes = np.bincount(labels, minlength=n_clusters)
+        keep = train[sizes[labels] >= min_cluster_size]
+        if keep.shape[0] < 2:
+            raise ValueError(
+                f"fold {i}: no k-means cluster has min_cluster_size={min_cluster_size} cells; "
+                "lower min_cluster_size or n_clusters."
+            )
+        keep = keep[rng.permutation(keep.shape[0])]
+        n_tr = int(round(keep.shape[0] * (1.0 - val_fraction)))
+        n_tr = min(max(n_tr, 1), keep.shape[0] - 1)
+        pre_train.append(np.sort(keep[:n_tr]))
+        pre_val.append(np.sort(keep[n_tr:]))
+    return clusters, pre_train, pre_val
 
 
 # --------------------------------------------------------------------------- splits
