@@ -905,7 +905,8 @@ class SparseBottleneck(SelectorMixin, BaseEstimator):
 
     Attributes
     ----------
-    genes_ : int [n_genes], selected genes (largest first-layer weight norm first).
+    genes_ : int [n_genes], selected genes (largest first-layer weight norm first);
+        ``markers_`` is the same array (the name the other selectors use).
     scores_ : float32 [n_features_in_], first-layer row norms at pruning.
     history_ : dict of per-epoch arrays (``train_r2``, ``test_r2`` (here: on the
         training cells, as no cells are held out), ...).
@@ -993,6 +994,7 @@ class SparseBottleneck(SelectorMixin, BaseEstimator):
         self.cfg_ = cfg
         self.result_ = res
         self.genes_ = np.asarray(res.genes).astype(np.intp)
+        self.markers_ = self.genes_  # the selectors' common attribute name
         self.scores_ = np.asarray(res.gene_norms, dtype=np.float32)
         self.history_ = {k: np.asarray(v) for k, v in res.history.items()}
         self.n_outputs_ = y.shape[1]

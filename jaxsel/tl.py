@@ -36,6 +36,7 @@ __all__ = [
     "de_markers",
     "hvg_markers",
     "random_markers",
+    "sparse_bottleneck",
 ]
 
 
@@ -350,3 +351,42 @@ def random_markers(
     _check_adata(adata)
     est = estimators.RandomMarkers(n_markers=n_markers, random_state=random_state)
     return _run(adata, est, layer=None, labels=None, key_added=key_added, copy=copy, neural=False)
+
+
+def sparse_bottleneck(
+    adata,
+    y_key: str = "Y",
+    n_genes: int = 25,
+    *,
+    layer: str | None = None,
+    key_added: str = "sparse_bottleneck",
+    copy: bool = False,
+    **kwargs,
+):
+    """Select genes that predict a paired modality with :class:`jaxsel.SparseBottleneck`.
+
+    Reads ``X`` from ``adata.X`` (or ``layer``) and the paired modality ``Y`` from
+    ``adata.obsm[y_key]`` (an array or DataFrame [n_cells, n_features]; the paper
+    standardises both, see :func:`jaxsel.preprocessing.sbnn_recipe`). Writes, besides
+    the common keys of this module (``var[key_added]``, ``var[key_added + "_score"]``:
+    first-layer row norms, ``uns[key_added]`` with ``params``, ``markers`` and
+    ``history``), the 2-D embedding to ``adata.obsm["X_" + key_added]``.
+    Extra keyword arguments go to :class:`jaxsel.SparseBottleneck`.
+    """
+    _check_adata(adata)
+    _check_key(y_key, "y_key")
+    _check_key(key_added, "key_added")
+    if y_key not in adata.obsm:
+        raise KeyError(f"y_key={y_key!r} is not in adata.obsm (available: {sorted(adata.obsm.keys())}).")
+    y = adata.obsm[y_key]
+    y = y.to_numpy() if hasattr(y, "to_numpy") else y
+    x = _get_x(adata, layer)
+    est = estimators.SparseBottleneck(n_genes, **kwargs).fit(x, y)
+    emb = est.latent(x)
+    if copy:
+        adata = adata.copy()
+    _write(adata, key_added, est, {
+        "history": {k: np.asarray(v, dtype=np.float64).tolist() for k, v in est.history_.items()},
+    })
+    adata.obsm[f"X_{key_added}"] = emb
+    return adata if copy else None

@@ -170,3 +170,29 @@ def test_public_namespace():
     for name in ("MarkerMap", "ConcreteVAE", "GlobalGumbelVAE", "RandomMarkers", "HVGMarkers",
                  "DEMarkers", "datasets", "metrics", "preprocessing", "engine"):
         assert hasattr(jaxsel, name)
+
+
+def test_sparse_bottleneck_writes_only_documented_keys():
+    import anndata
+
+    from jaxsel import datasets
+
+    x, y, info = datasets.make_paired(n_cells=300, n_genes=40, n_outputs=4, n_informative=4, random_state=2)
+    ad = anndata.AnnData(X=x.copy())
+    ad.obsm["Y"] = y.copy()
+    before_obs = set(ad.obs.columns)
+    out = jaxsel.tl.sparse_bottleneck(
+        ad, "Y", 4, schedule="straight", hidden=(16, 8), learning_rate=3e-3, lasso=0.03,
+        epochs={"unfrozen": 20, "finetune": 5, "ae": 0}, random_state=0, copy=True,
+    )
+    assert "sparse_bottleneck" not in ad.var and "X_sparse_bottleneck" not in ad.obsm  # copy=True
+    np.testing.assert_array_equal(ad.X, x)
+    assert set(out.var.columns) == {"sparse_bottleneck", "sparse_bottleneck_score"}
+    assert out.var["sparse_bottleneck"].sum() == 4
+    assert out.obsm["X_sparse_bottleneck"].shape == (300, 2)
+    assert set(out.obsm.keys()) == {"Y", "X_sparse_bottleneck"}
+    assert set(out.obs.columns) == before_obs
+    assert len(out.uns["sparse_bottleneck"]["markers"]) == 4
+    assert "test_r2" in out.uns["sparse_bottleneck"]["history"]
+    with pytest.raises(KeyError, match="y_key"):
+        jaxsel.tl.sparse_bottleneck(ad, "ephys")
