@@ -1,0 +1,336 @@
+"""Sparse bottleneck networks and sparse reduced-rank regression: the paper's 10-fold protocol.
+
+    python benchmarks/bench_sbnn.py                  # M1 + CBMC (about an hour on 2 cores)
+    python benchmarks/bench_sbnn.py --quick          # 3 folds, short schedule: a smoke run
+    python benchmarks/bench_sbnn.py --skip cbmc,loop # leave phases out
+    python benchmarks/bench_sbnn.py --report benchmarks/results/bench_sbnn.json  # re-render
+
+On the M1 Patch-seq data of the sBNN paper (``../shared/data``, 1213 cells x 1000 genes ->
+16 ephys features; skipped when absent), with the paper's preprocessing (counts scaled to
+the median total, log2(x + 1), genes and features standardised) and its folds (a
+permutation with seed 42, ten contiguous test folds of ``int(n / 10)`` cells; train-set
+centring inside each fold):
+
+1. ``sbnn``: 10-fold CV of the whole schedule (50 pre-training + 200 regression epochs,
+   25 genes), for the paper's schedule and the one without pre-training, all folds in one
+   compiled program: compile and run time separately, test R^2 mean +- SD across folds
+   (final parameters, and the authors' checkpoint: the best test epoch of fine-tuning),
+   per-epoch train/test curves, genes selected in how many folds;
+2. ``loop``: the same folds as a Python loop over one compiled single-fold program;
+3. ``srrr``: sparse reduced-rank regression, rank 2 and rank 16, exactly 25 genes
+   (lambda by bisection), relaxed; folds in one program and in a loop;
+4. ``cbmc``: CBMC CITE-seq RNA (500 genes) -> 13 proteins, sBNN against full-rank
+   (rank 13) sRRR, the paper's Figure S7 comparison (``--cbmc-folds`` of the 10 folds);
+5. ``flops``: model FLOPs of one sBNN step and the achieved rate against a plain jitted
+   matmul measured in the same run.
+
+Results go to ``benchmarks/results/bench_sbnn.json`` (written after every phase) and
+``bench_sbnn.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bench_markermap import PeakRSS, machine_info, matmul_gflops  # noqa: E402
+from jaxsel import datasets, engine  # noqa: E402
+from jaxsel import preprocessing as pp  # noqa: E402
+from jaxsel.methods import sbnn, srrr  # noqa: E402
+
+OUT = HERE / "results"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load(name: str):
+    ad = datasets.load_shared(name)
+    x, y = pp.sbnn_recipe(ad.X, np.asarray(ad.obsm["Y"]))
+    return x, y, np.asarray(ad.var_names).astype(str)
+
+
+def paper_folds(n: int, n_folds: int = 10, seed: int = 42):
+    """The authors' folds: ``np.random.seed(seed); permutation``, contiguous test blocks
+    of ``int(n / n_folds)`` cells (the last ``n % n_folds`` cells are always training)."""
+    np.random.seed(seed)
+    perm = np.random.permutation(n)
+    size = n // n_folds
+    out = []
+    for i in range(n_folds):
+        test = perm[i * size : (i + 1) * size]
+        out.append((np.setdiff1d(np.arange(n), test), np.sort(test)))
+    return out
+
+
+def _stats(v) -> dict:
+    v = [float(a) for a in np.asarray(v).reshape(-1)]
+    return {"mean": statistics.fmean(v), "sd": statistics.pstdev(v), "values": v}
+
+
+# ----------------------------------------------------------------------------- sbnn
+
+
+def sbnn_setup(x, y, folds, cfg, seed=0):
+    train_sets = [f[0] for f in folds]
+    splits = engine.make_splits(train_sets, [f[1] for f in folds])
+    clusters = pre = None
+    if cfg.pretrain_epochs:
+        clusters, pre_tr, pre_va = pp.pretraining_clusters(y, train_sets, n_clusters=cfg.n_clusters, random_state=seed)
+        clusters = np.maximum(clusters, 0)
+        pre = engine.make_splits(pre_tr, pre_va)
+    keys = engine.fold_keys(jax.random.key(seed), len(folds))
+    return sbnn.make_data(x, y), splits, clusters, pre, keys
+
+
+def sbnn_summary(res, genes_names, n_finetune: int) -> dict:
+    h = {k: np.asarray(v) for k, v in res.history.items()}
+    genes = np.asarray(res.genes)
+    ids, counts = np.unique(genes, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    return {
+        "test_r2": _stats(h["test_r2"][:, -1]),
+        "train_r2": _stats(h["train_r2"][:, -1]),
+        "test_r2_best_finetune_epoch": _stats(np.nanmax(h["test_r2"][:, -n_finetune:], axis=1)),
+        "test_r2_before_pruning": _stats(h["test_r2"][:, -n_finetune - 1]),
+        "genes_by_folds": [[str(genes_names[ids[i]]), int(counts[i])] for i in order],
+        "history": {k: np.nanmean(h[k], axis=0).tolist() for k in ("train_r2", "test_r2")},
+        "history_per_fold": {k: h[k].tolist() for k in ("train_r2", "test_r2")},
+    }
+
+
+def sbnn_cv(x, y, folds, cfg, names, seed=0) -> dict:
+    data, splits, clusters, pre, keys = sbnn_setup(x, y, folds, cfg, seed)
+    t = time.perf_counter()
+    lowered = sbnn.fit_folds(cfg, keys, data, splits, clusters, pre, mesh=None, lower=True)
+    compiled = lowered.compile()
+    t_compile = time.perf_counter() - t
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        res = jax.block_until_ready(compiled(cfg, keys, data, clusters, splits, pre))
+        t_run = time.perf_counter() - t
+    out = sbnn_summary(jax.device_get(res), names, cfg.finetune_epochs)
+    out.update(compile_s=t_compile, run_s=t_run, peak_rss_delta_mb=mem.delta_mb)
+    return out, res
+
+
+def sbnn_loop(x, y, folds, cfg, vmapped, seed=0) -> dict:
+    data, splits, clusters, pre, keys = sbnn_setup(x, y, folds, cfg, seed)
+    n = len(folds)
+    fold_data = [sbnn.make_data(x, y, None if clusters is None else clusters[i]) for i in range(n)]
+    t = time.perf_counter()
+    lowered = sbnn.fit(cfg, keys[0], fold_data[0], splits.fold(0), None if pre is None else pre.fold(0), lower=True)
+    compiled = lowered.compile()
+    t_compile = time.perf_counter() - t
+    t = time.perf_counter()
+    outs = []
+    for i in range(n):
+        outs.append(jax.block_until_ready(
+            compiled(cfg, keys[i], fold_data[i], splits.fold(i), splits.fold(i) if pre is None else pre.fold(i))
+        ))
+    t_run = time.perf_counter() - t
+    loop_r2 = np.array([np.asarray(o.history["test_r2"])[-1] for o in outs])
+    vm_r2 = np.asarray(vmapped.history["test_r2"])[:, -1]
+    same_genes = all(np.array_equal(np.asarray(o.genes), np.asarray(vmapped.genes)[i]) for i, o in enumerate(outs))
+    return {
+        "compile_s": t_compile,
+        "run_s": t_run,
+        "test_r2": _stats(loop_r2),
+        "max_abs_diff_test_r2_vs_vmapped": float(np.max(np.abs(loop_r2 - vm_r2))),
+        "same_genes_as_vmapped": bool(same_genes),
+    }
+
+
+def sbnn_step_flops(cfg, n_out: int, batch: int) -> float:
+    """Matmul FLOPs of one training step before pruning (forward 2mnk, backward 4mnk)."""
+    dims = [cfg.n_genes, *cfg.hidden, cfg.latent_size, *cfg.hidden[::-1], n_out]
+    fwd = sum(2 * batch * a * b for a, b in zip(dims[:-1], dims[1:]))
+    return 3.0 * fwd
+
+
+# ----------------------------------------------------------------------------- srrr
+
+
+def srrr_cv(x, y, folds, rank, n_genes, names, relaxed=True) -> dict:
+    splits = engine.make_splits([f[0] for f in folds], [f[1] for f in folds])
+    xs, ys = jnp.asarray(x), jnp.asarray(y)
+    t = time.perf_counter()
+    res = jax.block_until_ready(srrr.cross_validate(xs, ys, splits, rank=rank, n_genes=n_genes, relaxed=relaxed))
+    t_first = time.perf_counter() - t
+    t = time.perf_counter()
+    res = jax.block_until_ready(srrr.cross_validate(xs, ys, splits, rank=rank, n_genes=n_genes, relaxed=relaxed))
+    t_run = time.perf_counter() - t
+    res = jax.device_get(res)
+    genes = np.asarray(res.result.genes)
+    ids, counts = np.unique(genes, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    # The same folds one at a time (one compiled single-fold program reused).
+    t = time.perf_counter()
+    loop_r2 = []
+    for i in range(len(folds)):
+        one = engine.Splits(*(a[i : i + 1] for a in splits))
+        r = jax.block_until_ready(srrr.cross_validate(xs, ys, one, rank=rank, n_genes=n_genes, relaxed=relaxed))
+        loop_r2.append(float(np.asarray(r.test_r2)[0]))
+        if i == 0:
+            t_loop_first = time.perf_counter() - t
+            t = time.perf_counter()
+    t_loop = time.perf_counter() - t
+    return {
+        "rank": rank,
+        "relaxed": relaxed,
+        "test_r2": _stats(res.test_r2),
+        "train_r2": _stats(res.train_r2),
+        "test_r2_mean": float(np.mean(res.test_r2)),
+        "test_r2_sd": float(np.std(res.test_r2)),
+        "n_nonzero_at_lambda": np.asarray(res.result.n_nonzero).tolist(),
+        "first_call_s": t_first,
+        "run_s": t_run,
+        "loop_first_call_s": t_loop_first,
+        "loop_other_folds_s": t_loop,
+        "loop_max_abs_diff_test_r2": float(np.max(np.abs(np.asarray(loop_r2) - np.asarray(res.test_r2)))),
+        "genes_by_folds": [[str(names[ids[i]]), int(counts[i])] for i in order[:30]],
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def render(res: dict) -> str:
+    m = res.get("machine", {})
+    lines = [
+        "# Sparse bottleneck network and sRRR: 10-fold CV",
+        "",
+        f"Machine: {m.get('cpu')} ({m.get('cores')} cores), devices {m.get('devices')}; "
+        f"versions {m.get('versions')}; {m.get('date')}.",
+        "",
+        "| data | method | test R^2 (final) | test R^2 (best fine-tune epoch) | train R^2 | compile s | run s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda s: f"{s['mean']:.3f} +- {s['sd']:.3f}"  # noqa: E731
+    for data in ("m1", "cbmc"):
+        block = res.get(data, {})
+        for name, r in block.get("sbnn", {}).items():
+            lines.append(
+                f"| {data} | sBNN {name} (folds in one program) | {fmt(r['test_r2'])} | "
+                f"{fmt(r['test_r2_best_finetune_epoch'])} | {fmt(r['train_r2'])} | {r['compile_s']:.1f} | {r['run_s']:.1f} |"
+            )
+            if "loop" in r:
+                lp = r["loop"]
+                lines.append(
+                    f"| {data} | sBNN {name} (Python loop over folds) | {fmt(lp['test_r2'])} | | | "
+                    f"{lp['compile_s']:.1f} | {lp['run_s']:.1f} |"
+                )
+        for name, r in block.get("srrr", {}).items():
+            lines.append(
+                f"| {data} | {name} (folds in one program) | {fmt(r['test_r2'])} | | {fmt(r['train_r2'])} | "
+                f"{r['first_call_s'] - r['run_s']:.1f} | {r['run_s']:.1f} |"
+            )
+            lines.append(
+                f"| {data} | {name} (loop over folds) | | | | | {r['loop_other_folds_s'] * len(r['test_r2']['values']) / max(1, len(r['test_r2']['values']) - 1):.1f} |"
+            )
+    fl = res.get("flops")
+    if fl:
+        lines += ["", f"sBNN step: {fl['step_mflops']:.0f} MFLOP; {fl['achieved_gflops']:.1f} GFLOP/s achieved "
+                  f"vs {fl['matmul_gflops']:.1f} GFLOP/s for a 1024^3 jitted matmul ({fl['fraction']:.0%})."]
+    for data in ("m1",):
+        for name, r in res.get(data, {}).get("sbnn", {}).items():
+            top = ", ".join(f"{g} ({c})" for g, c in r["genes_by_folds"][:12])
+            lines.append(f"\nM1 sBNN {name}: genes selected in most folds: {top}.")
+    return "\n".join(lines) + "\n"
+
+
+def save(res, out: Path):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    out.with_suffix(".md").write_text(render(res))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="3 folds, 10/10/10/20 epochs")
+    ap.add_argument("--skip", default="", help="comma-separated phases to skip: sbnn,straight,loop,srrr,cbmc,flops")
+    ap.add_argument("--cbmc-folds", type=int, default=10, help="how many of CBMC's 10 folds to fit")
+    ap.add_argument("--out", default=str(OUT / "bench_sbnn.json"))
+    ap.add_argument("--report", help="re-render the markdown of an existing JSON and exit")
+    args = ap.parse_args(argv)
+    if args.report:
+        res = json.loads(Path(args.report).read_text())
+        Path(args.report).with_suffix(".md").write_text(render(res))
+        print(render(res))
+        return 0
+    if datasets.shared_data_dir() is None:
+        print("../shared/data is absent (set JAXSEL_DATA_DIR); nothing to benchmark.")
+        return 0
+    skip = set(filter(None, args.skip.split(",")))
+    out = Path(args.out)
+    res = {"machine": machine_info(), "args": vars(args), "m1": {"sbnn": {}, "srrr": {}}, "cbmc": {"sbnn": {}, "srrr": {}}}
+    quick = dict(pretrain_epochs=10, frozen_epochs=10, unfrozen_epochs=10, finetune_epochs=20) if args.quick else {}
+    n_folds = 3 if args.quick else 10
+
+    x, y, names = load("m1_patchseq_sbnn")
+    folds = paper_folds(x.shape[0])[:n_folds]
+    print(f"M1: {x.shape} -> {y.shape[1]} features, {len(folds)} folds")
+    schedules = [s for s in ("pretrain_freeze", "straight") if s not in skip and "sbnn" not in skip]
+    for sched in schedules:
+        cfg = sbnn.SparseBottleneckConfig.create(x.shape[1], y.shape[1], schedule=sched, ae_epochs=0, **quick)
+        r, vm = sbnn_cv(x, y, folds, cfg, names)
+        print(f"sBNN {sched}: test R^2 {r['test_r2']['mean']:.3f} +- {r['test_r2']['sd']:.3f} "
+              f"(best fine-tune epoch {r['test_r2_best_finetune_epoch']['mean']:.3f}); "
+              f"compile {r['compile_s']:.1f} s, run {r['run_s']:.1f} s")
+        if sched == "pretrain_freeze" and "loop" not in skip:
+            r["loop"] = sbnn_loop(x, y, folds, cfg, vm)
+            print(f"  loop: compile {r['loop']['compile_s']:.1f} s, run {r['loop']['run_s']:.1f} s, "
+                  f"max |dR^2| vs vmapped {r['loop']['max_abs_diff_test_r2_vs_vmapped']:.2e}")
+        res["m1"]["sbnn"][sched] = r
+        save(res, out)
+    if "srrr" not in skip:
+        for rank in (2, 16):
+            r = srrr_cv(x, y, folds, rank, 25, names)
+            res["m1"]["srrr"][f"sRRR rank {rank}"] = r
+            print(f"sRRR rank {rank}: test R^2 {r['test_r2']['mean']:.3f} +- {r['test_r2']['sd']:.3f}; run {r['run_s']:.1f} s")
+            save(res, out)
+    if "flops" not in skip:
+        cfg = sbnn.SparseBottleneckConfig.create(x.shape[1], y.shape[1])
+        per_step = sbnn_step_flops(cfg, y.shape[1], cfg.batch_size)
+        mm = matmul_gflops()
+        r = res["m1"]["sbnn"].get("pretrain_freeze")
+        fl = {"step_mflops": per_step / 1e6, "matmul_gflops": mm}
+        if r:
+            n_train = len(folds[0][0])
+            steps = (n_train // cfg.batch_size) * 150 * len(folds)  # pre-pruning regression epochs
+            fl.update(achieved_gflops=steps * per_step / r["run_s"] / 1e9)
+            fl["fraction"] = fl["achieved_gflops"] / mm
+            fl["note"] = "achieved counts only the pre-pruning regression epochs' FLOPs over the whole run time (lower bound)"
+        res["flops"] = fl
+        save(res, out)
+    if "cbmc" not in skip:
+        x, y, names = load("cbmc_citeseq")
+        folds = paper_folds(x.shape[0])[: min(args.cbmc_folds, n_folds)]
+        print(f"CBMC: {x.shape} -> {y.shape[1]} proteins, {len(folds)} folds")
+        cfg = sbnn.SparseBottleneckConfig.create(x.shape[1], y.shape[1], ae_epochs=0, **quick)
+        r, _ = sbnn_cv(x, y, folds, cfg, names)
+        res["cbmc"]["sbnn"]["pretrain_freeze"] = r
+        print(f"sBNN: test R^2 {r['test_r2']['mean']:.3f} +- {r['test_r2']['sd']:.3f}, run {r['run_s']:.1f} s")
+        save(res, out)
+        r = srrr_cv(x, y, folds, y.shape[1], 25, names)
+        res["cbmc"]["srrr"][f"sRRR rank {y.shape[1]}"] = r
+        print(f"sRRR full rank: test R^2 {r['test_r2']['mean']:.3f} +- {r['test_r2']['sd']:.3f}")
+        save(res, out)
+    print(render(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
