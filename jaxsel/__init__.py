@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import datasets, engine, metrics, preprocessing, tl
+from . import datasets, engine, metrics, plotting, preprocessing, tl
 from .estimators import (
     ConcreteVAE,
     DEMarkers,
@@ -11,6 +11,7 @@ from .estimators import (
     MarkerMap,
     RandomMarkers,
     SparseBottleneck,
+    SparseRRR,
 )
 
 __all__ = [
@@ -22,9 +23,11 @@ __all__ = [
     "HVGMarkers",
     "DEMarkers",
     "SparseBottleneck",
+    "SparseRRR",
     "tl",
     "datasets",
     "metrics",
     "preprocessing",
+    "plotting",
     "engine",
 ]

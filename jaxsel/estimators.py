@@ -55,6 +55,7 @@ __all__ = [
     "HVGMarkers",
     "DEMarkers",
     "SparseBottleneck",
+    "SparseRRR",
     "MAX_DENSE_BYTES",
 ]
 
@@ -1103,3 +1104,125 @@ class SparseBottleneck(SelectorMixin, BaseEstimator):
         keys = engine.fold_keys(jax.random.key(seed), n_restarts)
         res = sbnn.fit_folds(cfg, keys, sbnn.make_data(x, y), splits, clusters, pre, batch_size=batch_size)
         return _selection_stability(np.asarray(res.genes), x.shape[1])
+
+
+class SparseRRR(SelectorMixin, BaseEstimator):
+    """Sparse reduced-rank regression (Kobak et al. 2021), the sBNN paper's linear baseline.
+
+    ``Y ~ X W V^T`` with rank ``rank``, ``V`` orthonormal, and a group lasso (plus ridge
+    when ``alpha < 1``) on the rows of ``W``: whole genes are switched off. The penalty is
+    chosen by bisection so that exactly ``n_genes`` genes are selected; ``relaxed=True``
+    (default) refits those genes without the lasso (ridge with the same penalty), the
+    paper's relaxed sRRR. ``X`` and ``Y`` are centred with their training means inside
+    ``fit``. See :mod:`jaxsel.methods.srrr`.
+
+    Parameters
+    ----------
+    rank : int, default 2
+    n_genes : int, default 25
+    alpha : float in (0, 1], default 1.0
+        Lasso share of the elastic-net penalty (1 = pure group lasso).
+    relaxed : bool, default True
+
+    Attributes
+    ----------
+    genes_ (= ``markers_``) : int [n_genes], selected genes, largest row norm first.
+    scores_ : float32 [n_features_in_], row norms of ``W`` (zero outside the selection).
+    coef_w_ [n_features_in_, rank], coef_v_ [n_outputs, rank], lambda_ : the fit.
+    """
+
+    def __init__(self, rank=2, n_genes=25, *, alpha=1.0, relaxed=True):
+        self.rank = rank
+        self.n_genes = n_genes
+        self.alpha = alpha
+        self.relaxed = relaxed
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True
+        return tags
+
+    def _check(self, p: int, q: int):
+        rank = check_int(self.rank, "rank", 1)
+        if rank > min(p, q):
+            raise ValueError(f"rank must be in [1, min(n_genes, n_outputs) = {min(p, q)}], got {rank}.")
+        n = _n_markers(self.n_genes, p)
+        alpha = check_real(self.alpha, "alpha", low=0.0, high=1.0, low_open=True)
+        if not isinstance(self.relaxed, (bool, np.bool_)):
+            raise TypeError(f"relaxed must be a bool, got {self.relaxed!r}.")
+        return rank, n, alpha, bool(self.relaxed)
+
+    def fit(self, X, Y):
+        """Fit on all cells (centred with their means). ``X`` is never modified."""
+        from .methods import srrr
+
+        x = _check_X(self, X, reset=True)
+        y = _check_Y(Y, x.shape[0])
+        rank, n, alpha, relaxed = self._check(x.shape[1], y.shape[1])
+        self.x_mean_ = x.mean(axis=0)
+        self.y_mean_ = y.mean(axis=0)
+        res = srrr.fit_n_genes(x - self.x_mean_, y - self.y_mean_, n, rank, alpha=alpha, relaxed=relaxed)
+        res = jax.device_get(res)
+        self.result_ = res
+        self.coef_w_ = np.asarray(res.w)
+        self.coef_v_ = np.asarray(res.v)
+        self.lambda_ = float(res.lam)
+        self.genes_ = np.asarray(res.genes).astype(np.intp)
+        self.markers_ = self.genes_
+        self.scores_ = np.sqrt(np.sum(self.coef_w_**2, axis=1)).astype(np.float32)
+        self.n_outputs_ = y.shape[1]
+        return self
+
+    def _get_support_mask(self):
+        check_is_fitted(self, "genes_")
+        mask = np.zeros(self.n_features_in_, dtype=bool)
+        mask[self.genes_] = True
+        return mask
+
+    def latent(self, X):
+        """The ``rank``-dimensional projection ``(X - mean) W``, [n_cells, rank]."""
+        check_is_fitted(self, "genes_")
+        x = _check_X(self, X, reset=False)
+        return (x - self.x_mean_) @ self.coef_w_
+
+    def predict(self, X):
+        """Predicted ``Y``, [n_cells, n_outputs]."""
+        return self.latent(X) @ self.coef_v_.T + self.y_mean_
+
+    def score(self, X, Y):
+        """R^2 as the paper defines it, centred with the training mean of ``Y``."""
+        check_is_fitted(self, "genes_")
+        x = _check_X(self, X, reset=False)
+        y = _check_Y(Y, x.shape[0])
+        return metrics.r2_score(y, self.predict(x), center=self.y_mean_)
+
+    def cross_validate(self, X, Y, n_folds=10, random_state=0, batch_size=None):
+        """K-fold CV, every fold (centring, lambda search, relaxed refit) in one program.
+
+        Returns
+        -------
+        dict
+            ``test_r2``, ``train_r2`` [n_folds]; ``test_r2_per_feature``
+            [n_folds, n_outputs]; ``genes`` [n_folds, n_genes]; ``lambda`` [n_folds];
+            ``test_indices``.
+        """
+        from .methods import srrr
+
+        x = _check_X(BaseEstimator(), X, reset=True)
+        y = _check_Y(Y, x.shape[0])
+        rank, n, alpha, relaxed = self._check(x.shape[1], y.shape[1])
+        if batch_size is not None:
+            check_int(batch_size, "batch_size", 1)
+        folds = _paired_folds(x.shape[0], n_folds, check_random_state(random_state))
+        splits = engine.make_splits([f[0] for f in folds], [f[2] for f in folds])
+        res = jax.device_get(srrr.cross_validate(
+            x, y, splits, rank=rank, n_genes=n, alpha=alpha, relaxed=relaxed, batch_size=batch_size
+        ))
+        return {
+            "test_r2": np.asarray(res.r2_test),
+            "train_r2": np.asarray(res.r2_train),
+            "test_r2_per_feature": np.asarray(res.r2_test_per_feature),
+            "genes": np.asarray(res.result.genes).astype(np.intp),
+            "lambda": np.asarray(res.result.lam),
+            "test_indices": [f[2] for f in folds],
+        }
