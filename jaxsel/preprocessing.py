@@ -380,7 +380,7 @@ def sbnn_recipe(x, y=None, *, max_dense_bytes: int = _DEFAULT_MAX_DENSE_BYTES):
 
     Counts are scaled to the median cell total (``x / sum * median(sum)``), then
     ``log2(x + 1)``, then every gene is standardised to zero mean and unit SD over all
-    cells; every column of ``y`` is standardised the same way (Bernaerts et al. 2022;
+    cells (population SD, ``np.std``, as the authors' code; :func:`scale` uses ddof 1); every column of ``y`` is standardised the same way (Bernaerts et al. 2022;
     Kobak et al. 2021). Constant genes are left at zero instead of dividing by zero.
 
     Parameters
@@ -396,7 +396,8 @@ def sbnn_recipe(x, y=None, *, max_dense_bytes: int = _DEFAULT_MAX_DENSE_BYTES):
     """
     x = check_matrix(x, name="x", dtype=None)
     x = log1p(normalize_total(x, target_sum=None), base=2)
-    x, _, _ = scale(x, max_value=None, max_dense_bytes=max_dense_bytes)
+    x = to_dense(x, max_dense_bytes, name="x", dtype=np.float64)
+    x = _standardise(x)
     if y is None:
         return x
     y = check_matrix(y, name="y", dtype=np.float64, allow_sparse=False)
@@ -404,9 +405,14 @@ def sbnn_recipe(x, y=None, *, max_dense_bytes: int = _DEFAULT_MAX_DENSE_BYTES):
         raise ValueError(f"x and y must have the same number of cells, got {x.shape[0]} and {y.shape[0]}.")
     if not np.all(np.isfinite(y)):
         raise ValueError("y contains NaN or infinite values; impute or drop those cells first.")
-    sd = y.std(axis=0)
-    y = (y - y.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
-    return x, y.astype(np.float32)
+    return x, _standardise(y)
+
+
+def _standardise(a):
+    """Zero mean, unit population SD (``np.std``, ddof 0, as the papers' code) per column;
+    constant columns become zero. float64 in, float32 out."""
+    sd = a.std(axis=0)
+    return ((a - a.mean(axis=0)) / np.where(sd > 0, sd, 1.0)).astype(np.float32)
 
 
 def pretraining_clusters(

@@ -301,3 +301,49 @@ def test_kfold_indices_errors():
         pp.kfold_indices(10, 2.0)
     with pytest.raises(ValueError, match="validation_fraction"):
         pp.kfold_indices(10, 2, validation_fraction=1.0)
+
+
+def test_sbnn_recipe_matches_the_papers_numpy_steps():
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(3.0, size=(50, 20)).astype(np.float64)
+    counts[:, 5] = 2.0  # a constant gene stays finite (zero)
+    y = rng.normal(size=(50, 3)) * [1.0, 5.0, 0.1] + 7.0
+    c0, y0 = counts.copy(), y.copy()
+    xp, yp = pp.sbnn_recipe(counts, y)
+    tot = counts.sum(1, keepdims=True)
+    want = np.log2(counts / tot * np.median(tot) + 1)
+    sd = want.std(0)
+    want = (want - want.mean(0)) / np.where(sd > 0, sd, 1)
+    np.testing.assert_allclose(xp, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(yp, (y - y.mean(0)) / y.std(0), rtol=1e-5, atol=1e-5)
+    assert np.all(np.isfinite(xp[:, 5]))
+    np.testing.assert_array_equal(counts, c0)
+    np.testing.assert_array_equal(y, y0)
+    with pytest.raises(ValueError, match="same number of cells"):
+        pp.sbnn_recipe(counts, y[:10])
+    y_nan = y.copy()
+    y_nan[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        pp.sbnn_recipe(counts, y_nan)
+
+
+def test_pretraining_clusters_use_training_cells_only():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(scale=10, size=(4, 2))
+    y = np.concatenate([c + rng.normal(size=(30, 2)) for c in centres] + [[[100.0, 100.0]] * 3])
+    train_sets = [np.arange(0, 123, 1)[np.arange(123) % 3 != k] for k in range(3)]
+    clusters, pre_tr, pre_va = pp.pretraining_clusters(y, train_sets, n_clusters=5, min_cluster_size=10,
+                                                       val_fraction=0.4, random_state=0)
+    assert clusters.shape == (3, 123)
+    for k, train in enumerate(train_sets):
+        outside = np.setdiff1d(np.arange(123), train)
+        assert np.all(clusters[k, outside] == -1)
+        assert np.all(clusters[k, train] >= 0)
+        used = np.concatenate([pre_tr[k], pre_va[k]])
+        assert np.intersect1d(pre_tr[k], pre_va[k]).size == 0
+        assert np.all(np.isin(used, train))
+        # the 3 outlier cells form a cluster under 10 cells and are left out
+        assert not np.any(np.isin([120, 121, 122], used))
+        assert abs(len(pre_va[k]) / len(used) - 0.4) < 0.02
+    with pytest.raises(ValueError, match="n_clusters"):
+        pp.pretraining_clusters(y, train_sets, n_clusters=1)

@@ -1,0 +1,64 @@
+"""Pure losses against numpy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsel import losses
+
+
+def _np_group_lasso(w):
+    return float(np.sum(np.sqrt(np.sum(np.asarray(w, np.float64) ** 2, axis=1))))
+
+
+def test_group_lasso_matches_numpy_and_sums_row_norms():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(30, 7)).astype(np.float32)
+    w[[3, 11]] = 0.0
+    assert float(losses.group_lasso(jnp.asarray(w), axis=1)) == pytest.approx(_np_group_lasso(w), rel=1e-6)
+    # axis selects which slices are groups: axis=0 groups the columns
+    assert float(losses.group_lasso(jnp.asarray(w), axis=0)) == pytest.approx(_np_group_lasso(w.T), rel=1e-6)
+    assert float(losses.group_lasso(jnp.asarray([[3.0, 4.0]]), axis=1)) == 5.0
+
+
+def test_group_lasso_gradient_is_unit_rows_and_zero_at_zero_rows():
+    w = jnp.asarray([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0]])
+    g = np.asarray(jax.grad(lambda a: losses.group_lasso(a, axis=1))(w))
+    np.testing.assert_allclose(g, [[0.6, 0.8], [0.0, 0.0], [1.0, 0.0]], rtol=1e-6)
+    assert np.all(np.isfinite(g))
+
+
+def test_prox_group_lasso_is_group_soft_thresholding():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(50, 4))
+    t = 1.5
+    norms = np.linalg.norm(w, axis=1, keepdims=True)
+    want = np.maximum(0.0, 1.0 - t / norms) * w
+    got = np.asarray(losses.prox_group_lasso(jnp.asarray(w, jnp.float32), t, axis=1))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.all(got[norms[:, 0] <= t] == 0.0)  # small rows become exactly zero
+    # the prox minimises t * group_lasso(u) + ||u - w||^2 / 2: no random perturbation does better
+    obj = lambda u: t * _np_group_lasso(u) + 0.5 * np.sum((u - w) ** 2)  # noqa: E731
+    best = obj(got.astype(np.float64))
+    for _ in range(20):
+        assert obj(got + 1e-3 * rng.normal(size=w.shape)) >= best - 1e-9
+
+
+def test_r2_score_definition_against_numpy():
+    from jaxsel import metrics
+
+    rng = np.random.default_rng(2)
+    y = rng.normal(size=(40, 3)) + 2.0
+    pred = y + rng.normal(scale=0.5, size=y.shape)
+    c = rng.normal(size=3)
+    want = 1 - np.sum((y - pred) ** 2) / np.sum((y - c) ** 2)
+    assert metrics.r2_score(y, pred, center=c) == pytest.approx(want)
+    per = metrics.r2_score(y, pred, center=c, per_feature=True)
+    np.testing.assert_allclose(per, 1 - np.sum((y - pred) ** 2, 0) / np.sum((y - c) ** 2, 0))
+    # centre None means already-centred data: the denominator is sum(y^2)
+    assert metrics.r2_score(y, pred) == pytest.approx(1 - np.sum((y - pred) ** 2) / np.sum(y**2))
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.r2_score(y, pred[:, :2])
+    with pytest.raises(ValueError, match="center"):
+        metrics.r2_score(y, pred, center=[0.0, 1.0])
