@@ -46,17 +46,16 @@ def load(name: str):
     return x, y, np.asarray(adata.var_names).astype(str), np.asarray(adata.obs[label_key]).astype(str), y_names
 
 
-def curves_from(path: str):
-    """R^2 curves and sRRR lines from the benchmark's JSON."""
+def curves_from(path: str, dataset: str):
+    """Per-fold R^2 curves of the schedule variants and the sRRR lines from the benchmark's JSON."""
     with open(path) as f:
-        res = json.load(f)
-    curves, baselines = {}, {}
-    for name, run in res.get("sbnn", {}).items():
-        if "history" in run:
-            curves[name] = {k: np.asarray(run["history"][k], dtype=float) for k in ("train_r2", "test_r2")}
-            curves[name] = {"train": curves[name]["train_r2"], "test": curves[name]["test_r2"]}
-    for name, run in res.get("srrr", {}).items():
-        baselines[name] = (run["test_r2_mean"], run["test_r2_sd"])
+        res = json.load(f).get(dataset, {})
+    curves = {
+        f"sBNN {name}": {"train": np.asarray(run["history_per_fold"]["train_r2"], dtype=float),
+                         "test": np.asarray(run["history_per_fold"]["test_r2"], dtype=float)}
+        for name, run in res.get("sbnn", {}).items()
+    }
+    baselines = {name: (run["test_r2"]["mean"], run["test_r2"]["sd"]) for name, run in res.get("srrr", {}).items()}
     return curves, baselines
 
 
@@ -87,7 +86,7 @@ def main(argv=None):
     best_y = np.argsort(-r2_feat)[:6]
     curves = baselines = None
     if args.curves:
-        curves, baselines = curves_from(args.curves)
+        curves, baselines = curves_from(args.curves, args.dataset)
     out = args.out or f"sbnn_{args.dataset}.png"
     plotting.sbnn_figure(
         z,
