@@ -2,7 +2,7 @@
 
     python benchmarks/bench_sbnn.py                  # M1 + CBMC (about an hour on 2 cores)
     python benchmarks/bench_sbnn.py --quick          # 3 folds, short schedule: a smoke run
-    python benchmarks/bench_sbnn.py --skip cbmc,loop # leave phases out
+    python benchmarks/bench_sbnn.py --skip cbmc,loop # leave phases out (or --only stability)
     python benchmarks/bench_sbnn.py --report benchmarks/results/bench_sbnn.json  # re-render
 
 On the M1 Patch-seq data of the sBNN paper (``../shared/data``, 1213 cells x 1000 genes ->
@@ -19,9 +19,11 @@ centring inside each fold):
 2. ``loop``: the same folds as a Python loop over one compiled single-fold program;
 3. ``srrr``: sparse reduced-rank regression, rank 2 and rank 16, exactly 25 genes
    (lambda by bisection), relaxed; folds in one program and in a loop;
-4. ``cbmc``: CBMC CITE-seq RNA (500 genes) -> 13 proteins, sBNN against full-rank
+4. ``stability``: 10 random restarts on all M1 cells in one program: how often each
+   gene is selected and the mean pairwise overlap of the 25-gene sets;
+5. ``cbmc``: CBMC CITE-seq RNA (500 genes) -> 13 proteins, sBNN against full-rank
    (rank 13) sRRR, the paper's Figure S7 comparison (``--cbmc-folds`` of the 10 folds);
-5. ``flops``: model FLOPs of one sBNN step and the achieved rate against a plain jitted
+6. ``flops``: model FLOPs of one sBNN step and the achieved rate against a plain jitted
    matmul measured in the same run.
 
 Results go to ``benchmarks/results/bench_sbnn.json`` (written after every phase) and
@@ -267,6 +269,13 @@ def render(res: dict) -> str:
     if fl:
         lines += ["", f"sBNN step: {fl['step_mflops']:.0f} MFLOP; {fl['achieved_gflops']:.1f} GFLOP/s achieved "
                   f"vs {fl['matmul_gflops']:.1f} GFLOP/s for a 1024^3 jitted matmul ({fl['fraction']:.0%})."]
+    stab = res.get("m1", {}).get("stability")
+    if stab:
+        lines.append(
+            f"\nM1 selection stability ({stab['n_restarts']} restarts on all cells, one program, "
+            f"{stab['wall_s_including_compile']:.1f} s): {stab['mean_pairwise_overlap']:.1f} of 25 genes shared per "
+            f"pair; {stab['n_always_selected']} genes in every restart: {', '.join(stab['always_selected'])}."
+        )
     for data in ("m1",):
         for name, r in res.get(data, {}).get("sbnn", {}).items():
             top = ", ".join(f"{g} ({c})" for g, c in r["genes_by_folds"][:12])
@@ -283,7 +292,8 @@ def save(res, out: Path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 folds, 10/10/10/20 epochs")
-    ap.add_argument("--skip", default="", help="comma-separated phases to skip: sbnn,straight,loop,srrr,cbmc,flops")
+    ap.add_argument("--skip", default="", help="comma-separated phases to skip: sbnn,straight,loop,srrr,stability,cbmc,flops")
+    ap.add_argument("--only", default="", help="comma-separated phases to run (the others are skipped)")
     ap.add_argument("--cbmc-folds", type=int, default=10, help="how many of CBMC's 10 folds to fit")
     ap.add_argument("--out", default=str(OUT / "bench_sbnn.json"))
     ap.add_argument("--report", help="re-render the markdown of an existing JSON and exit")
@@ -297,6 +307,9 @@ def main(argv=None):
         print("../shared/data is absent (set JAXSEL_DATA_DIR); nothing to benchmark.")
         return 0
     skip = set(filter(None, args.skip.split(",")))
+    if args.only:
+        phases = {"sbnn", "straight", "loop", "srrr", "stability", "cbmc", "flops"}
+        skip |= phases - set(args.only.split(","))
     out = Path(args.out)
     res = {"machine": machine_info(), "args": vars(args), "m1": {"sbnn": {}, "srrr": {}}, "cbmc": {"sbnn": {}, "srrr": {}}}
     quick = dict(pretrain_epochs=10, frozen_epochs=10, unfrozen_epochs=10, finetune_epochs=20) if args.quick else {}
@@ -327,6 +340,27 @@ def main(argv=None):
             res["m1"]["srrr"][f"sRRR rank {rank}"] = r
             print(f"sRRR rank {rank}: test R^2 {r['test_r2']['mean']:.3f} +- {r['test_r2']['sd']:.3f}; run {r['run_s']:.1f} s")
             save(res, out)
+    if "stability" not in skip:
+        # The paper: 10 restarts on all cells share about 14 of 25 genes per pair, 5 genes in all 10.
+        import jaxsel
+
+        est = jaxsel.SparseBottleneck(n_genes=25, epochs={"ae": 0, **{k.split("_")[0]: v for k, v in quick.items()}},
+                                      random_state=0)
+        t = time.perf_counter()
+        st = est.selection_stability(x, y, n_restarts=n_folds)
+        el = time.perf_counter() - t
+        top = np.argsort(-st["counts"], kind="stable")[:25]
+        res["m1"]["stability"] = {
+            "n_restarts": n_folds,
+            "wall_s_including_compile": el,
+            "mean_pairwise_overlap": st["mean_pairwise_overlap"],
+            "n_always_selected": int(st["always_selected"].size),
+            "always_selected": [str(names[i]) for i in st["always_selected"]],
+            "genes_by_restarts": [[str(names[i]), int(st["counts"][i])] for i in top],
+        }
+        print(f"stability: {st['mean_pairwise_overlap']:.1f} of 25 genes shared per pair, "
+              f"{st['always_selected'].size} in all {n_folds} restarts ({el:.1f} s)")
+        save(res, out)
     if "flops" not in skip:
         cfg = sbnn.SparseBottleneckConfig.create(x.shape[1], y.shape[1])
         per_step = sbnn_step_flops(cfg, y.shape[1], cfg.batch_size)
