@@ -394,7 +394,7 @@ def plot_latent_overlay(
     max_edge_factor=2.0,
     title=None,
     point_color="0.75",
-    s=2,
+    s=None,
     colorbar=False,
 ):
     """Contour map of a per-cell prediction over the 2-D latent embedding.
@@ -431,8 +431,9 @@ def plot_latent_overlay(
         Axes title (e.g. the gene or feature name).
     point_color : colour, default "0.75"
         Colour of the cell dots; ``None`` hides them.
-    s : float, default 2
-        Dot size in points^2.
+    s : float, optional
+        Dot size in points^2; default ``min(2, 4000 / n_cells)``, so that the dots of
+        large data sets do not hide the contours.
     colorbar : bool, default False
         Add a colorbar next to ``ax``.
 
@@ -488,8 +489,9 @@ def plot_latent_overlay(
             tri, values, levels=inside, colors="0.15", linewidths=0.4, alpha=0.6, zorder=2
         )
     if point_color is not None:
+        size = min(2.0, 4000.0 / latent.shape[0]) if s is None else s
         ax.scatter(
-            latent[:, 0], latent[:, 1], s=s, color=point_color, linewidths=0, zorder=3
+            latent[:, 0], latent[:, 1], s=size, color=point_color, linewidths=0, zorder=3
         )
     _style_latent_ax(ax)
     if title is not None:
