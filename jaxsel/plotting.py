@@ -466,8 +466,9 @@ def plot_latent_overlay(
     max_edge_factor = _check_number(max_edge_factor, "max_edge_factor")
     if max_edge_factor < 1.0:
         raise ValueError(f"max_edge_factor must be >= 1, got {max_edge_factor}")
-    s = _check_number(s, "s")
-    if s <= 0:
+    if s is not None:
+        s = _check_number(s, "s")
+    if s is not None and s <= 0:
         raise ValueError(f"s must be positive, got {s}")
     if point_color is not None and not is_color_like(point_color):
         raise ValueError(f"point_color is not a valid colour: {point_color!r}")
