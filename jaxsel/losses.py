@@ -16,6 +16,9 @@ __all__ = [
     "weighted_mean",
     "group_lasso",
     "prox_group_lasso",
+    "mmd_rbf",
+    "pearson_loss",
+    "cosine_consistence",
 ]
 
 _LOG_2PI = float(jnp.log(2.0 * jnp.pi))
@@ -73,3 +76,48 @@ def prox_group_lasso(w, threshold, axis: int = -1):
     norm = jnp.sqrt(jnp.where(sq > 0, sq, 1.0))
     scale = jnp.where(sq > 0, jnp.maximum(0.0, 1.0 - threshold / norm), 0.0)
     return w * scale
+
+
+def mmd_rbf(x, y, n_kernels: int = 5, mul_factor: float = 2.0, bandwidth=None):
+    """Squared maximum mean discrepancy between two sets with a mixture of RBF kernels.
+
+    ``k(a, b) = sum_m exp(-||a - b||^2 / (bw * mul_factor^(m - n_kernels // 2)))``,
+    multipliers ``2^-2 .. 2^2`` by default, ``bw`` the mean squared pairwise distance
+    over all distinct pairs of the pooled set (as stAI's released code; treated as a
+    constant, no gradient flows through it). Returns the biased estimate
+    ``mean K_xx - 2 mean K_xy + mean K_yy``, a scalar.
+
+    Memory is ``(n_x + n_y)^2`` per kernel evaluation; chunk or subsample larger sets.
+    """
+    z = jnp.concatenate([x, y], axis=0)
+    sq = jnp.sum(z * z, axis=1)
+    d2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * (z @ z.T), 0.0)
+    n = z.shape[0]
+    if bandwidth is None:
+        bandwidth = jax.lax.stop_gradient(jnp.sum(d2) / (n * n - n))
+    mult = mul_factor ** (jnp.arange(n_kernels) - n_kernels // 2)
+    k = jnp.sum(jnp.exp(-d2[None] / (bandwidth * mult)[:, None, None]), axis=0)
+    nx = x.shape[0]
+    return jnp.mean(k[:nx, :nx]) - 2.0 * jnp.mean(k[:nx, nx:]) + jnp.mean(k[nx:, nx:])
+
+
+def pearson_loss(pred, target, eps: float = 1e-6):
+    """``1 - mean over columns of Pearson's r(pred[:, j], target[:, j])``.
+
+    The stAI imputation loss over the calibration genes. Population moments throughout,
+    so a perfect linear fit gives exactly 0 (the released code divides a population
+    covariance by sample standard deviations, which scales r by ``(n - 1) / n``).
+    """
+    pc = pred - jnp.mean(pred, axis=0)
+    tc = target - jnp.mean(target, axis=0)
+    cov = jnp.mean(pc * tc, axis=0)
+    sd = jnp.sqrt(jnp.mean(pc * pc, axis=0) * jnp.mean(tc * tc, axis=0))
+    return 1.0 - jnp.mean(cov / (sd + eps))
+
+
+def cosine_consistence(a, b, eps: float = 1e-12):
+    """``1 - cosine(a_i, b_i)`` per cell (rows), ``[n_cells]``: stAI's consistence loss
+    between a cell's input and its reconstruction through the other dataset's decoder."""
+    na = jnp.sqrt(jnp.maximum(jnp.sum(a * a, axis=-1), eps))
+    nb = jnp.sqrt(jnp.maximum(jnp.sum(b * b, axis=-1), eps))
+    return 1.0 - jnp.sum(a * b, axis=-1) / (na * nb)

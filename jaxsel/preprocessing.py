@@ -43,6 +43,7 @@ __all__ = [
     "markermap_recipe",
     "sbnn_recipe",
     "pretraining_clusters",
+    "spatial_knn_graph",
     "split_indices",
     "kfold_indices",
 ]
@@ -478,6 +479,36 @@ def pretraining_clusters(
         pre_train.append(np.sort(keep[:n_tr]))
         pre_val.append(np.sort(keep[n_tr:]))
     return clusters, pre_train, pre_val
+
+
+def spatial_knn_graph(coords, k: int = 10):
+    """The spatial kNN graph as a dense neighbour table, ``int32 [n_cells, k + 1]``.
+
+    Row ``i`` holds cell ``i`` itself (column 0) and then its ``k`` nearest other cells by
+    Euclidean distance of ``coords`` [n_cells, 2 or 3], nearest first (ties by index).
+    This is the form :class:`jaxsel.nn.gat.GATConv` reads (self-loops included, as
+    PyTorch Geometric adds them). Duplicate coordinates are allowed.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    coords = check_matrix(coords, name="coords", dtype=np.float64, allow_sparse=False)
+    if not np.all(np.isfinite(coords)):
+        raise ValueError("coords contains NaN or infinite values.")
+    n = coords.shape[0]
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}.")
+    if k >= n:
+        raise ValueError(f"k ({k}) must be smaller than the number of cells ({n}).")
+    nn_ = NearestNeighbors(n_neighbors=int(k) + 1).fit(coords)
+    _, idx = nn_.kneighbors(coords)
+    out = idx.astype(np.int32)
+    # Rows where the query cell is not listed first (duplicate coordinates): put it first,
+    # followed by its k nearest other cells.
+    for i in np.flatnonzero(out[:, 0] != np.arange(n)):
+        _, j = nn_.kneighbors(coords[i : i + 1], n_neighbors=min(n, k + 2))
+        others = [b for b in j[0] if b != i][:k]
+        out[i] = [i, *others]
+    return out
 
 
 # --------------------------------------------------------------------------- splits

@@ -62,3 +62,49 @@ def test_r2_score_definition_against_numpy():
         metrics.r2_score(y, pred[:, :2])
     with pytest.raises(ValueError, match="center"):
         metrics.r2_score(y, pred, center=[0.0, 1.0])
+
+
+def _np_mmd(x, y, n_kernels=5, mul=2.0):
+    z = np.concatenate([x, y]).astype(np.float64)
+    d2 = ((z[:, None] - z[None]) ** 2).sum(-1)
+    n = len(z)
+    bw = d2.sum() / (n * n - n)
+    k = sum(np.exp(-d2 / (bw * mul ** (m - n_kernels // 2))) for m in range(n_kernels))
+    nx = len(x)
+    return k[:nx, :nx].mean() - 2 * k[:nx, nx:].mean() + k[nx:, nx:].mean()
+
+
+def test_mmd_matches_numpy_and_separates_shifted_sets():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(30, 4))
+    y = rng.normal(size=(25, 4)) + 1.0
+    got = float(losses.mmd_rbf(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)))
+    assert got == pytest.approx(_np_mmd(x, y), rel=1e-4)
+    same = float(losses.mmd_rbf(jnp.asarray(x, jnp.float32), jnp.asarray(x, jnp.float32)))
+    assert abs(same) < 1e-5 and got > 10 * abs(same)
+    g = jax.grad(lambda a: losses.mmd_rbf(a, jnp.asarray(y, jnp.float32)))(jnp.asarray(x, jnp.float32))
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_pearson_loss_matches_numpy_corrcoef():
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(50, 6))
+    b = 0.5 * a + rng.normal(size=(50, 6))
+    r = np.mean([np.corrcoef(a[:, j], b[:, j])[0, 1] for j in range(6)])
+    got = float(losses.pearson_loss(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)))
+    assert got == pytest.approx(1 - r, abs=1e-5)
+    # a perfect positive linear relation gives 0, a perfect negative one 2
+    assert float(losses.pearson_loss(jnp.asarray(a), jnp.asarray(3 * a + 1))) == pytest.approx(0.0, abs=1e-5)
+    assert float(losses.pearson_loss(jnp.asarray(a), jnp.asarray(-a))) == pytest.approx(2.0, abs=1e-5)
+
+
+def test_cosine_consistence_matches_numpy():
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(7, 5))
+    b = rng.normal(size=(7, 5))
+    want = 1 - (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    got = np.asarray(losses.cosine_consistence(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert float(losses.cosine_consistence(jnp.asarray(a[:1]), jnp.asarray(2 * a[:1]))[0]) == pytest.approx(0.0, abs=1e-6)
+    zero = losses.cosine_consistence(jnp.zeros((1, 5)), jnp.asarray(a[:1]))
+    assert np.all(np.isfinite(np.asarray(zero)))
