@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxsel._validation import check_int, check_random_state, check_real, to_dense
 
-__all__ = ["make_markers", "make_paired", "load_shared", "paper_dataset", "shared_data_dir", "SHARED_FILES"]
+__all__ = ["make_markers", "make_paired", "reference_spatial_split", "gene_folds", "capture_distortion", "load_shared", "paper_dataset", "shared_data_dir", "SHARED_FILES"]
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -297,6 +297,75 @@ def make_paired(
     y = (y - y.mean(0)) / y.std(0)
     info = {"informative_genes": informative, "latent": z, "cell_type": cell_type}
     return x.astype(np.float32), y.astype(np.float32), info
+
+
+# ------------------------------------------------------------ spatial imputation protocol
+
+
+def reference_spatial_split(labels=None, *, sections=None, reference_sections=None, spatial_fraction=0.5,
+                            random_state=0):
+    """Split one spatial dataset's cells into a *reference* part and a *spatial* part.
+
+    The stAI / gimVI evaluation protocol when no gene-matched scRNA-seq reference exists:
+    the reference part plays the dissociated scRNA-seq (its coordinates are not used).
+
+    - With ``sections`` (a per-cell section / batch label) and ``reference_sections``, the
+      cells of those sections are the reference and all others the spatial part (STARmap
+      mPFC: reference sections 0 and 1, spatial section 2).
+    - Otherwise a seeded split stratified by ``labels`` puts ``spatial_fraction`` of every
+      cell type in the spatial part (osmFISH, MERFISH).
+
+    Returns ``(reference_idx, spatial_idx)``, sorted int64 arrays that partition the cells.
+    """
+    if sections is not None:
+        sections = np.asarray(sections)
+        if reference_sections is None:
+            raise ValueError("reference_sections is required with sections.")
+        ref = np.isin(sections.astype(str), np.asarray(list(reference_sections)).astype(str))
+        if ref.all() or not ref.any():
+            raise ValueError(
+                f"reference_sections={list(reference_sections)!r} must select some but not all cells; "
+                f"sections present: {sorted(set(sections.astype(str).tolist()))}."
+            )
+        return np.flatnonzero(ref).astype(np.int64), np.flatnonzero(~ref).astype(np.int64)
+    if labels is None:
+        raise ValueError("labels (for a stratified split) or sections is required.")
+    from jaxsel.preprocessing import split_indices
+
+    check_real(spatial_fraction, "spatial_fraction", low=0.0, high=1.0, low_open=True, high_open=True)
+    ref, sp = split_indices(np.asarray(labels), (1.0 - spatial_fraction, spatial_fraction),
+                            random_state=random_state, stratify=True)
+    return np.sort(ref).astype(np.int64), np.sort(sp).astype(np.int64)
+
+
+def gene_folds(n_genes: int, n_folds=None, random_state=0):
+    """Held-out gene sets for imputation benchmarks: leave-one-gene-out (``n_folds=None``,
+    the paper's protocol for osmFISH's 33 genes) or ``n_folds`` shuffled folds of sizes
+    differing by at most one (10-fold for STARmap and MERFISH). Returns a list of sorted
+    int64 index arrays that partition ``range(n_genes)``."""
+    check_int(n_genes, "n_genes", 2)
+    if n_folds is None:
+        return [np.array([g], dtype=np.int64) for g in range(n_genes)]
+    check_int(n_folds, "n_folds", 2)
+    if n_folds > n_genes:
+        raise ValueError(f"n_folds ({n_folds}) must not exceed n_genes ({n_genes}).")
+    rng = np.random.default_rng(check_random_state(random_state))
+    perm = rng.permutation(n_genes)
+    return [np.sort(perm[i::n_folds]).astype(np.int64) for i in range(n_folds)]
+
+
+def capture_distortion(x, sd: float = 0.5, random_state=0):
+    """Emulate a technology shift: multiply every gene (column) of ``x`` by its own
+    log-normal capture efficiency ``exp(N(0, sd^2))``. Returns a new float array and the
+    factors; ``x`` is not modified (sparse input stays sparse)."""
+    import scipy.sparse as sp
+
+    check_real(sd, "sd", low=0.0)
+    rng = np.random.default_rng(check_random_state(random_state))
+    factors = np.exp(rng.normal(0.0, sd, size=x.shape[1]))
+    if sp.issparse(x):
+        return sp.csr_matrix(x.multiply(factors[None, :])), factors
+    return np.asarray(x, dtype=np.float64) * factors, factors
 
 
 # --------------------------------------------------------------------------- shared data

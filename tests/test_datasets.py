@@ -212,3 +212,40 @@ def test_paper_dataset_paul15():
     labels, counts = np.unique(y, return_counts=True)
     assert dict(zip(labels, counts))["Ery"] == 1095 and len(labels) == 10
     assert genes.shape == (3451,)
+
+
+def test_reference_spatial_split_by_sections_and_stratified():
+    from jaxsel import datasets as ds
+
+    sections = np.array(["0", "1", "2", "2", "0", "1", "2"])
+    ref, sp = ds.reference_spatial_split(sections=sections, reference_sections=[0, 1])
+    np.testing.assert_array_equal(ref, [0, 1, 4, 5])
+    np.testing.assert_array_equal(sp, [2, 3, 6])
+    with pytest.raises(ValueError, match="reference_sections"):
+        ds.reference_spatial_split(sections=sections, reference_sections=["7"])
+    labels = np.repeat(["a", "b", "c"], [40, 20, 10])
+    ref, sp = ds.reference_spatial_split(labels, spatial_fraction=0.5, random_state=3)
+    assert np.intersect1d(ref, sp).size == 0 and ref.size + sp.size == 70
+    for lab, n in (("a", 40), ("b", 20), ("c", 10)):
+        assert (labels[sp] == lab).sum() == n // 2
+    ref2, sp2 = ds.reference_spatial_split(labels, spatial_fraction=0.5, random_state=3)
+    np.testing.assert_array_equal(sp, sp2)
+
+
+def test_gene_folds_partition_and_capture_distortion():
+    from jaxsel import datasets as ds
+
+    loo = ds.gene_folds(5)
+    assert [f.tolist() for f in loo] == [[0], [1], [2], [3], [4]]
+    folds = ds.gene_folds(23, 10, random_state=1)
+    allg = np.sort(np.concatenate(folds))
+    np.testing.assert_array_equal(allg, np.arange(23))
+    assert {len(f) for f in folds} == {2, 3}
+    with pytest.raises(ValueError, match="n_folds"):
+        ds.gene_folds(5, 6)
+    x = np.ones((4, 3))
+    x0 = x.copy()
+    out, f = ds.capture_distortion(x, sd=0.5, random_state=0)
+    np.testing.assert_allclose(out, np.ones((4, 1)) * f[None, :])
+    np.testing.assert_array_equal(x, x0)
+    assert np.all(f > 0) and not np.allclose(f, 1)
