@@ -92,7 +92,6 @@ def sbnn_setup(x, y, folds, cfg, seed=0):
     clusters, pre = np.zeros((len(folds), x.shape[0]), np.int32), splits
     if cfg.pretrain_epochs:
         clusters, pre_tr, pre_va = pp.pretraining_clusters(y, train_sets, n_clusters=cfg.n_clusters, random_state=seed)
-        clusters = np.maximum(clusters, 0)
         pre = engine.make_splits(pre_tr, pre_va)
     keys = engine.fold_keys(jax.random.key(seed), len(folds))
     return sbnn.make_data(x, y), splits, clusters, pre, keys

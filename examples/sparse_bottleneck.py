@@ -27,22 +27,14 @@ import jaxsel
 from jaxsel import datasets, plotting
 from jaxsel import preprocessing as pp
 
-DATASETS = {
-    "m1": ("m1_patchseq_sbnn", "RNA_family", "Y_names"),
-    "cbmc": ("cbmc_citeseq", "cell_type", None),
-}
+DATASETS = {"m1": ("m1_patchseq_sbnn", "RNA_family"), "cbmc": ("cbmc_citeseq", "cell_type")}
 
 
 def load(name: str):
-    short, label_key, y_names_key = DATASETS[name]
+    short, label_key = DATASETS[name]
     adata = datasets.load_shared(short)
     x, y = pp.sbnn_recipe(adata.X, np.asarray(adata.obsm["Y"]))
-    if y_names_key and y_names_key in adata.uns:
-        y_names = [str(v) for v in adata.uns[y_names_key]]
-    elif "Y_names" in adata.uns:
-        y_names = [str(v) for v in adata.uns["Y_names"]]
-    else:
-        y_names = [f"Y{i}" for i in range(y.shape[1])]
+    y_names = [str(v) for v in adata.uns.get("Y_names", [f"Y{i}" for i in range(y.shape[1])])]
     return x, y, np.asarray(adata.var_names).astype(str), np.asarray(adata.obs[label_key]).astype(str), y_names
 
 

@@ -873,7 +873,49 @@ def _selection_stability(genes, n_genes: int):
     }
 
 
-class SparseBottleneck(SelectorMixin, BaseEstimator):
+class _PairedSelector(SelectorMixin, BaseEstimator):
+    """Shared surface of the paired-modality selectors (``X -> Y`` with ``n_genes``).
+
+    Subclasses set ``genes_``/``markers_``, ``scores_``, ``y_mean_`` (the training mean
+    of ``Y`` that R^2 is centred with) and ``n_outputs_`` through :meth:`_set_fit`.
+    """
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True
+        return tags
+
+    def _set_fit(self, genes, scores, y_mean, n_outputs: int):
+        self.genes_ = np.asarray(genes).astype(np.intp)
+        self.markers_ = self.genes_  # the selectors' common attribute name
+        self.scores_ = np.asarray(scores, dtype=np.float32)
+        self.y_mean_ = np.asarray(y_mean, dtype=np.float32)
+        self.n_outputs_ = int(n_outputs)
+
+    def _get_support_mask(self):
+        return _support_mask(self)
+
+    def _fitted_x(self, X):
+        check_is_fitted(self, "genes_")
+        return _check_X(self, X, reset=False)
+
+    def score(self, X, Y):
+        """R^2 as the papers define it: multivariate, centred with the training mean of ``Y``."""
+        x = self._fitted_x(X)
+        y = _check_Y(Y, x.shape[0])
+        return metrics.r2_score(y, self.predict(x), center=self.y_mean_)
+
+    @staticmethod
+    def _cv_inputs(X, Y, batch_size):
+        """Validated ``(x, y)`` for a cross-validation that leaves the estimator untouched."""
+        x = _check_X(BaseEstimator(), X, reset=True)
+        y = _check_Y(Y, x.shape[0])
+        if batch_size is not None:
+            check_int(batch_size, "batch_size", 1)
+        return x, y
+
+
+class SparseBottleneck(_PairedSelector):
     """Sparse bottleneck neural network (Bernaerts, Berens & Kobak 2022).
 
     Predicts a paired modality ``Y`` from genes ``X`` through a 2-D bottleneck, selects
@@ -938,11 +980,6 @@ class SparseBottleneck(SelectorMixin, BaseEstimator):
         self.n_clusters = n_clusters
         self.random_state = random_state
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.target_tags.required = True
-        return tags
-
     def _config(self, n_genes_in: int, n_outputs: int):
         from .methods import sbnn
 
@@ -957,6 +994,8 @@ class SparseBottleneck(SelectorMixin, BaseEstimator):
             n_clusters=check_int(self.n_clusters, "n_clusters", 2),
         )
         names = {"pretrain", "frozen", "unfrozen", "finetune", "ae"}
+        if self.epochs is not None and not isinstance(self.epochs, dict):
+            raise TypeError(f"epochs must be a dict of stage lengths or None, got {self.epochs!r}.")
         for k, v in (self.epochs or {}).items():
             if k not in names:
                 raise ValueError(f"epochs keys must be among {sorted(names)}, got {k!r}.")
@@ -969,7 +1008,7 @@ class SparseBottleneck(SelectorMixin, BaseEstimator):
         clusters, pre_tr, pre_va = preprocessing.pretraining_clusters(
             y, train_sets, n_clusters=cfg.n_clusters, random_state=seed
         )
-        return np.maximum(clusters, 0), engine.make_splits(pre_tr, pre_va)
+        return clusters, engine.make_splits(pre_tr, pre_va)
 
     def fit(self, X, Y):
         """Fit the whole schedule on all cells.
@@ -994,22 +1033,9 @@ class SparseBottleneck(SelectorMixin, BaseEstimator):
         res = jax.device_get(res)
         self.cfg_ = cfg
         self.result_ = res
-        self.genes_ = np.asarray(res.genes).astype(np.intp)
-        self.markers_ = self.genes_  # the selectors' common attribute name
-        self.scores_ = np.asarray(res.gene_norms, dtype=np.float32)
+        self._set_fit(res.genes, res.gene_norms, res.y_mean, y.shape[1])
         self.history_ = {k: np.asarray(v) for k, v in res.history.items()}
-        self.n_outputs_ = y.shape[1]
         return self
-
-    def _get_support_mask(self):
-        check_is_fitted(self, "genes_")
-        mask = np.zeros(self.n_features_in_, dtype=bool)
-        mask[self.genes_] = True
-        return mask
-
-    def _fitted_x(self, X):
-        check_is_fitted(self, "genes_")
-        return _check_X(self, X, reset=False)
 
     def predict(self, X):
         """Predicted ``Y`` from the selected genes, [n_cells, n_features]."""
@@ -1032,13 +1058,6 @@ class SparseBottleneck(SelectorMixin, BaseEstimator):
             raise ValueError("the autoencoder head was not trained (epochs={'ae': 0})")
         return np.asarray(sbnn.reconstruct_genes(self.cfg_, self.result_, self._fitted_x(X)))
 
-    def score(self, X, Y):
-        """Test R^2 as the paper defines it, centred with the training mean of ``Y``."""
-        check_is_fitted(self, "genes_")
-        x = self._fitted_x(X)
-        y = _check_Y(Y, x.shape[0])
-        return metrics.r2_score(y, self.predict(x), center=np.asarray(self.result_.y_mean))
-
     def cross_validate(self, X, Y, n_folds=10, batch_size=None):
         """K-fold CV of the whole schedule, all folds in one compiled program.
 
@@ -1056,12 +1075,9 @@ class SparseBottleneck(SelectorMixin, BaseEstimator):
         """
         from .methods import sbnn
 
-        x = _check_X(BaseEstimator(), X, reset=True)
-        y = _check_Y(Y, x.shape[0])
+        x, y = self._cv_inputs(X, Y, batch_size)
         cfg = self._config(x.shape[1], y.shape[1])
         seed = check_random_state(self.random_state)
-        if batch_size is not None:
-            check_int(batch_size, "batch_size", 1)
         folds = _paired_folds(x.shape[0], n_folds, seed)
         train_sets = [f[0] for f in folds]
         splits = engine.make_splits(train_sets, [f[2] for f in folds])
@@ -1092,8 +1108,7 @@ class SparseBottleneck(SelectorMixin, BaseEstimator):
         """
         from .methods import sbnn
 
-        x = _check_X(BaseEstimator(), X, reset=True)
-        y = _check_Y(Y, x.shape[0])
+        x, y = self._cv_inputs(X, Y, batch_size)
         n_restarts = check_int(n_restarts, "n_restarts", 2)
         cfg = self._config(x.shape[1], y.shape[1])
         seed = check_random_state(self.random_state)
@@ -1106,7 +1121,7 @@ class SparseBottleneck(SelectorMixin, BaseEstimator):
         return _selection_stability(np.asarray(res.genes), x.shape[1])
 
 
-class SparseRRR(SelectorMixin, BaseEstimator):
+class SparseRRR(_PairedSelector):
     """Sparse reduced-rank regression (Kobak et al. 2021), the sBNN paper's linear baseline.
 
     ``Y ~ X W V^T`` with rank ``rank``, ``V`` orthonormal, and a group lasso (plus ridge
@@ -1137,11 +1152,6 @@ class SparseRRR(SelectorMixin, BaseEstimator):
         self.alpha = alpha
         self.relaxed = relaxed
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.target_tags.required = True
-        return tags
-
     def _check(self, p: int, q: int):
         rank = check_int(self.rank, "rank", 1)
         if rank > min(p, q):
@@ -1167,34 +1177,16 @@ class SparseRRR(SelectorMixin, BaseEstimator):
         self.coef_w_ = np.asarray(res.w)
         self.coef_v_ = np.asarray(res.v)
         self.lambda_ = float(res.lam)
-        self.genes_ = np.asarray(res.genes).astype(np.intp)
-        self.markers_ = self.genes_
-        self.scores_ = np.sqrt(np.sum(self.coef_w_**2, axis=1)).astype(np.float32)
-        self.n_outputs_ = y.shape[1]
+        self._set_fit(res.genes, np.sqrt(np.sum(self.coef_w_**2, axis=1)), self.y_mean_, y.shape[1])
         return self
-
-    def _get_support_mask(self):
-        check_is_fitted(self, "genes_")
-        mask = np.zeros(self.n_features_in_, dtype=bool)
-        mask[self.genes_] = True
-        return mask
 
     def latent(self, X):
         """The ``rank``-dimensional projection ``(X - mean) W``, [n_cells, rank]."""
-        check_is_fitted(self, "genes_")
-        x = _check_X(self, X, reset=False)
-        return (x - self.x_mean_) @ self.coef_w_
+        return (self._fitted_x(X) - self.x_mean_) @ self.coef_w_
 
     def predict(self, X):
         """Predicted ``Y``, [n_cells, n_outputs]."""
         return self.latent(X) @ self.coef_v_.T + self.y_mean_
-
-    def score(self, X, Y):
-        """R^2 as the paper defines it, centred with the training mean of ``Y``."""
-        check_is_fitted(self, "genes_")
-        x = _check_X(self, X, reset=False)
-        y = _check_Y(Y, x.shape[0])
-        return metrics.r2_score(y, self.predict(x), center=self.y_mean_)
 
     def cross_validate(self, X, Y, n_folds=10, random_state=0, batch_size=None):
         """K-fold CV, every fold (centring, lambda search, relaxed refit) in one program.
@@ -1208,11 +1200,8 @@ class SparseRRR(SelectorMixin, BaseEstimator):
         """
         from .methods import srrr
 
-        x = _check_X(BaseEstimator(), X, reset=True)
-        y = _check_Y(Y, x.shape[0])
+        x, y = self._cv_inputs(X, Y, batch_size)
         rank, n, alpha, relaxed = self._check(x.shape[1], y.shape[1])
-        if batch_size is not None:
-            check_int(batch_size, "batch_size", 1)
         folds = _paired_folds(x.shape[0], n_folds, check_random_state(random_state))
         splits = engine.make_splits([f[0] for f in folds], [f[2] for f in folds])
         res = jax.device_get(srrr.cross_validate(

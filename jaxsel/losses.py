@@ -106,18 +106,20 @@ def mmd_rbf(x, y, n_kernels: int = 5, mul_factor: float = 2.0, bandwidth=None):
     return block_mean(x, x) - 2.0 * block_mean(x, y) + block_mean(y, y)
 
 
-def pearson_loss(pred, target, eps: float = 1e-6):
+def pearson_loss(pred, target, weights=None, eps: float = 1e-6):
     """``1 - mean over columns of Pearson's r(pred[:, j], target[:, j])``.
 
-    The stAI imputation loss over the calibration genes. Population moments throughout,
-    so a perfect linear fit gives exactly 0 (the released code divides a population
-    covariance by sample standard deviations, which scales r by ``(n - 1) / n``).
+    The stAI imputation loss over the calibration genes; ``weights`` [n_columns] (0/1 or
+    real) restricts or weights the mean over columns, so a gene subset can be a mask of
+    static shape. Population moments throughout, so a perfect linear fit gives exactly 0
+    (the released code divides a population covariance by sample standard deviations,
+    which scales r by ``(n - 1) / n``).
     """
     pc = pred - jnp.mean(pred, axis=0)
     tc = target - jnp.mean(target, axis=0)
     cov = jnp.mean(pc * tc, axis=0)
     sd = jnp.sqrt(jnp.mean(pc * pc, axis=0) * jnp.mean(tc * tc, axis=0))
-    return 1.0 - jnp.mean(cov / (sd + eps))
+    return 1.0 - weighted_mean(cov / (sd + eps), weights)
 
 
 def cosine_consistence(a, b, eps: float = 1e-12):

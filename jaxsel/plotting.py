@@ -116,9 +116,7 @@ def _check_latent(latent, name="latent", min_cells=1):
     return arr
 
 
-def _check_values(values, n_cells, name="values"):
-    """Validate per-cell values: finite numeric array of shape [n_cells]."""
-    arr = _as_float_array(values, name)
+def _check_per_cell_shape(arr, n_cells, name):
     if arr.ndim != 1:
         raise ValueError(
             f"{name} must be a 1-D array of shape [n_cells] = [{n_cells}], "
@@ -129,6 +127,12 @@ def _check_values(values, n_cells, name="values"):
             f"{name} has length {arr.shape[0]} but latent has {n_cells} rows; "
             "they must match"
         )
+
+
+def _check_values(values, n_cells, name="values"):
+    """Validate per-cell values: finite numeric array of shape [n_cells]."""
+    arr = _as_float_array(values, name)
+    _check_per_cell_shape(arr, n_cells, name)
     bad = ~np.isfinite(arr)
     if bad.any():
         raise ValueError(
@@ -151,16 +155,7 @@ def _check_labels(labels, n_cells, name="labels"):
     if isinstance(labels, (str, bytes)):
         raise TypeError(f"{name} must be an array of per-cell labels, got a string")
     arr = np.asarray(labels)
-    if arr.ndim != 1:
-        raise ValueError(
-            f"{name} must be a 1-D array of shape [n_cells] = [{n_cells}], "
-            f"got shape {arr.shape}"
-        )
-    if arr.shape[0] != n_cells:
-        raise ValueError(
-            f"{name} has length {arr.shape[0]} but latent has {n_cells} rows; "
-            "they must match"
-        )
+    _check_per_cell_shape(arr, n_cells, name)
     as_list = arr.tolist()
     if arr.dtype.kind in "fcO" and any(_is_missing(v) for v in as_list):
         raise ValueError(f"{name} contains missing values (None or NaN)")

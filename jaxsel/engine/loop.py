@@ -42,6 +42,9 @@ __all__ = [
     "make_splits",
     "fit_one",
     "masked_permutation",
+    "gather",
+    "valid_mean",
+    "chunked",
     "fit",
 ]
 
@@ -188,6 +191,32 @@ def masked_permutation(key, idx, n_valid):
 def gather(data, idx):
     """Rows ``idx`` of every array in the data pytree."""
     return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
+
+
+def valid_mean(rows, n_valid):
+    """Mean over the first ``n_valid`` rows of ``rows`` (rows gathered with a padded
+    index table of :class:`Splits`; the padding rows are ignored)."""
+    w = (jnp.arange(rows.shape[0]) < n_valid).astype(rows.dtype)
+    return jnp.tensordot(w, rows, axes=1) / jnp.maximum(n_valid, 1).astype(rows.dtype)
+
+
+def chunked(fn, x, chunk: int):
+    """``fn`` over row chunks of ``x`` of one fixed size (the last one padded), so that
+    inputs of any length reuse one compiled program per chunk size instead of one per
+    length. Host-side loop for inference; ``fn`` maps [chunk, ...] to a pytree of
+    [chunk, ...] arrays."""
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("x has no cells")
+    size = min(chunk, n)
+    outs = []
+    for i in range(0, n, size):
+        part = x[i : i + size]
+        rows = part.shape[0]
+        if rows < size:
+            part = jnp.concatenate([part, jnp.zeros((size - rows, *part.shape[1:]), part.dtype)])
+        outs.append(jax.tree.map(lambda a: a[:rows], fn(part)))
+    return jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
 
 
 class _State(NamedTuple):

@@ -491,29 +491,12 @@ def _apply_eval(cfg, params, model_state, x, idx):
     return cfg.net.apply({"params": params, "batch_stats": model_state["batch_stats"]}, x, None, False, idx=idx)
 
 
-def _chunked(fn, x, chunk: int):
-    """``fn`` over row chunks of one fixed size (the last one padded), so that inputs of
-    any length reuse one compiled program per chunk size instead of one per remainder."""
-    n = x.shape[0]
-    if n == 0:
-        raise ValueError("x has no cells")
-    size = min(chunk, n)
-    outs = []
-    for i in range(0, n, size):
-        part = x[i : i + size]
-        rows = part.shape[0]
-        if rows < size:
-            part = jnp.concatenate([part, jnp.zeros((size - rows, *part.shape[1:]), part.dtype)])
-        outs.append(jax.tree.map(lambda a: a[:rows], fn(part)))
-    return jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
-
-
 def predict_logits(cfg: MarkerMapConfig, result: MarkerMapResult, x, chunk: int = 4096):
     """Class logits of the fitted classifier from the markers only, [n_cells, n_classes]."""
     if not cfg.use_clf:
         raise ValueError("this model has no classifier (alpha == 1, unsupervised)")
     fn = lambda xc: _apply_eval(cfg, result.params, result.model_state, xc, result.markers)["class_logits"]  # noqa: E731
-    return _chunked(fn, jnp.asarray(x, jnp.float32), chunk)
+    return engine.chunked(fn, jnp.asarray(x, jnp.float32), chunk)
 
 
 def reconstruct(cfg: MarkerMapConfig, result: MarkerMapResult, x, chunk: int = 4096):
@@ -521,10 +504,10 @@ def reconstruct(cfg: MarkerMapConfig, result: MarkerMapResult, x, chunk: int = 4
     if not cfg.use_recon:
         raise ValueError("this model has no decoder (alpha == 0, supervised)")
     fn = lambda xc: _apply_eval(cfg, result.params, result.model_state, xc, result.markers)["recon_mean"]  # noqa: E731
-    return _chunked(fn, jnp.asarray(x, jnp.float32), chunk)
+    return engine.chunked(fn, jnp.asarray(x, jnp.float32), chunk)
 
 
 def embed(cfg: MarkerMapConfig, result: MarkerMapResult, x, chunk: int = 4096):
     """Latent mean from the markers only, [n_cells, latent_size]."""
     fn = lambda xc: _apply_eval(cfg, result.params, result.model_state, xc, result.markers)["mean"]  # noqa: E731
-    return _chunked(fn, jnp.asarray(x, jnp.float32), chunk)
+    return engine.chunked(fn, jnp.asarray(x, jnp.float32), chunk)

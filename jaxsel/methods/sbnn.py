@@ -71,6 +71,7 @@ import jax.numpy as jnp
 import optax
 
 from .. import engine, losses
+from ..nn.selectors import hard_topk
 
 __all__ = [
     "SCHEDULES",
@@ -317,7 +318,7 @@ def _penalty(params, trainable, lasso, l2):
 # --------------------------------------------------------------------------- stages
 
 
-_STAGE_STATIC = ("net", "task", "trainable", "n_classes")
+_STAGE_STATIC = ("net", "task", "trainable")
 _STAGE_LEAVES = ("learning_rate", "lasso", "l2", "x_mean", "y_mean", "genes")
 
 
@@ -335,7 +336,6 @@ class _Stage:
     net: SparseBottleneckNet
     task: str
     trainable: tuple
-    n_classes: int
     learning_rate: jax.Array
     lasso: jax.Array
     l2: jax.Array
@@ -467,16 +467,13 @@ def make_data(x, y, clusters=None):
     """The data pytree of a fit: ``{"x": float32 [n, G], "y": float32 [n, q], "c": int32 [n]}``.
 
     ``clusters`` are the pre-training class labels (k-means of ``Y``); zeros when absent.
+    Negative labels (cells outside a fold's training set, as
+    :func:`jaxsel.preprocessing.pretraining_clusters` marks them) are never read.
     """
     x = jnp.asarray(x, jnp.float32)
     y = jnp.asarray(y, jnp.float32)
-    c = jnp.zeros((x.shape[0],), jnp.int32) if clusters is None else jnp.asarray(clusters, jnp.int32)
+    c = jnp.zeros((x.shape[0],), jnp.int32) if clusters is None else jnp.maximum(jnp.asarray(clusters, jnp.int32), 0)
     return {"x": x, "y": y, "c": c}
-
-
-def _masked_mean(a, idx, n):
-    w = (jnp.arange(idx.shape[0]) < n).astype(a.dtype)
-    return jnp.sum(jnp.take(a, idx, axis=0) * w[:, None], axis=0) / jnp.maximum(n, 1).astype(a.dtype)
 
 
 def _regression_history(fr: engine.FitResult) -> dict:
@@ -499,14 +496,14 @@ def _fit_one(cfg: SparseBottleneckConfig, loops: _Loops, key, data, split: engin
     """The whole schedule for one fold (traceable; ``data["c"]`` may be per fold)."""
     net = cfg.net
     k_init, k_pre, k_frz, k_unf, k_fine, k_ae = _stage_keys(key)
-    x_mean = _masked_mean(data["x"], split.train_idx, split.n_train)
-    y_mean = _masked_mean(data["y"], split.train_idx, split.n_train)
+    x_mean = engine.valid_mean(jnp.take(data["x"], split.train_idx, axis=0), split.n_train)
+    y_mean = engine.valid_mean(jnp.take(data["y"], split.train_idx, axis=0), split.n_train)
     params = init_params(cfg, k_init)
     enc = tuple(f"enc_{i}" for i in range(len(cfg.hidden)))
     dec = tuple(f"dec_{i}" for i in range(len(cfg.hidden)))
     body = (*enc, "bottleneck", *dec)
     stage = functools.partial(
-        _Stage, net, n_classes=cfg.n_clusters, lasso=cfg.lasso, l2=cfg.l2, x_mean=x_mean, y_mean=y_mean, genes=None
+        _Stage, net, lasso=cfg.lasso, l2=cfg.l2, x_mean=x_mean, y_mean=y_mean, genes=None
     )
     hist = {}
     pre_best = jnp.asarray(-1, jnp.int32)
@@ -530,7 +527,7 @@ def _fit_one(cfg: SparseBottleneckConfig, loops: _Loops, key, data, split: engin
         parts.append(_regression_history(fr))
     # Pruning: keep the n_selected rows of the first kernel with the largest norms.
     norms = row_norms(params)
-    genes = lax_top_k(norms, cfg.n_selected)
+    genes = hard_topk(norms, cfg.n_selected).astype(jnp.int32)
     params = dict(params)
     params["enc_0"] = {"kernel": jnp.take(params["enc_0"]["kernel"], genes, axis=0), "bias": params["enc_0"]["bias"]}
     pruned = functools.partial(stage, genes=genes)
@@ -551,11 +548,6 @@ def _fit_one(cfg: SparseBottleneckConfig, loops: _Loops, key, data, split: engin
         hist["ae_train_r2"] = 1.0 - fr.history["train_sse"] / fr.history["train_sst"]
         hist["ae_test_r2"] = fr.history["val_r2"]
     return SparseBottleneckResult(genes, norms, params, x_mean, y_mean, hist, pre_best)
-
-
-def lax_top_k(v, k: int):
-    """Indices of the ``k`` largest entries, largest first (ties: lower index first)."""
-    return jax.lax.top_k(v, k)[1].astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("loops",))
@@ -627,7 +619,7 @@ def fit_folds(
         pre_splits = splits
     if clusters is None:
         clusters = jnp.zeros((n_folds, data["x"].shape[0]), jnp.int32)
-    clusters = jnp.asarray(clusters, jnp.int32)
+    clusters = jnp.maximum(jnp.asarray(clusters, jnp.int32), 0)  # -1: outside the fold, never read
     if mesh == "auto":
         mesh = engine.fold_mesh()
     loops = _make_loops(cfg, int(jnp.min(splits.n_train)), int(jnp.min(pre_splits.n_train)))
@@ -644,19 +636,23 @@ def _apply(cfg_net, head, params, genes, x_mean, x):
     return cfg_net.apply({"params": params}, xs, head)
 
 
-def predict(cfg: SparseBottleneckConfig, result: SparseBottleneckResult, x):
-    """Predicted ``Y`` (in the original, uncentred units of the training ``Y``), [n, q]."""
-    out = _apply(cfg.net, "regr", result.params, result.genes, result.x_mean, jnp.asarray(x, jnp.float32))
-    return out + result.y_mean
+def _infer(cfg, result, x, head: str, chunk: int):
+    fn = lambda xc: _apply(cfg.net, head, result.params, result.genes, result.x_mean, xc)  # noqa: E731
+    return engine.chunked(fn, jnp.asarray(x, jnp.float32), chunk)
 
 
-def latent(cfg: SparseBottleneckConfig, result: SparseBottleneckResult, x):
+def predict(cfg: SparseBottleneckConfig, result: SparseBottleneckResult, x, chunk: int = 4096):
+    """Predicted ``Y`` (in the original, uncentred units of the training ``Y``), [n, q].
+    Chunked over cells: any input length reuses one compiled program."""
+    return _infer(cfg, result, x, "regr", chunk) + result.y_mean
+
+
+def latent(cfg: SparseBottleneckConfig, result: SparseBottleneckResult, x, chunk: int = 4096):
     """The 2-D (``latent_size``) bottleneck embedding, [n, latent_size]."""
-    return _apply(cfg.net, "latent", result.params, result.genes, result.x_mean, jnp.asarray(x, jnp.float32))
+    return _infer(cfg, result, x, "latent", chunk)
 
 
-def reconstruct_genes(cfg: SparseBottleneckConfig, result: SparseBottleneckResult, x):
+def reconstruct_genes(cfg: SparseBottleneckConfig, result: SparseBottleneckResult, x, chunk: int = 4096):
     """The autoencoder head's prediction of the selected genes, [n, n_selected]
     (uncentred; meaningful only when the schedule ran ``ae_epochs``)."""
-    out = _apply(cfg.net, "ae", result.params, result.genes, result.x_mean, jnp.asarray(x, jnp.float32))
-    return out + jnp.take(result.x_mean, result.genes)
+    return _infer(cfg, result, x, "ae", chunk) + jnp.take(result.x_mean, result.genes)

@@ -680,10 +680,6 @@ def latent(result: SRRRResult, x):
 # ---------------------------------------------------------------------------------------
 
 
-def _masked_mean(a, mask, n):
-    return jnp.sum(a * mask[:, None], axis=0) / n
-
-
 def _r2(y, y_hat, axis=None):
     ss_res = jnp.sum(jnp.square(y - y_hat), axis=axis)
     ss_tot = jnp.sum(jnp.square(y), axis=axis)
@@ -699,7 +695,7 @@ def cv_fold(split: engine.Splits, data, *, rank: int, n_genes: int, alpha: float
     mv = (jnp.arange(split.val_idx.shape[0]) < split.n_val).astype(x.dtype)
     nt = split.n_train.astype(x.dtype)
     xt, yt = jnp.take(x, split.train_idx, axis=0), jnp.take(y, split.train_idx, axis=0)
-    x_mean, y_mean = _masked_mean(xt, mt, nt), _masked_mean(yt, mt, nt)
+    x_mean, y_mean = engine.valid_mean(xt, split.n_train), engine.valid_mean(yt, split.n_train)
     # centre with the training means and zero the padded rows (they add nothing to grams)
     xt = (xt - x_mean) * mt[:, None]
     yt = (yt - y_mean) * mt[:, None]

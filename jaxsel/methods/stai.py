@@ -164,13 +164,6 @@ def _masked_mse(a, b, gene_w):
     return jnp.sum(jnp.square(a - b) * gene_w) / (a.shape[0] * jnp.maximum(jnp.sum(gene_w), 1.0))
 
 
-def _masked_pearson_loss(pred, target, gene_w, eps=1e-6):
-    pc = pred - jnp.mean(pred, 0)
-    tc = target - jnp.mean(target, 0)
-    r = jnp.mean(pc * tc, 0) / (jnp.sqrt(jnp.mean(pc * pc, 0) * jnp.mean(tc * tc, 0)) + eps)
-    return 1.0 - jnp.sum(r * gene_w) / jnp.maximum(jnp.sum(gene_w), 1.0)
-
-
 def loss_fn(cfg: StAIConfig, params, data: StAIData, fit_mask, cal_mask):
     """Total loss and its terms for one submodel (``fit_mask``/``cal_mask``: [G] 0/1)."""
     x1, x2 = data.x1 * fit_mask, data.x2 * fit_mask
@@ -182,7 +175,7 @@ def loss_fn(cfg: StAIConfig, params, data: StAIData, fit_mask, cal_mask):
     mmd = losses.mmd_rbf(out["z1"], out["z2"])
     w = attention_weights(out["z1"], out["z2"], cfg.top_k)
     pred = w @ data.x2  # calibration genes of the (scaled) reference, as the authors' training
-    impute = _masked_pearson_loss(pred, data.x1, cal_mask)
+    impute = losses.pearson_loss(pred, data.x1, cal_mask)
     clf = jnp.mean(losses.cross_entropy(out["logits2"], data.labels))
     total = (cfg.lam_recon * recon + cfg.lam_mmd * mmd + cfg.lam_cos * cos + cfg.lam_impute * impute
              + cfg.lam_clf * clf)
