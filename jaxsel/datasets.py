@@ -5,6 +5,10 @@
   of genes can tell apart (the MarkerMap paper's argument for learned, joint
   selection over one-gene-at-a-time rankings). It needs no files and is the
   default data of the quick start, the tests and the examples.
+* :func:`make_paired` plants a 2-D bottleneck between a few genes and a paired
+  modality (sparse bottleneck networks); :func:`make_spatial_pair` simulates a
+  spatial assay measuring a gene panel and a reference measuring all genes
+  (stAI, gimVI), with the unmeasured genes' truth.
 * :func:`load_shared` reads one of the real public datasets in
   ``<repo>/../shared/data`` (never copied into the repository), and
   :func:`paper_dataset` returns the three MarkerMap benchmark sets as dense
@@ -20,7 +24,7 @@ import numpy as np
 
 from jaxsel._validation import check_int, check_random_state, check_real, to_dense
 
-__all__ = ["make_markers", "make_paired", "reference_spatial_split", "gene_folds", "capture_distortion", "load_shared", "paper_dataset", "shared_data_dir", "SHARED_FILES"]
+__all__ = ["make_markers", "make_paired", "make_spatial_pair", "reference_spatial_split", "gene_folds", "capture_distortion", "load_shared", "paper_dataset", "shared_data_dir", "SHARED_FILES"]
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -297,6 +301,79 @@ def make_paired(
     y = (y - y.mean(0)) / y.std(0)
     info = {"informative_genes": informative, "latent": z, "cell_type": cell_type}
     return x.astype(np.float32), y.astype(np.float32), info
+
+
+def make_spatial_pair(
+    n_spatial: int = 600,
+    n_ref: int = 600,
+    n_genes: int = 60,
+    n_measured: int = 30,
+    n_types: int = 5,
+    capture_sd: float = 0.3,
+    random_state=0,
+):
+    """A spatial assay and a dissociated reference of the same tissue, as AnnData.
+
+    Cell types occupy horizontal layers of a 10 x 10 tissue (10% of spatial cells are
+    displaced into a random layer), so spatial neighbours mostly share a type. Every
+    gene's mean is ``exp(base_g + 1.5 * marker_{g, type} + slope_g * s)`` where ``s`` is
+    a continuous state (in the spatial data the horizontal position, in the reference
+    uniform), so imputation needs more than the cell type. Counts are negative binomial
+    (gamma-Poisson, shape 5) times a log-normal library size. The spatial data measures
+    ``n_measured`` genes; the reference measures all ``n_genes``, each gene scaled by a
+    log-normal capture efficiency (``capture_sd``, a technology shift).
+
+    Returns
+    -------
+    adata_spatial : AnnData [n_spatial, n_measured] counts, ``obs["cell_type"]``,
+        ``obsm["spatial"]`` coordinates.
+    adata_ref : AnnData [n_ref, n_genes] counts, ``obs["cell_type"]``.
+    truth : AnnData [n_spatial, n_genes - n_measured]: the spatial cells' counts of the
+        genes the spatial assay did not measure (for evaluating imputation).
+    """
+    import anndata
+    import pandas as pd
+
+    for name, v in (("n_spatial", n_spatial), ("n_ref", n_ref), ("n_genes", n_genes), ("n_types", n_types)):
+        check_int(v, name, 2)
+    check_int(n_measured, "n_measured", 1)
+    if n_measured >= n_genes:
+        raise ValueError(f"n_measured ({n_measured}) must be smaller than n_genes ({n_genes}).")
+    check_real(capture_sd, "capture_sd", low=0.0)
+    rng = np.random.default_rng(check_random_state(random_state))
+    base = rng.normal(0.5, 0.7, size=n_genes)
+    marker = np.zeros((n_genes, n_types))
+    for g in range(n_genes):  # every gene marks one or two types (up or down)
+        marker[g, rng.choice(n_types, size=rng.integers(1, 3), replace=False)] = rng.choice([-1.0, 1.0], p=[0.3, 0.7])
+    slope = rng.normal(0.0, 0.8, size=n_genes) * (rng.random(n_genes) < 0.5)
+
+    def counts(types, state, n, capture):
+        mu = np.exp(base[None, :] + 1.5 * marker[:, types].T + slope[None, :] * state[:, None])
+        mu = mu * rng.lognormal(0.0, 0.3, size=(n, 1)) * capture[None, :]
+        return rng.poisson(rng.gamma(5.0, mu / 5.0)).astype(np.float32)
+
+    coords = rng.uniform(0.0, 10.0, size=(n_spatial, 2))
+    sp_types = np.minimum((coords[:, 1] / 10.0 * n_types).astype(int), n_types - 1)
+    moved = rng.random(n_spatial) < 0.1
+    sp_types[moved] = rng.integers(0, n_types, size=int(moved.sum()))
+    ref_types = rng.integers(0, n_types, size=n_ref)
+    x_sp = counts(sp_types, coords[:, 0] / 10.0, n_spatial, np.ones(n_genes))
+    x_ref = counts(ref_types, rng.uniform(0.0, 1.0, n_ref), n_ref, np.exp(rng.normal(0.0, capture_sd, n_genes)))
+    genes = np.array([f"gene_{g:03d}" for g in range(n_genes)])
+    measured = np.sort(rng.choice(n_genes, size=n_measured, replace=False))
+    unmeasured = np.setdiff1d(np.arange(n_genes), measured)
+    names = [f"type_{t}" for t in range(n_types)]
+
+    def obs(types, prefix):
+        return pd.DataFrame({"cell_type": pd.Categorical.from_codes(types, categories=names)},
+                            index=[f"{prefix}_{i:05d}" for i in range(len(types))])
+
+    sp_obs = obs(sp_types, "spatial")
+    adata_spatial = anndata.AnnData(X=x_sp[:, measured], obs=sp_obs, var=pd.DataFrame(index=genes[measured]))
+    adata_spatial.obsm["spatial"] = coords.astype(np.float32)
+    adata_ref = anndata.AnnData(X=x_ref, obs=obs(ref_types, "ref"), var=pd.DataFrame(index=genes))
+    truth = anndata.AnnData(X=x_sp[:, unmeasured], obs=sp_obs.copy(), var=pd.DataFrame(index=genes[unmeasured]))
+    return adata_spatial, adata_ref, truth
 
 
 # ------------------------------------------------------------ spatial imputation protocol

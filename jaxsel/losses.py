@@ -6,6 +6,8 @@ to a common length across folds) can be masked out by weights.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -78,7 +80,77 @@ def prox_group_lasso(w, threshold, axis: int = -1):
     return w * scale
 
 
-def mmd_rbf(x, y, n_kernels: int = 5, mul_factor: float = 2.0, bandwidth=None):
+def _kernel_and_slope(d2, inv, squaring: bool):
+    """``K(d2) = sum_m exp(-d2 * inv_m)`` and ``dK/dd2``; ``inv`` ascending (widest kernel
+    first). With ``squaring`` (multipliers of 2) each kernel is the square of the previous:
+    one exp per pair instead of one per kernel."""
+    e = jnp.exp(-d2 * inv[0])
+    k, slope = e, -inv[0] * e
+    for m in range(1, inv.shape[0]):
+        e = e * e if squaring else jnp.exp(-d2 * inv[m])
+        k, slope = k + e, slope - inv[m] * e
+    return k, slope
+
+
+def _kernel_block(a, b, inv, squaring: bool, chunk: int, grads: bool):
+    """``sum_ij K(||a_i - b_j||^2)`` over row chunks of ``a`` (one ``[chunk, n_b]`` tile
+    live at a time) and, with ``grads``, its gradients with respect to ``a`` and ``b``."""
+    n, d = a.shape
+    size = max(1, min(chunk, n))
+    pad = (-n) % size
+    ap = jnp.concatenate([a, jnp.zeros((pad, d), a.dtype)]).reshape(-1, size, d)
+    valid = (jnp.arange(n + pad) < n).astype(a.dtype).reshape(-1, size)
+    bb = jnp.sum(b * b, 1)
+
+    def body(carry, xs):
+        total, gb = carry
+        ac, vc = xs
+        d2 = jnp.maximum(jnp.sum(ac * ac, 1)[:, None] + bb[None, :] - 2.0 * (ac @ b.T), 0.0)
+        k, slope = _kernel_and_slope(d2, inv, squaring)
+        total = total + jnp.sum(jnp.sum(k, 1) * vc)
+        if not grads:
+            return (total, gb), None
+        slope = slope * vc[:, None]
+        ga = 2.0 * (jnp.sum(slope, 1)[:, None] * ac - slope @ b)
+        gb = gb + 2.0 * (jnp.sum(slope, 0)[:, None] * b - slope.T @ ac)
+        return (total, gb), ga
+
+    (total, gb), ga = jax.lax.scan(body, (jnp.zeros((), a.dtype), jnp.zeros_like(b)), (ap, valid))
+    return (total, ga.reshape(-1, d)[:n], gb) if grads else total
+
+
+def _mmd_parts(x, y, inv, squaring, chunk, grads):
+    nx, ny = x.shape[0], y.shape[0]
+    blocks = [_kernel_block(a, b, inv, squaring, chunk, grads) for a, b in ((x, x), (x, y), (y, y))]
+    if not grads:
+        sxx, sxy, syy = blocks
+        return sxx / nx**2 - 2.0 * sxy / (nx * ny) + syy / ny**2
+    (sxx, gxx_a, gxx_b), (sxy, gxy_x, gxy_y), (syy, gyy_a, gyy_b) = blocks
+    val = sxx / nx**2 - 2.0 * sxy / (nx * ny) + syy / ny**2
+    gx = (gxx_a + gxx_b) / nx**2 - 2.0 * gxy_x / (nx * ny)
+    gy = (gyy_a + gyy_b) / ny**2 - 2.0 * gxy_y / (nx * ny)
+    return val, (gx, gy)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _mmd(x, y, inv, squaring, chunk):
+    return _mmd_parts(x, y, inv, squaring, chunk, grads=False)
+
+
+def _mmd_fwd(x, y, inv, squaring, chunk):
+    val, (gx, gy) = _mmd_parts(x, y, inv, squaring, chunk, grads=True)
+    return val, (gx, gy, inv)
+
+
+def _mmd_bwd(squaring, chunk, res, g):
+    gx, gy, inv = res
+    return g * gx, g * gy, jnp.zeros_like(inv)
+
+
+_mmd.defvjp(_mmd_fwd, _mmd_bwd)
+
+
+def mmd_rbf(x, y, n_kernels: int = 5, mul_factor: float = 2.0, bandwidth=None, chunk: int = 512):
     """Squared maximum mean discrepancy between two sets with a mixture of RBF kernels.
 
     ``k(a, b) = sum_m exp(-||a - b||^2 / (bw * mul_factor^(m - n_kernels // 2)))``,
@@ -87,23 +159,24 @@ def mmd_rbf(x, y, n_kernels: int = 5, mul_factor: float = 2.0, bandwidth=None):
     constant, no gradient flows through it). Returns the biased estimate
     ``mean K_xx - 2 mean K_xy + mean K_yy``, a scalar.
 
-    The three blocks are computed separately (each one matmul and one fused
-    exp-and-mean), and the bandwidth from the identity
-    ``sum_ij ||z_i - z_j||^2 = 2 n sum_i ||z_i||^2 - 2 ||sum_i z_i||^2``, so no pooled
-    ``(n_x + n_y)^2`` matrix is formed; memory is one block at a time.
+    Memory and speed: the bandwidth comes from the identity
+    ``sum_ij ||z_i - z_j||^2 = 2 n sum_i ||z_i||^2 - 2 ||sum_i z_i||^2``, and each kernel
+    block is a scan over ``chunk`` rows of the first set, so at most a
+    ``[chunk, n]`` tile exists (no pooled ``(n_x + n_y)^2`` matrix). The gradient is
+    computed analytically in the same pass (``custom_vjp``: ``dK/dd2`` times
+    ``2 (a_i - b_j)``), so the backward pass neither stores nor recomputes the pairwise
+    matrices. With ``mul_factor == 2`` the kernels are successive squares of the widest
+    one: one exp per pair.
     """
     if bandwidth is None:
         z = jnp.concatenate([x, y], axis=0)
         n = z.shape[0]
         total = 2.0 * n * jnp.sum(z * z) - 2.0 * jnp.sum(jnp.square(jnp.sum(z, axis=0)))
-        bandwidth = jax.lax.stop_gradient(jnp.maximum(total, 0.0) / (n * n - n))
-    scales = bandwidth * mul_factor ** (jnp.arange(n_kernels) - n_kernels // 2)
-
-    def block_mean(a, b):
-        d2 = jnp.maximum(jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None, :] - 2.0 * (a @ b.T), 0.0)
-        return sum(jnp.mean(jnp.exp(-d2 / scales[m])) for m in range(n_kernels))
-
-    return block_mean(x, x) - 2.0 * block_mean(x, y) + block_mean(y, y)
+        bandwidth = jnp.maximum(total, 0.0) / (n * n - n)
+    bandwidth = jax.lax.stop_gradient(jnp.asarray(bandwidth, x.dtype))
+    powers = jnp.arange(n_kernels - 1, -1, -1) - n_kernels // 2  # widest kernel first
+    inv = 1.0 / (bandwidth * jnp.asarray(mul_factor, x.dtype) ** powers)
+    return _mmd(x, y, inv, bool(mul_factor == 2.0), int(chunk))
 
 
 def pearson_loss(pred, target, weights=None, eps: float = 1e-6):
@@ -118,7 +191,8 @@ def pearson_loss(pred, target, weights=None, eps: float = 1e-6):
     pc = pred - jnp.mean(pred, axis=0)
     tc = target - jnp.mean(target, axis=0)
     cov = jnp.mean(pc * tc, axis=0)
-    sd = jnp.sqrt(jnp.mean(pc * pc, axis=0) * jnp.mean(tc * tc, axis=0))
+    # max() keeps the gradient finite for a constant column (masked genes are zeros)
+    sd = jnp.sqrt(jnp.maximum(jnp.mean(pc * pc, axis=0) * jnp.mean(tc * tc, axis=0), 1e-30))
     return 1.0 - weighted_mean(cov / (sd + eps), weights)
 
 

@@ -22,7 +22,7 @@ import scipy.stats
 from sklearn.base import clone
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LinearRegression
-from sklearn.metrics import confusion_matrix, f1_score
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from sklearn.neighbors import KNeighborsClassifier
 
 from jaxsel._validation import (
@@ -33,7 +33,14 @@ from jaxsel._validation import (
     to_dense,
 )
 
-__all__ = ["classification_scores", "reconstruction_scores", "evaluate_markers", "r2_score"]
+__all__ = [
+    "classification_scores",
+    "reconstruction_scores",
+    "evaluate_markers",
+    "r2_score",
+    "imputation_scores",
+    "annotation_scores",
+]
 
 
 def _check_pair(x_train, x_test):
@@ -334,3 +341,72 @@ def r2_score(y_true, y_pred, *, center=None, per_feature: bool = False):
     with np.errstate(divide="ignore", invalid="ignore"):
         r2 = 1.0 - ss_res / ss_tot
     return r2 if per_feature else float(r2)
+
+
+def imputation_scores(truth, imputed):
+    """Per-gene agreement of imputed with measured expression (the spatial-imputation
+    benchmarks' metrics, as in stAI's and Li et al. 2022's evaluations).
+
+    Parameters
+    ----------
+    truth, imputed : array-like [n_cells, n_genes]
+        Measured and imputed expression of the held-out genes on the same (log-normalised)
+        scale. ``imputed`` may be on another scale: PCC and the normalised RMSE are
+        scale-free, and JSD compares distributions over cells.
+
+    Returns
+    -------
+    dict of float64 arrays [n_genes]:
+        ``pcc``: Pearson correlation over cells (NaN for a constant gene);
+        ``rmse``: root mean squared error of the two after z-scoring each gene over
+        cells (population SD; a constant gene z-scores to zeros);
+        ``jsd``: Jensen-Shannon divergence (base 2, in [0, 1]) between the two genes'
+        expression normalised to sum to one over cells (negative values clipped to 0;
+        an all-zero gene is treated as uniform).
+    """
+    t = check_matrix(truth, name="truth", dtype=np.float64, allow_sparse=False)
+    p = check_matrix(imputed, name="imputed", dtype=np.float64, allow_sparse=False)
+    if t.shape != p.shape:
+        raise ValueError(f"truth and imputed must have the same shape, got {t.shape} and {p.shape}.")
+    if t.shape[0] < 2:
+        raise ValueError(f"need at least 2 cells, got {t.shape[0]}.")
+    tc, pc = t - t.mean(0), p - p.mean(0)
+    st, spd = np.sqrt(np.mean(tc * tc, 0)), np.sqrt(np.mean(pc * pc, 0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pcc = np.mean(tc * pc, 0) / (st * spd)
+    tz = np.divide(tc, st, out=np.zeros_like(tc), where=st > 0)
+    pz = np.divide(pc, spd, out=np.zeros_like(pc), where=spd > 0)
+    rmse = np.sqrt(np.mean((tz - pz) ** 2, 0))
+
+    def dist(a):
+        a = np.clip(a, 0.0, None)
+        tot = a.sum(0)
+        return np.where(tot > 0, a / np.where(tot > 0, tot, 1.0), 1.0 / a.shape[0])
+
+    P, Q = dist(t), dist(p)
+    M = 0.5 * (P + Q)
+
+    def kl(a, b):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.sum(np.where(a > 0, a * np.log2(a / b), 0.0), 0)
+
+    jsd = 0.5 * kl(P, M) + 0.5 * kl(Q, M)
+    return {"pcc": pcc, "rmse": rmse, "jsd": np.clip(jsd, 0.0, 1.0)}
+
+
+def annotation_scores(y_true, y_pred):
+    """Cell-type annotation scores of a spatial part: ``accuracy``, ``macro_f1`` and
+    ``weighted_f1`` (scikit-learn's definitions, zero division counted as 0), as floats.
+    Labels are compared as given (strings or codes); lengths must match."""
+    t = np.asarray(y_true).reshape(-1)
+    p = np.asarray(y_pred).reshape(-1)
+    if t.shape != p.shape:
+        raise ValueError(f"y_true and y_pred must have the same length, got {t.size} and {p.size}.")
+    if t.size == 0:
+        raise ValueError("y_true is empty.")
+    t, p = t.astype(str), p.astype(str)
+    return {
+        "accuracy": float(accuracy_score(t, p)),
+        "macro_f1": float(f1_score(t, p, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(t, p, average="weighted", zero_division=0)),
+    }

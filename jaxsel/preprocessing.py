@@ -42,6 +42,8 @@ __all__ = [
     "scale",
     "markermap_recipe",
     "sbnn_recipe",
+    "log_normalize",
+    "stai_recipe",
     "pretraining_clusters",
     "spatial_knn_graph",
     "split_indices",
@@ -407,6 +409,46 @@ def sbnn_recipe(x, y=None, *, max_dense_bytes: int = _DEFAULT_MAX_DENSE_BYTES):
     if not np.all(np.isfinite(y)):
         raise ValueError("y contains NaN or infinite values; impute or drop those cells first.")
     return x, _standardise(y)
+
+
+def log_normalize(x, *, counts: bool = True, target_sum: float = 1e4, name: str = "x",
+                  max_dense_bytes: int = _DEFAULT_MAX_DENSE_BYTES):
+    """``log1p(normalize_total(x, target_sum))`` as a dense float32 array when ``counts``
+    (non-negative values required), else ``x`` as given (already log-normalised: only
+    finiteness is checked). The stAI recipe's per-dataset step."""
+    x = check_matrix(x, name=name, dtype=None)
+    if counts:
+        _check_nonnegative(x, name)
+        x = log1p(normalize_total(x, target_sum=target_sum))
+    return to_dense(x, max_dense_bytes, name=name, dtype=np.float32)
+
+
+def stai_recipe(x_spatial, x_ref, *, counts: bool = True, target_sum: float = 1e4, max_value: float = 10.0,
+                max_dense_bytes: int = _DEFAULT_MAX_DENSE_BYTES):
+    """stAI's preprocessing of a spatial / reference pair on their shared genes.
+
+    Both matrices must already be restricted to the same genes in the same order (the
+    genes the spatial assay measured and the model sees). Each dataset is
+    ``normalize_total(1e4)`` + ``log1p`` (when ``counts``; the released code normalises
+    the reference over *all* its genes, so pass its library-normalised values with
+    ``counts=False`` to reproduce that exactly), then every gene is standardised and
+    clipped at ``max_value`` within its dataset (:func:`scale`, scanpy's
+    ``scale(max_value=10)`` as the released code).
+
+    Returns
+    -------
+    x1 : float32 [n_spatial, n_genes] scaled spatial expression.
+    x2 : float32 [n_ref, n_genes] scaled reference expression.
+    """
+    out = []
+    for x, name in ((x_spatial, "x_spatial"), (x_ref, "x_ref")):
+        logx = log_normalize(x, counts=counts, target_sum=target_sum, name=name, max_dense_bytes=max_dense_bytes)
+        out.append(scale(logx, max_value=max_value)[0])
+    if out[0].shape[1] != out[1].shape[1]:
+        raise ValueError(
+            f"x_spatial and x_ref must have the same genes (columns), got {out[0].shape[1]} and {out[1].shape[1]}."
+        )
+    return out[0], out[1]
 
 
 def _standardise(a):

@@ -1,7 +1,7 @@
 """Method-agnostic training engine: one compiled program per fit, folds as a leading axis."""
 
 from .folds import fit_folds, fold_keys, fold_mesh, map_folds, prepare_folds, run_folds, stack_trees
-from .loop import FitResult, LoopConfig, Method, Splits, chunked, fit, fit_one, make_splits, valid_mean
+from .loop import FitResult, LoopConfig, Method, Splits, chunk_map, chunked, fit, fit_one, make_splits, valid_mean
 from .lr_finder import LRFinder, lr_range_test, suggest_lr
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "LRFinder",
     "Method",
     "Splits",
+    "chunk_map",
     "chunked",
     "fit",
     "fit_one",

@@ -219,6 +219,19 @@ def chunked(fn, x, chunk: int):
     return jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
 
 
+def chunk_map(fn, x, chunk: int):
+    """Traceable counterpart of :func:`chunked`: ``fn`` over row chunks of ``x`` with
+    ``lax.map`` (the last chunk zero-padded), so inside a compiled program only one
+    chunk's intermediates are live at a time. ``fn`` maps [chunk, ...] to a pytree of
+    [chunk, ...] arrays."""
+    n = x.shape[0]
+    size = max(1, min(int(chunk), n))
+    pad = (-n) % size
+    xp = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+    out = jax.lax.map(fn, xp.reshape(-1, size, *x.shape[1:]))
+    return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:n], out)
+
+
 class _State(NamedTuple):
     params: PyTree
     model_state: PyTree

@@ -12,6 +12,11 @@ with three families of simple baselines, all reimplemented here:
   round-robin rule (:func:`round_robin_markers`): cell types take turns, each taking its
   best-scoring gene that has not been chosen yet.
 
+The spatial-imputation benchmarks' simple baseline is here too: :func:`knn_pca_impute`
+averages the reference expression of each spatial cell's nearest reference cells in a
+PCA of the shared genes fitted on both datasets (SpaGE-like, without its domain
+alignment).
+
 Every function takes JAX or numpy arrays, returns JAX arrays, works in float32, is
 jit-compiled with its structural arguments static, and never modifies its inputs.
 Marker indices are int32 arrays of shape ``[n_markers]`` holding distinct gene indices.
@@ -25,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ..engine import chunk_map
+
 __all__ = [
     "DE_METHODS",
     "random_markers",
@@ -32,6 +39,7 @@ __all__ = [
     "de_scores",
     "de_markers",
     "round_robin_markers",
+    "knn_pca_impute",
 ]
 
 DE_METHODS = ("t-test", "t-test_overestim_var", "wilcoxon")
@@ -454,3 +462,31 @@ def de_markers(
     _check_n_markers(n_markers, jnp.shape(x)[1])
     scores = de_scores(x, y, n_classes, method, gene_batch_size)
     return round_robin_markers(scores, n_markers)
+
+
+@functools.partial(jax.jit, static_argnames=("n_components", "n_neighbors", "chunk"))
+def knn_pca_impute(x_spatial, x_ref, values, n_components: int = 30, n_neighbors: int = 10, chunk: int = 1024):
+    """kNN-in-shared-PCA imputation (the SpaGE-like baseline of the stAI benchmark).
+
+    ``x_spatial`` [n1, G] and ``x_ref`` [n2, G] are the scaled shared genes; a PCA with
+    ``min(n_components, G)`` components is fitted on both stacked (centred by the pooled
+    mean, SVD), each spatial cell's ``n_neighbors`` nearest reference cells in that space
+    are found (Euclidean; chunked over spatial cells so at most ``chunk x n2`` distances
+    exist) and their ``values`` [n2, m] are averaged with equal weights. Returns
+    ``[n1, m]``.
+    """
+    x_spatial, x_ref = jnp.asarray(x_spatial, jnp.float32), jnp.asarray(x_ref, jnp.float32)
+    values = jnp.asarray(values, jnp.float32)
+    z = jnp.concatenate([x_spatial, x_ref])
+    mu = jnp.mean(z, 0)
+    _, _, vt = jnp.linalg.svd(z - mu, full_matrices=False)
+    basis = vt[: min(n_components, vt.shape[0])].T
+    p1, p2 = (x_spatial - mu) @ basis, (x_ref - mu) @ basis
+    k = min(n_neighbors, x_ref.shape[0])
+    sq2 = jnp.sum(p2 * p2, 1)
+
+    def rows(pc):
+        _, idx = lax.top_k(2.0 * pc @ p2.T - sq2[None, :], k)
+        return jnp.mean(jnp.take(values, idx, axis=0), axis=1)
+
+    return chunk_map(rows, p1, chunk)

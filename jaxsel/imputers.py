@@ -1,0 +1,474 @@
+"""Estimators for imputing genes a spatial assay did not measure.
+
+Numpy (or scipy.sparse, or pandas) in, numpy out; genes are matched *by name*. This
+module validates, converts and bookkeeps; the models live in :mod:`jaxsel.methods`.
+
+- :class:`StAI` (Zou et al., NAR 2025): a graph-attention encoder of the spatial cells and
+  an MLP encoder of the reference, aligned by MMD; spatial cells impute from their
+  nearest reference cells in the latent space; ``k`` calibration submodels, each trained
+  to impute one fold of the measured genes from the others, run as one vmapped program
+  and are averaged. The spread across the submodels is returned as a per-value
+  uncertainty (not in the paper).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+
+from . import datasets, engine, metrics, preprocessing
+from ._validation import _DEFAULT_MAX_DENSE_BYTES, check_int, check_labels, check_matrix, check_random_state, check_real
+from .methods import stai as st
+
+__all__ = ["StAI", "GeneCVResult"]
+
+_TASKS = ("impute", "annotate")
+_LAMBDAS = ("recon", "mmd", "cos", "impute", "clf", "gene")
+
+
+def _check_gene_names(names, n: int, name: str) -> np.ndarray:
+    if names is None:
+        raise TypeError(f"{name} is required: genes are matched between the datasets by name.")
+    if isinstance(names, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of gene names, got a single string.")
+    arr = np.asarray(list(names), dtype=object)
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise ValueError(f"{name} must hold one name per column ({n}), got {arr.shape[0] if arr.ndim else 0}.")
+    arr = arr.astype(str)
+    uniq, counts = np.unique(arr, return_counts=True)
+    if (counts > 1).any():
+        dup = uniq[counts > 1][:5].tolist()
+        raise ValueError(f"{name} has duplicate gene names, e.g. {dup}; make them unique first.")
+    return arr
+
+
+def _check_coords(coords, n: int) -> np.ndarray:
+    if coords is None:
+        raise ValueError("coords are required: the spatial cells' coordinates [n_spatial, 2 or 3].")
+    c = check_matrix(coords, name="coords", dtype=np.float64, allow_sparse=False)
+    if c.shape[0] != n:
+        raise ValueError(f"coords must have one row per spatial cell ({n}), got {c.shape[0]}.")
+    if c.shape[1] not in (2, 3):
+        raise ValueError(f"coords must have 2 or 3 columns, got {c.shape[1]}.")
+    return c
+
+
+def _gene_masks(n_genes: int, folds, allowed=None):
+    """``(fit, cal)`` float32 [k, n_genes] masks from a list of calibration index arrays
+    over the positions ``allowed`` (default all)."""
+    allowed = np.arange(n_genes) if allowed is None else np.asarray(allowed)
+    fit = np.zeros((len(folds), n_genes), np.float32)
+    cal = np.zeros_like(fit)
+    for j, f in enumerate(folds):
+        fit[j, allowed] = 1.0
+        fit[j, allowed[f]] = 0.0
+        cal[j, allowed[f]] = 1.0
+    return fit, cal
+
+
+@dataclasses.dataclass
+class GeneCVResult:
+    """Held-out gene cross-validation of :meth:`StAI.cross_validate_genes`.
+
+    ``genes`` [G] the shared genes; ``imputed`` / ``std`` / ``truth`` [n_spatial, G]: each
+    gene imputed by the models that never saw it (mean and spread over the calibration
+    submodels) and its measured log-normalised expression; ``pcc``, ``rmse``, ``jsd`` [G]
+    per gene (:func:`jaxsel.metrics.imputation_scores`); ``fold_of_gene`` [G];
+    ``history`` per-epoch loss terms, arrays [n_folds, k, epochs].
+    """
+
+    genes: np.ndarray
+    imputed: np.ndarray
+    std: np.ndarray
+    truth: np.ndarray
+    pcc: np.ndarray
+    rmse: np.ndarray
+    jsd: np.ndarray
+    fold_of_gene: np.ndarray
+    history: dict
+
+    def medians(self) -> dict:
+        """Median PCC, RMSE and JSD over genes (NaN PCC of constant genes ignored)."""
+        return {m: float(np.nanmedian(getattr(self, m))) for m in ("pcc", "rmse", "jsd")}
+
+
+class StAI(BaseEstimator):
+    """stAI: impute unmeasured genes of spatial cells from a reference, and annotate them.
+
+    Parameters
+    ----------
+    n_calibration_folds : int, default 5
+        ``k``: the measured genes are split into ``k`` folds; submodel ``j`` learns to
+        impute fold ``j`` from the others, and the final imputation averages the ``k``.
+    task : {"impute", "annotate"}, default "impute"
+        Loss-weight and epoch preset: the authors' ``osmFISH_impute.yaml`` (500 epochs;
+        recon 1, MMD 0.1, cos 1, impute 1, clf 0.1, gene 0) or ``osmFISH_annotate.yaml``
+        (300 epochs; clf 10, impute 2, gene 1, cross-entropy weighted ``1 / count^2``).
+    epochs : int, optional
+        Full-batch Adam steps per submodel (default from ``task``).
+    hidden, latent : int, default 64, 16
+    n_neighbors : int, default 10
+        Spatial kNN graph of the GAT encoder (the cell itself is added).
+    top_k : int, default 50
+        Reference cells each spatial cell imputes from (``attention="euclidean"``).
+    attention : {"euclidean", "dot"}, default "euclidean"
+        Softmax over negative latent distances, or learnable scaled dot-product.
+    gene_loss : {"cosine", "frobenius"}, default "cosine"
+        Form of the gene-consistence term (the released code's / the paper's).
+    loss_weights : dict, optional
+        Overrides of the preset's weights, keys among ``recon, mmd, cos, impute, clf,
+        gene``.
+    learning_rate : float, default 0.002
+    class_weight_power : float, optional
+        Cross-entropy class weights ``1 / count^p`` (default 2 for ``"annotate"``, else 0).
+    counts : bool, default True
+        Inputs are counts (non-negative): each dataset is normalised to 1e4 per cell and
+        ``log1p``-transformed (the spatial data over its shared genes, the reference over
+        all its genes). With ``False`` they are taken as already log-normalised.
+    min_shared_genes : int, default 10
+        Fewer shared genes than this is an error.
+    chunk : int, default 1024
+        Spatial cells per inference chunk (bounds the ``chunk x n_ref`` similarities).
+    batch_size : int, optional
+        Models trained at once (``lax.map``); ``None`` vmaps all of them.
+    random_state : int, default 0
+
+    Attributes
+    ----------
+    shared_genes_ : [G] gene names the model sees (spatial order).
+    imputable_genes_ : reference genes :meth:`impute` can return.
+    calibration_genes_ : list of ``k`` arrays of gene names.
+    classes_ : reference cell types (when labels were given).
+    params_ : per-submodel parameters (leading [k] axis); ``history_``: per-epoch loss
+        terms, numpy [k, epochs].
+    """
+
+    def __init__(
+        self,
+        n_calibration_folds=5,
+        *,
+        task="impute",
+        epochs=None,
+        hidden=64,
+        latent=16,
+        n_neighbors=10,
+        top_k=50,
+        attention="euclidean",
+        gene_loss="cosine",
+        loss_weights=None,
+        learning_rate=0.002,
+        class_weight_power=None,
+        counts=True,
+        min_shared_genes=10,
+        chunk=1024,
+        batch_size=None,
+        random_state=0,
+    ):
+        self.n_calibration_folds = n_calibration_folds
+        self.task = task
+        self.epochs = epochs
+        self.hidden = hidden
+        self.latent = latent
+        self.n_neighbors = n_neighbors
+        self.top_k = top_k
+        self.attention = attention
+        self.gene_loss = gene_loss
+        self.loss_weights = loss_weights
+        self.learning_rate = learning_rate
+        self.class_weight_power = class_weight_power
+        self.counts = counts
+        self.min_shared_genes = min_shared_genes
+        self.chunk = chunk
+        self.batch_size = batch_size
+        self.random_state = random_state
+
+    # ------------------------------------------------------------------ configuration
+
+    def _config(self, n_genes: int, n_classes: int, has_labels: bool) -> st.StAIConfig:
+        if self.task not in _TASKS:
+            raise ValueError(f"task must be one of {_TASKS}, got {self.task!r}.")
+        for name in ("hidden", "latent", "top_k"):
+            check_int(getattr(self, name), name, 1)
+        check_real(self.learning_rate, "learning_rate", low=0.0, low_open=True)
+        kw = dict(hidden=int(self.hidden), latent=int(self.latent), top_k=int(self.top_k),
+                  attention=self.attention, gene_loss=self.gene_loss, learning_rate=float(self.learning_rate),
+                  n_inputs=n_genes - n_genes // int(self.n_calibration_folds))
+        if self.epochs is not None:
+            kw["epochs"] = check_int(self.epochs, "epochs", 1)
+        weights = dict(self.loss_weights or {})
+        if not isinstance(weights, dict):
+            raise TypeError(f"loss_weights must be a dict, got {type(self.loss_weights).__name__}.")
+        for k, v in weights.items():
+            if k not in _LAMBDAS:
+                raise ValueError(f"loss_weights keys must be among {_LAMBDAS}, got {k!r}.")
+            kw[f"lam_{k}"] = check_real(v, f"loss_weights[{k!r}]", low=0.0)
+        if not has_labels:
+            if self.task == "annotate":
+                raise ValueError("labels are required for task='annotate'.")
+            kw["lam_clf"] = 0.0  # no classifier term without reference labels
+        try:
+            if self.task == "annotate":
+                return st.StAIConfig.annotation(n_genes, n_classes, **kw)
+            return st.StAIConfig(n_genes, n_classes, **kw)
+        except ValueError as err:
+            raise ValueError(str(err)) from None
+
+    def _class_power(self) -> float:
+        if self.class_weight_power is None:
+            return 2.0 if self.task == "annotate" else 0.0
+        return check_real(self.class_weight_power, "class_weight_power", low=0.0)
+
+    # ------------------------------------------------------------------ inputs
+
+    def _inputs(self, X_spatial, X_ref, labels, coords, spatial_genes, ref_genes, genes):
+        """Validated, preprocessed arrays (host side); nothing of the caller's is modified."""
+        k = check_int(self.n_calibration_folds, "n_calibration_folds", 2)
+        check_int(self.n_neighbors, "n_neighbors", 1)
+        if not isinstance(self.counts, (bool, np.bool_)):
+            raise TypeError(f"counts must be a bool, got {self.counts!r}.")
+        xs = check_matrix(X_spatial, name="X_spatial", dtype=None)
+        xr = check_matrix(X_ref, name="X_ref", dtype=None)
+        sp_names = _check_gene_names(spatial_genes, xs.shape[1], "spatial_genes")
+        ref_names = _check_gene_names(ref_genes, xr.shape[1], "ref_genes")
+        ref_pos = {g: i for i, g in enumerate(ref_names)}
+        sp_shared = np.array([i for i, g in enumerate(sp_names) if g in ref_pos], dtype=np.int64)
+        n_shared = sp_shared.size
+        min_shared = check_int(self.min_shared_genes, "min_shared_genes", 1)
+        if n_shared < max(min_shared, k + 1):
+            raise ValueError(
+                f"only {n_shared} of the {sp_names.size} spatial genes are in the reference (by name); "
+                f"need at least {max(min_shared, k + 1)} (min_shared_genes={min_shared}, "
+                f"n_calibration_folds={k}). Check that both use the same gene naming (symbols vs ids, case)."
+            )
+        shared = sp_names[sp_shared]
+        ref_shared = np.array([ref_pos[g] for g in shared], dtype=np.int64)
+        if genes is None:
+            extra = np.array([i for i, g in enumerate(ref_names) if g not in set(shared)], dtype=np.int64)
+        else:
+            req = np.asarray([genes] if isinstance(genes, str) else list(genes)).astype(str)
+            missing = [g for g in req if g not in ref_pos]
+            if missing:
+                raise ValueError(f"genes not in the reference: {missing[:10]}{' ...' if len(missing) > 10 else ''}.")
+            extra = np.array([ref_pos[g] for g in req], dtype=np.int64)
+        c = _check_coords(coords, xs.shape[0])
+        if self.n_neighbors >= xs.shape[0]:
+            raise ValueError(f"n_neighbors ({self.n_neighbors}) must be smaller than the number of spatial cells "
+                             f"({xs.shape[0]}).")
+        if xr.shape[0] < 2 or xs.shape[0] < 2:
+            raise ValueError("X_spatial and X_ref need at least 2 cells each.")
+        if labels is not None:
+            codes, classes = check_labels(labels, xr.shape[0], name="labels")
+        else:
+            codes, classes = np.zeros(xr.shape[0], np.int64), None
+        ref_log = preprocessing.log_normalize(xr, counts=self.counts, name="X_ref")
+        sp_sub = xs[:, sp_shared]
+        sp_log = preprocessing.log_normalize(sp_sub, counts=self.counts, name="X_spatial")
+        return dict(k=k, shared=shared, sp_log=sp_log, ref_log=ref_log, ref_shared=ref_shared, extra=extra,
+                    ref_names=ref_names, coords=c, codes=codes, classes=classes)
+
+    def _data(self, x1, x2, codes, n_classes, neighbours):
+        cw = st.class_weights(jnp.asarray(codes), n_classes, self._class_power())
+        return st.StAIData(jnp.asarray(x1), jnp.asarray(neighbours, jnp.int32), jnp.asarray(x2),
+                           jnp.asarray(codes, jnp.int32), cw)
+
+    def _fit_models(self, cfg, data, fit_masks, cal_masks, x1_index, seed):
+        keys = jax.random.split(jax.random.key(seed), fit_masks.shape[0])
+        if self.batch_size is not None:
+            check_int(self.batch_size, "batch_size", 1)
+        idx = None if x1_index is None else jnp.asarray(x1_index, jnp.int32)
+        return st.fit(cfg, keys, data, jnp.asarray(fit_masks), jnp.asarray(cal_masks), idx,
+                      batch_size=self.batch_size, mesh=engine.fold_mesh())
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, X_spatial, X_ref, labels=None, *, coords, spatial_genes, ref_genes, genes=None):
+        """Fit the ``k`` calibration submodels (one compiled program).
+
+        Parameters
+        ----------
+        X_spatial : [n_spatial, n_spatial_genes] spatial expression (counts unless
+            ``counts=False``); dense, sparse or DataFrame.
+        X_ref : [n_ref, n_ref_genes] reference expression.
+        labels : [n_ref] reference cell types, optional (required for ``annotate``).
+        coords : [n_spatial, 2 or 3] spatial coordinates.
+        spatial_genes, ref_genes : gene names of the columns; the model uses the spatial
+            genes found in the reference.
+        genes : reference genes :meth:`impute` will be asked for (default: every
+            reference gene the spatial data lacks); only these are kept after ``fit``.
+        """
+        seed = check_random_state(self.random_state)
+        d = self._inputs(X_spatial, X_ref, labels, coords, spatial_genes, ref_genes, genes)
+        n_classes = 1 if d["classes"] is None else len(d["classes"])
+        G, k = d["shared"].size, d["k"]
+        cfg = self._config(G, n_classes, d["classes"] is not None)
+        x1 = preprocessing.scale(d["sp_log"])[0]
+        x2 = preprocessing.scale(d["ref_log"][:, d["ref_shared"]])[0]
+        neighbours = preprocessing.spatial_knn_graph(d["coords"], k=int(self.n_neighbors))
+        folds = datasets.gene_folds(G, k, random_state=seed)
+        fit_masks, cal_masks = _gene_masks(G, folds)
+        data = self._data(x1, x2, d["codes"], n_classes, neighbours)
+        params, hist = self._fit_models(cfg, data, fit_masks, cal_masks, None, seed)
+        self.cfg_ = cfg
+        self.params_ = params
+        self.history_ = {name: np.asarray(v) for name, v in hist.items()}
+        self.shared_genes_ = d["shared"]
+        self.calibration_genes_ = [d["shared"][f] for f in folds]
+        self.imputable_genes_ = d["ref_names"][d["extra"]]
+        self.classes_ = d["classes"]
+        self.n_spatial_ = x1.shape[0]
+        self._data_ = data
+        self._masks = jnp.asarray(fit_masks)
+        self._values = jnp.asarray(d["ref_log"][:, d["extra"]])
+        self._value_index = {g: i for i, g in enumerate(self.imputable_genes_)}
+        return self
+
+    # ------------------------------------------------------------------ inference
+
+    def _check_chunk(self) -> int:
+        return check_int(self.chunk, "chunk", 1)
+
+    def impute_submodels(self, genes=None):
+        """Every submodel's imputation, ``[k, n_spatial, n_genes]`` (log-normalised scale)."""
+        check_is_fitted(self, "params_")
+        if genes is None:
+            cols = np.arange(len(self.imputable_genes_))
+        else:
+            req = [genes] if isinstance(genes, str) else list(genes)
+            missing = [g for g in req if str(g) not in self._value_index]
+            if missing:
+                raise ValueError(f"genes were not kept at fit time: {missing[:10]}; pass them as fit(..., genes=).")
+            cols = np.array([self._value_index[str(g)] for g in req], dtype=np.int64)
+        if cols.size == 0:
+            raise ValueError("no genes to impute: the reference has no genes beyond the shared ones.")
+        vals = self._values[:, cols]
+        out = st.impute(self.cfg_, self.params_, self._data_, self._masks, vals, chunk=self._check_chunk(),
+                        batch_size=self.batch_size)
+        return np.asarray(out)
+
+    def impute(self, genes=None, *, return_std=False):
+        """Imputed expression of ``genes`` for the spatial cells, ``[n_spatial, n_genes]``:
+        the mean over the ``k`` submodels, on the reference's log-normalised scale. With
+        ``return_std`` also the standard deviation across submodels (an uncertainty per
+        value; not in the paper)."""
+        sub = self.impute_submodels(genes)
+        mean = sub.mean(0)
+        return (mean, sub.std(0)) if return_std else mean
+
+    def predict_proba(self):
+        """Cell-type probabilities of the spatial cells, ``[n_spatial, n_classes]`` (mean
+        over submodels; classifier trained on the reference latent)."""
+        check_is_fitted(self, "params_")
+        if self.classes_ is None:
+            raise ValueError("annotation needs reference labels: fit(..., labels=...).")
+        prob = st.annotate(self.cfg_, self.params_, self._data_, self._masks, batch_size=self.batch_size)
+        return np.asarray(prob).mean(0)
+
+    def annotate(self, *, return_proba=False):
+        """Predicted cell type of every spatial cell (reference label names)."""
+        prob = self.predict_proba()
+        labels = np.asarray(self.classes_)[prob.argmax(1)]
+        return (labels, prob) if return_proba else labels
+
+    def latent(self):
+        """Per-submodel latent representations ``(z_spatial [k, n_spatial, latent],
+        z_ref [k, n_ref, latent])``."""
+        check_is_fitted(self, "params_")
+        z1, z2 = st.embed(self.cfg_, self.params_, self._data_, self._masks, batch_size=self.batch_size)
+        return np.asarray(z1), np.asarray(z2)
+
+    def score_annotation(self, y_true, *, unknown="error"):
+        """Accuracy and macro / weighted F1 of :meth:`annotate` against the spatial cells'
+        true types. Types absent from the reference are an error (``unknown="error"``) or
+        their cells are left out (``"ignore"``; e.g. STARmap's unassigned ``NA``)."""
+        check_is_fitted(self, "params_")
+        y = np.asarray(y_true).reshape(-1)
+        if y.size != self.n_spatial_:
+            raise ValueError(f"y_true must have one label per spatial cell ({self.n_spatial_}), got {y.size}.")
+        if unknown not in ("error", "ignore"):
+            raise ValueError(f"unknown must be 'error' or 'ignore', got {unknown!r}.")
+        known = np.isin(y.astype(str), np.asarray(self.classes_).astype(str))
+        if not known.all() and unknown == "error":
+            bad = sorted(set(y[~known].astype(str).tolist()))
+            raise ValueError(f"y_true has cell types absent from the reference labels: {bad[:10]}; pass "
+                             f"unknown='ignore' to leave those cells out.")
+        pred = self.annotate()
+        return metrics.annotation_scores(y[known], pred[known])
+
+    # ------------------------------------------------------------------ protocol
+
+    def cross_validate_genes(self, X_spatial, X_ref, labels=None, *, coords, spatial_genes, ref_genes,
+                             gene_folds=None):
+        """Held-out gene evaluation: every shared gene imputed by models that never saw it.
+
+        ``gene_folds``: ``None`` for leave-one-gene-out, an int ``n`` for ``n`` shuffled
+        gene folds (:func:`jaxsel.datasets.gene_folds`), or a list of gene-name lists. For
+        each held-out fold, the spatial data is normalised over its remaining genes and
+        ``k`` calibration submodels are trained on them; all ``n_folds x k`` models are one
+        compiled program (``batch_size`` at a time). The estimator itself is not refitted.
+        Returns a :class:`GeneCVResult`.
+        """
+        seed = check_random_state(self.random_state)
+        d = self._inputs(X_spatial, X_ref, labels, coords, spatial_genes, ref_genes, genes=[])
+        shared, G, k = d["shared"], d["shared"].size, d["k"]
+        if gene_folds is None or isinstance(gene_folds, numbers.Integral):
+            held = datasets.gene_folds(G, None if gene_folds is None else int(gene_folds), random_state=seed)
+        else:
+            pos = {g: i for i, g in enumerate(shared)}
+            held = []
+            for f in gene_folds:
+                f = [f] if isinstance(f, str) else list(f)
+                bad = [g for g in f if str(g) not in pos]
+                if bad:
+                    raise ValueError(f"gene_folds names genes that are not shared: {bad[:10]}.")
+                held.append(np.sort(np.array([pos[str(g)] for g in f], dtype=np.int64)))
+            if not held or any(h.size == 0 for h in held):
+                raise ValueError("gene_folds must be a non-empty list of non-empty gene lists.")
+        if any(G - h.size < k + 1 for h in held):
+            raise ValueError(f"a held-out fold leaves fewer than n_calibration_folds + 1 = {k + 1} input genes.")
+        n_classes = 1 if d["classes"] is None else len(d["classes"])
+        x2 = preprocessing.scale(d["ref_log"][:, d["ref_shared"]])[0]
+        # the spatial input of each held-out fold is normalised over its remaining genes
+        raw = check_matrix(X_spatial, name="X_spatial", dtype=None)
+        sp_names = _check_gene_names(spatial_genes, raw.shape[1], "spatial_genes")
+        sp_cols = np.array([np.flatnonzero(sp_names == g)[0] for g in shared])
+        x1 = np.zeros((len(held), raw.shape[0], G), np.float32)
+        fit_masks, cal_masks, x1_index = [], [], []
+        n_inputs = []
+        for f, h in enumerate(held):
+            keep = np.setdiff1d(np.arange(G), h)
+            logx = preprocessing.log_normalize(raw[:, sp_cols[keep]], counts=self.counts, name="X_spatial")
+            x1[f][:, keep] = preprocessing.scale(logx)[0]
+            cal_folds = datasets.gene_folds(keep.size, k, random_state=seed + f)
+            fm, cm = _gene_masks(G, cal_folds, allowed=keep)
+            fit_masks.append(fm)
+            cal_masks.append(cm)
+            x1_index += [f] * k
+            n_inputs.append(keep.size)
+        cfg = self._config(G, n_classes, d["classes"] is not None)
+        cfg = dataclasses.replace(cfg, n_inputs=int(np.median(n_inputs)) - int(np.median(n_inputs)) // k)
+        neighbours = preprocessing.spatial_knn_graph(d["coords"], k=int(self.n_neighbors))
+        data = self._data(x1, x2, d["codes"], n_classes, neighbours)
+        fm_all, cm_all = np.concatenate(fit_masks), np.concatenate(cal_masks)
+        params, hist = self._fit_models(cfg, data, fm_all, cm_all, np.asarray(x1_index), seed)
+        values = jnp.asarray(d["ref_log"][:, d["ref_shared"]])
+        sub = np.asarray(st.impute(cfg, params, data, jnp.asarray(fm_all), values, jnp.asarray(x1_index, jnp.int32),
+                                   chunk=self._check_chunk(), batch_size=self.batch_size))
+        sub = sub.reshape(len(held), k, *sub.shape[1:])
+        imputed = np.zeros((raw.shape[0], G), np.float32)
+        std = np.zeros_like(imputed)
+        fold_of_gene = np.zeros(G, np.int64)
+        for f, h in enumerate(held):
+            imputed[:, h] = sub[f].mean(0)[:, h]
+            std[:, h] = sub[f].std(0)[:, h]
+            fold_of_gene[h] = f
+        truth = d["sp_log"]
+        scores = metrics.imputation_scores(truth, imputed)
+        history = {name: np.asarray(v).reshape(len(held), k, -1) for name, v in hist.items()}
+        return GeneCVResult(genes=shared, imputed=imputed, std=std, truth=np.asarray(truth), pcc=scores["pcc"],
+                            rmse=scores["rmse"], jsd=scores["jsd"], fold_of_gene=fold_of_gene, history=history)
