@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import datasets, engine, metrics, plotting, preprocessing, tl
+from . import datasets, engine, imputers, metrics, plotting, preprocessing, tl
 from .estimators import (
     ConcreteVAE,
     DEMarkers,
@@ -13,6 +13,7 @@ from .estimators import (
     SparseBottleneck,
     SparseRRR,
 )
+from .imputers import StAI
 
 __all__ = [
     "__version__",
@@ -24,10 +25,12 @@ __all__ = [
     "DEMarkers",
     "SparseBottleneck",
     "SparseRRR",
+    "StAI",
     "tl",
     "datasets",
     "metrics",
     "preprocessing",
     "plotting",
     "engine",
+    "imputers",
 ]

@@ -375,7 +375,7 @@ class StAI(BaseEstimator):
         labels = np.asarray(self.classes_)[prob.argmax(1)]
         return (labels, prob) if return_proba else labels
 
-    def latent(self):
+    def embed(self):
         """Per-submodel latent representations ``(z_spatial [k, n_spatial, latent],
         z_ref [k, n_ref, latent])``."""
         check_is_fitted(self, "params_")

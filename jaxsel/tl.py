@@ -27,7 +27,7 @@ import numbers
 
 import numpy as np
 
-from . import estimators
+from . import estimators, imputers
 
 __all__ = [
     "markermap",
@@ -37,6 +37,7 @@ __all__ = [
     "hvg_markers",
     "random_markers",
     "sparse_bottleneck",
+    "stai",
 ]
 
 
@@ -390,3 +391,69 @@ def sparse_bottleneck(
     })
     adata.obsm[f"X_{key_added}"] = emb
     return adata if copy else None
+
+
+def stai(
+    adata_spatial,
+    adata_ref,
+    labels_key: str | None = None,
+    genes=None,
+    *,
+    spatial_key: str = "spatial",
+    layer: str | None = None,
+    ref_layer: str | None = None,
+    annotate: bool = False,
+    key_added: str = "stai",
+    return_estimator: bool = False,
+    **kwargs,
+):
+    """Impute genes of spatial cells from a reference with :class:`jaxsel.imputers.StAI`.
+
+    Genes are matched by ``var_names``; ``adata_spatial.obsm[spatial_key]`` holds the
+    coordinates and ``adata_ref.obs[labels_key]`` the reference cell types (needed for
+    ``annotate`` and for the classifier term; without it the term is dropped). The
+    matrices are counts unless ``counts=False`` is passed. Extra keyword arguments go to
+    :class:`~jaxsel.imputers.StAI` (``n_calibration_folds``, ``epochs``, ``task``, ...).
+
+    Returns a new AnnData (cells of ``adata_spatial`` x ``genes``, default: every
+    reference gene the spatial data lacks) with the imputed log-normalised expression in
+    ``X`` (mean over the calibration submodels), their standard deviation in
+    ``layers["std"]`` and the fit's settings and loss history in ``uns["stai"]``. The
+    inputs are not modified, except that with ``annotate=True`` the predicted types are
+    written to ``adata_spatial.obs[key_added]`` and their probabilities to
+    ``adata_spatial.obsm[key_added + "_proba"]``. ``return_estimator=True`` returns
+    ``(imputed, estimator)``.
+    """
+    import anndata
+    import pandas as pd
+
+    _check_adata(adata_spatial)
+    _check_adata(adata_ref)
+    _check_key(spatial_key, "spatial_key")
+    _check_key(key_added, "key_added")
+    if spatial_key not in adata_spatial.obsm:
+        raise KeyError(f"spatial_key={spatial_key!r} is not in adata_spatial.obsm (available: "
+                       f"{sorted(adata_spatial.obsm.keys())}); the coordinates are required.")
+    if not isinstance(annotate, (bool, np.bool_)):
+        raise TypeError(f"annotate must be a bool, got {annotate!r}.")
+    labels = _get_labels(adata_ref, labels_key, required=bool(annotate), why="annotate=True needs reference labels.")
+    coords = adata_spatial.obsm[spatial_key]
+    coords = coords.to_numpy() if hasattr(coords, "to_numpy") else coords
+    est = imputers.StAI(**kwargs)
+    est.fit(_get_x(adata_spatial, layer), _get_x(adata_ref, ref_layer),
+            None if labels is None else np.asarray(labels), coords=coords,
+            spatial_genes=adata_spatial.var_names, ref_genes=adata_ref.var_names, genes=genes)
+    mean, sd = est.impute(return_std=True)
+    out = anndata.AnnData(X=mean, obs=pd.DataFrame(index=adata_spatial.obs_names.copy()),
+                          var=pd.DataFrame(index=[str(g) for g in est.imputable_genes_]))
+    out.layers["std"] = sd
+    out.uns["stai"] = {
+        "params": {k: _plain(v) for k, v in est.get_params(deep=False).items()},
+        "shared_genes": [str(g) for g in est.shared_genes_],
+        "history": {k: np.asarray(v, dtype=np.float64).tolist() for k, v in est.history_.items()},
+    }
+    if annotate:
+        pred, prob = est.annotate(return_proba=True)
+        adata_spatial.obs[key_added] = pd.Categorical(pred, categories=[str(c) for c in est.classes_])
+        adata_spatial.obsm[f"{key_added}_proba"] = prob
+    return (out, est) if return_estimator else out
