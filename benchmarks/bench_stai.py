@@ -1,0 +1,330 @@
+"""stAI: the spatial imputation protocol, against the released code and a kNN baseline.
+
+    python benchmarks/bench_stai.py --stai-path /path/to/gszou99-stAI \\
+        --ref-python /path/to/venv-with-torch-geometric/bin/python     # everything
+    python benchmarks/bench_stai.py --only speed ...                   # side-by-side speed
+    python benchmarks/bench_stai.py --only quality --datasets osmfish --gene-folds 11 --epochs 100
+    python benchmarks/bench_stai.py --report benchmarks/results/bench_stai.json   # re-render
+
+Data (``../shared/data``; skipped when absent): osmFISH (4839 cells x 33 genes) split
+50/50 into a reference and a spatial part, stratified by cell type (seed 0); STARmap mPFC
+(3704 x 158) with sections 0 and 1 as the reference and section 2 as the spatial part.
+Each part is normalised to 1e4 per cell and log1p'd (the spatial part over the genes it
+keeps as input), then every gene is standardised within its dataset.
+
+Phases
+------
+1. ``speed``: one imputation (one held-out gene fold of osmFISH, k = 5 calibration
+   submodels) at ``--speed-epochs`` epochs, side by side on the same inputs: the released
+   code (``--stai-path``, run by ``--ref-python`` through ``reference_stai.py``, one
+   submodel after another as it does), jaxsel with the 5 submodels vmapped in one program
+   and looped (``lax.map`` one at a time); seconds per submodel-epoch, compile time
+   apart, peak RSS, and the projection to the default 5 x 500 epochs.
+2. ``quality``: the protocol per dataset: held-out gene folds (``--gene-folds``; default
+   leave-one-gene-out for osmFISH and 10 folds for STARmap) x 5 calibration submodels as
+   one compiled program (:meth:`jaxsel.StAI.cross_validate_genes`) at ``--epochs``;
+   median PCC / RMSE / JSD of the held-out genes for jaxsel and the kNN-in-shared-PCA
+   baseline on the same folds; with ``--ref-quality-folds n`` the released code also runs
+   the first ``n`` held-out folds at the same epochs and the PCCs of those genes are
+   compared gene for gene.
+3. ``annotation``: :class:`jaxsel.StAI` with ``task="annotate"`` (the authors' annotation
+   configuration) on all shared genes; accuracy, macro and weighted F1 of the spatial
+   part's types against the kNN baseline (majority type of the nearest reference cells).
+
+Results: ``benchmarks/results/bench_stai.json`` (after every phase) and ``bench_stai.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bench_markermap import PeakRSS, machine_info  # noqa: E402
+from jaxsel import datasets, metrics  # noqa: E402
+from jaxsel import preprocessing as pp  # noqa: E402
+from jaxsel.imputers import StAI, _gene_masks  # noqa: E402
+from jaxsel.methods import baselines  # noqa: E402
+from jaxsel.methods import stai as st  # noqa: E402
+
+OUT = HERE / "results"
+K = 5
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load(name: str):
+    """``(x_ref counts, x_sp counts, genes, coords_sp, labels_ref, labels_sp)`` or None."""
+    if datasets.shared_data_dir() is None:
+        return None
+    if name == "osmfish":
+        ad = datasets.load_shared("osmfish")
+        labels = np.asarray(ad.obs["celltype"]).astype(str)
+        ref, spi = datasets.reference_spatial_split(labels, spatial_fraction=0.5, random_state=0)
+    elif name == "starmap":
+        ad = datasets.load_shared("starmap_mpfc")
+        labels = np.asarray(ad.obs["cell_type"]).astype(str)
+        ref, spi = datasets.reference_spatial_split(sections=np.asarray(ad.obs["batch"]), reference_sections=["0", "1"])
+    else:
+        raise ValueError(name)
+    x = ad.X.toarray() if hasattr(ad.X, "toarray") else np.asarray(ad.X)
+    x = x.astype(np.float32)
+    coords = np.asarray(ad.obsm["spatial"], np.float64)
+    return dict(x_ref=x[ref], x_sp=x[spi], genes=np.asarray(ad.var_names).astype(str), coords=coords[spi],
+                y_ref=labels[ref], y_sp=labels[spi])
+
+
+def fold_inputs(d, held, f, seed=0):
+    """jaxsel's recipe for one held-out fold: the arrays the released code also gets."""
+    G = d["genes"].size
+    keep = np.setdiff1d(np.arange(G), held)
+    ref_log = pp.log_normalize(d["x_ref"])
+    classes, codes = np.unique(d["y_ref"], return_inverse=True)
+    return dict(
+        x1=pp.scale(pp.log_normalize(d["x_sp"][:, keep]))[0],
+        x2=pp.scale(ref_log[:, keep])[0],
+        coords=d["coords"],
+        labels=codes,
+        ref_values=ref_log[:, held],
+        truth=pp.log_normalize(d["x_sp"])[:, held],
+        cal_folds=np.array(datasets.gene_folds(keep.size, K, random_state=seed + f) + [None], dtype=object)[:-1],
+        seed=seed,
+        n_classes=classes.size,
+    )
+
+
+def run_reference(args, inputs, epochs):
+    """The released code in its own interpreter; returns its JSON plus the imputation."""
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = Path(tmp) / "inputs.npz"
+        np.savez(npz, **{k: v for k, v in inputs.items() if k != "n_classes"})
+        out = Path(tmp) / "ref.json"
+        cmd = [args.ref_python, str(HERE / "reference_stai.py"), "--stai-path", args.stai_path, "--inputs", str(npz),
+               "--epochs", str(epochs), "--out", str(out)]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=not args.verbose)
+        res = json.loads(out.read_text())
+        res["wall_s"] = time.perf_counter() - t0
+        res["imputed"] = np.load(out.with_suffix(".npy"))
+    return res
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def speed(args, d) -> dict:
+    held = datasets.gene_folds(d["genes"].size, None)[0]
+    inp = fold_inputs(d, held, 0)
+    E = args.speed_epochs
+    G = inp["x1"].shape[1]
+    cfg = st.StAIConfig(n_genes=G, n_classes=int(inp["n_classes"]), epochs=E, n_inputs=G - G // K)
+    data = st.StAIData(jnp.asarray(inp["x1"]), jnp.asarray(pp.spatial_knn_graph(inp["coords"], 10)),
+                       jnp.asarray(inp["x2"]), jnp.asarray(inp["labels"], jnp.int32), jnp.ones(inp["n_classes"]))
+    fm, cm = _gene_masks(G, list(inp["cal_folds"]))
+    fm, cm = jnp.asarray(fm), jnp.asarray(cm)
+    keys = jax.random.split(jax.random.key(0), K)
+    out = {"held_out": [str(g) for g in d["genes"][held]], "epochs": E, "n_spatial": int(inp["x1"].shape[0]),
+           "n_ref": int(inp["x2"].shape[0]), "n_genes_in": G}
+    for mode, bs in (("vmapped", None), ("looped", 1)):
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            comp = st.fit.lower(cfg, keys, data, fm, cm, batch_size=bs).compile()
+            t_compile = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            params, _ = comp(cfg, keys, data, fm, cm)
+            jax.block_until_ready(params)
+            t_run = time.perf_counter() - t0
+        out[f"jaxsel_{mode}"] = dict(compile_s=t_compile, run_s=t_run, per_submodel_epoch_s=t_run / (K * E),
+                                    peak_rss_delta_mb=mem.delta_mb, projected_5x500_s=t_run / E * 500)
+        print(f"jaxsel {mode}: compile {t_compile:.1f} s, {t_run / (K * E):.4f} s per submodel-epoch", flush=True)
+    if args.stai_path and args.ref_python:
+        ref = run_reference(args, inp, E)
+        ref.pop("imputed")
+        ref["projected_5x500_s"] = ref["seconds_per_submodel_epoch"] * K * 500
+        out["reference"] = ref
+        out["speedup_vmapped"] = ref["seconds_per_submodel_epoch"] / out["jaxsel_vmapped"]["per_submodel_epoch_s"]
+        out["speedup_looped"] = ref["seconds_per_submodel_epoch"] / out["jaxsel_looped"]["per_submodel_epoch_s"]
+        print(f"reference: {ref['seconds_per_submodel_epoch']:.3f} s per submodel-epoch, "
+              f"{ref['peak_rss_mb']:.0f} MB; speedup {out['speedup_vmapped']:.1f}x", flush=True)
+    return out
+
+
+def quality(args, name, d) -> dict:
+    G = d["genes"].size
+    n_folds = args.gene_folds if args.gene_folds else (None if name == "osmfish" else 10)
+    held = datasets.gene_folds(G, n_folds, random_state=0)
+    est = StAI(n_calibration_folds=K, epochs=args.epochs, batch_size=args.batch_size, random_state=0)
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        r = est.cross_validate_genes(d["x_sp"], d["x_ref"], d["y_ref"], coords=d["coords"], spatial_genes=d["genes"],
+                                     ref_genes=d["genes"], gene_folds=[list(d["genes"][h]) for h in held])
+        wall = time.perf_counter() - t0
+    # the kNN baseline on the same folds and inputs
+    knn = np.zeros_like(r.imputed)
+    for f, h in enumerate(held):
+        inp = fold_inputs(d, h, f)
+        knn[:, h] = np.asarray(baselines.knn_pca_impute(inp["x1"], inp["x2"], inp["ref_values"],
+                                                        n_components=min(30, inp["x1"].shape[1]), n_neighbors=10))
+    ks = metrics.imputation_scores(r.truth, knn)
+    n_models = len(held) * K
+    out = {
+        "n_spatial": int(d["x_sp"].shape[0]), "n_ref": int(d["x_ref"].shape[0]), "n_genes": int(G),
+        "gene_folds": len(held), "epochs": args.epochs, "models": n_models,
+        "jaxsel": {**r.medians(), "wall_s": wall, "per_model_epoch_s": wall / (n_models * args.epochs),
+                   "peak_rss_delta_mb": mem.delta_mb, "pcc_per_gene": dict(zip(r.genes.tolist(), r.pcc.tolist()))},
+        "knn": {m: float(np.nanmedian(ks[m])) for m in ("pcc", "rmse", "jsd")},
+    }
+    out["knn"]["pcc_per_gene"] = dict(zip(r.genes.tolist(), ks["pcc"].tolist()))
+    print(f"{name}: jaxsel median PCC {out['jaxsel']['pcc']:.3f} ({wall:.0f} s), kNN {out['knn']['pcc']:.3f}",
+          flush=True)
+    if args.ref_quality_folds and args.stai_path and args.ref_python:
+        genes, ref_pcc, ours = [], [], []
+        t_ref = 0.0
+        for f, h in enumerate(held[: args.ref_quality_folds]):
+            inp = fold_inputs(d, h, f)
+            ref = run_reference(args, inp, args.epochs)
+            t_ref += ref["wall_s"]
+            s = metrics.imputation_scores(inp["truth"], ref["imputed"])
+            genes += d["genes"][h].tolist()
+            ref_pcc += s["pcc"].tolist()
+            ours += r.pcc[h].tolist()
+        out["reference_subset"] = {"genes": genes, "pcc": ref_pcc, "jaxsel_pcc": ours, "wall_s": t_ref,
+                                   "median_pcc": float(np.nanmedian(ref_pcc)),
+                                   "jaxsel_median_pcc": float(np.nanmedian(ours))}
+    return out
+
+
+def annotation(args, name, d) -> dict:
+    est = StAI(n_calibration_folds=K, task="annotate", epochs=args.annotation_epochs, random_state=0)
+    t0 = time.perf_counter()
+    est.fit(d["x_sp"], d["x_ref"], d["y_ref"], coords=d["coords"], spatial_genes=d["genes"], ref_genes=d["genes"],
+            genes=[])
+    wall = time.perf_counter() - t0
+    ours = est.score_annotation(d["y_sp"], unknown="ignore")
+    inp = fold_inputs(d, np.array([], np.int64), 0)
+    onehot = np.eye(inp["n_classes"], dtype=np.float32)[inp["labels"]]
+    vote = np.asarray(baselines.knn_pca_impute(inp["x1"], inp["x2"], onehot,
+                                               n_components=min(30, inp["x1"].shape[1]), n_neighbors=10))
+    classes = np.unique(d["y_ref"])
+    known = np.isin(d["y_sp"], classes)
+    knn = metrics.annotation_scores(d["y_sp"][known], classes[vote.argmax(1)][known])
+    print(f"{name} annotation: jaxsel acc {ours['accuracy']:.3f} F1 {ours['macro_f1']:.3f}; "
+          f"kNN acc {knn['accuracy']:.3f} F1 {knn['macro_f1']:.3f}", flush=True)
+    return {"epochs": args.annotation_epochs, "jaxsel": {**ours, "wall_s": wall}, "knn": knn,
+            "cells_scored": int(known.sum())}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def render(res: dict) -> str:
+    m = res.get("machine", {})
+    lines = ["# stAI benchmark", "", f"Machine: {m.get('cpu')} ({m.get('cores')} cores), {m.get('platform')}; "
+             f"versions {m.get('versions')}; {m.get('date')}", "", f"Command: `{res.get('command')}`", ""]
+    s = res.get("speed")
+    if s:
+        lines += [f"## Speed: one imputation, k = 5 submodels x {s['epochs']} epochs, osmFISH split "
+                  f"({s['n_spatial']} spatial x {s['n_ref']} reference cells, {s['n_genes_in']} input genes)", "",
+                  "| implementation | s per submodel-epoch | compile s | peak RSS MB | projected 5 x 500 epochs |",
+                  "|---|---|---|---|---|"]
+        for mode in ("vmapped", "looped"):
+            j = s[f"jaxsel_{mode}"]
+            lines.append(f"| jaxsel, submodels {mode} | {j['per_submodel_epoch_s']:.4f} | {j['compile_s']:.1f} | "
+                         f"+{j['peak_rss_delta_mb']:.0f} | {j['projected_5x500_s'] / 60:.1f} min |")
+        if "reference" in s:
+            r = s["reference"]
+            lines.append(f"| released stAI (torch {r['torch']}, {r['threads']} threads) | "
+                         f"{r['seconds_per_submodel_epoch']:.3f} | - | {r['peak_rss_mb']:.0f} | "
+                         f"{r['projected_5x500_s'] / 3600:.1f} h |")
+            lines += ["", f"Speed-up at equal epochs: {s['speedup_vmapped']:.1f}x vmapped, "
+                          f"{s['speedup_looped']:.1f}x looped."]
+        lines.append("")
+    for name in ("osmfish", "starmap"):
+        q = res.get("quality", {}).get(name)
+        if q:
+            lines += [f"## Imputation, {name}: {q['gene_folds']} held-out gene folds x 5 submodels "
+                      f"({q['models']} models, one program), {q['epochs']} epochs", "",
+                      "| method | median PCC | median RMSE | median JSD | wall s |", "|---|---|---|---|---|",
+                      f"| jaxsel stAI | {q['jaxsel']['pcc']:.3f} | {q['jaxsel']['rmse']:.3f} | "
+                      f"{q['jaxsel']['jsd']:.4f} | {q['jaxsel']['wall_s']:.0f} |",
+                      f"| kNN in shared PCA | {q['knn']['pcc']:.3f} | {q['knn']['rmse']:.3f} | {q['knn']['jsd']:.4f} | |"]
+            if "reference_subset" in q:
+                rs = q["reference_subset"]
+                lines += ["", f"Released code on {len(rs['genes'])} of the held-out genes ({', '.join(rs['genes'])}): "
+                              f"median PCC {rs['median_pcc']:.3f} vs jaxsel {rs['jaxsel_median_pcc']:.3f} on the same "
+                              f"genes ({rs['wall_s']:.0f} s)."]
+            lines.append("")
+        a = res.get("annotation", {}).get(name)
+        if a:
+            lines += [f"## Annotation, {name} ({a['epochs']} epochs, {a['cells_scored']} spatial cells)", "",
+                      "| method | accuracy | macro F1 | weighted F1 |", "|---|---|---|---|"]
+            for meth, key in (("jaxsel stAI", "jaxsel"), ("kNN in shared PCA", "knn")):
+                v = a[key]
+                lines.append(f"| {meth} | {v['accuracy']:.3f} | {v['macro_f1']:.3f} | {v['weighted_f1']:.3f} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def save(res, out: Path):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1, default=float))
+    out.with_suffix(".md").write_text(render(res))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stai-path", default=None, help="checkout of github.com/gszou99/stAI")
+    ap.add_argument("--ref-python", default=None, help="interpreter with torch, torch_geometric and scanpy")
+    ap.add_argument("--only", default=None, help="comma list of phases: speed,quality,annotation")
+    ap.add_argument("--datasets", default="osmfish,starmap")
+    ap.add_argument("--speed-epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=500)
+    ap.add_argument("--annotation-epochs", type=int, default=300)
+    ap.add_argument("--gene-folds", type=int, default=None, help="default: LOO for osmFISH, 10 for STARmap")
+    ap.add_argument("--ref-quality-folds", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=None, help="models at once (lax.map); default all vmapped")
+    ap.add_argument("--out", default=str(OUT / "bench_stai.json"))
+    ap.add_argument("--report", default=None)
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    if args.report:
+        res = json.loads(Path(args.report).read_text())
+        print(render(res))
+        return
+    phases = set((args.only or "speed,quality,annotation").split(","))
+    res = {"machine": machine_info(), "args": vars(args), "command": " ".join(["python", *sys.argv]),
+           "quality": {}, "annotation": {}}
+    out = Path(args.out)
+    names = args.datasets.split(",")
+    loaded = {n: load(n) for n in names}
+    if any(v is None for v in loaded.values()):
+        print("shared data not found: skipping (set JAXSEL_DATA_DIR)")
+        return
+    if "speed" in phases and "osmfish" in loaded:
+        res["speed"] = speed(args, loaded["osmfish"])
+        save(res, out)
+    for n in names:
+        if "quality" in phases:
+            res["quality"][n] = quality(args, n, loaded[n])
+            save(res, out)
+        if "annotation" in phases:
+            res["annotation"][n] = annotation(args, n, loaded[n])
+            save(res, out)
+    print(render(res))
+
+
+if __name__ == "__main__":
+    main()
