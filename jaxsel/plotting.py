@@ -1,4 +1,4 @@
-"""Figures for sparse bottleneck neural networks (SBNN).
+"""Figures for sparse bottleneck neural networks (SBNN) and spatial imputation.
 
 Plotting helpers that reproduce the kind of figure used to present a sparse
 bottleneck network with a two-dimensional latent layer (Bernaerts, Berens &
@@ -11,7 +11,10 @@ visualization of Patch-seq data"):
   a contour map over the triangulated latent coordinates;
 * :func:`plot_r2_curves` -- train/test :math:`R^2` across epochs for several
   training schedules, with reduced-rank regression baselines;
-* :func:`sbnn_figure` -- all of the above composed into one figure.
+* :func:`sbnn_figure` -- all of the above composed into one figure;
+* :func:`plot_spatial_values` -- one gene's expression over the tissue coordinates;
+* :func:`spatial_imputation_figure` -- measured vs imputed maps of a few genes and
+  true vs predicted cell types (stAI / gimVI on a spatial dataset).
 
 The module works on plain numpy arrays and depends only on numpy and
 matplotlib (install with ``pip install 'jaxsel[plot]'``); matplotlib is
@@ -35,6 +38,8 @@ __all__ = [
     "plot_latent_overlay",
     "plot_r2_curves",
     "sbnn_figure",
+    "plot_spatial_values",
+    "spatial_imputation_figure",
 ]
 
 _MPL_MESSAGE = "jaxsel.plotting needs matplotlib: pip install 'jaxsel[plot]'"
@@ -872,4 +877,77 @@ def sbnn_figure(latent, labels, *, gene_predictions=None, y_predictions=None, cu
     except Exception:
         plt.close(fig)
         raise
+    return fig
+
+
+# --------------------------------------------------------------------------- #
+# spatial maps
+# --------------------------------------------------------------------------- #
+def plot_spatial_values(coords, values, *, ax=None, s=4, cmap="viridis", vmin=None, vmax=None, title=None,
+                        colorbar=True):
+    """Scatter of the cells at ``coords`` [n_cells, 2] coloured by ``values`` [n_cells].
+
+    The colour range defaults to the 1st-99th percentiles of ``values`` (robust to a few
+    extreme cells). Returns the figure.
+    """
+    xy = _check_latent(coords, "coords")
+    v = _check_values(values, xy.shape[0])
+    fig, ax = _get_ax(ax, (4, 4))
+    lo, hi = np.percentile(v, [1, 99]) if v.size else (0.0, 1.0)
+    sc = ax.scatter(xy[:, 0], xy[:, 1], c=v, s=s, cmap=cmap, vmin=lo if vmin is None else vmin,
+                    vmax=hi if vmax is None else vmax, linewidths=0, rasterized=True)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+    if colorbar:
+        fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02)
+    return fig
+
+
+def spatial_imputation_figure(coords, measured, imputed, *, true_types=None, predicted_types=None, s=3,
+                              path=None, dpi=150):
+    """Measured vs imputed expression maps, one row per gene, and (optionally) a last row
+    of true vs predicted cell types.
+
+    ``measured`` and ``imputed`` map gene names to per-cell values (same keys). Each map
+    gets its own 1st-99th percentile colour range: imputed values are on the reference's
+    scale, so the maps compare spatial patterns, as PCC does. True and predicted types
+    share one colour per type. ``path`` saves a PNG. Returns the figure.
+    """
+    _, plt = _mpl()
+    xy = _check_latent(coords, "coords")
+    if not isinstance(measured, Mapping) or not isinstance(imputed, Mapping):
+        raise TypeError("measured and imputed must be mappings gene -> per-cell values")
+    if list(measured) != list(imputed):
+        raise ValueError(f"measured and imputed must have the same genes, got {list(measured)} and {list(imputed)}")
+    if not measured:
+        raise ValueError("measured is empty: give at least one gene")
+    types = true_types is not None or predicted_types is not None
+    rows = len(measured) + int(types)
+    aspect = float(np.ptp(xy[:, 1]) / max(np.ptp(xy[:, 0]), 1e-12))
+    fig, axes = plt.subplots(rows, 2, figsize=(7.5, max(2.2, 3.4 * min(aspect, 2.5)) * rows), squeeze=False)
+    for i, gene in enumerate(measured):
+        m, p = _check_values(measured[gene], xy.shape[0], f"measured[{gene!r}]"), _check_values(
+            imputed[gene], xy.shape[0], f"imputed[{gene!r}]")
+        r = float(np.corrcoef(m, p)[0, 1]) if m.std() > 0 and p.std() > 0 else float("nan")
+        plot_spatial_values(xy, m, ax=axes[i, 0], s=s, title=f"{gene} measured")
+        plot_spatial_values(xy, p, ax=axes[i, 1], s=s, title=f"{gene} imputed (PCC {r:.2f})")
+    if types:
+        _, plt_ = _mpl()
+        present = [v for lab in (true_types, predicted_types) if lab is not None for v in np.asarray(lab).tolist()]
+        names = sorted(set(map(str, present)))
+        palette = plt_.get_cmap("tab20")
+        colors = {n: palette(i % 20) for i, n in enumerate(names)}
+        for j, (lab, name) in enumerate(((true_types, "true cell types"), (predicted_types, "predicted cell types"))):
+            ax = axes[-1, j]
+            if lab is None:
+                ax.axis("off")
+                continue
+            plot_latent(xy, np.asarray(lab).astype(str), colors=colors, ax=ax, s=s, legend=(j == 1), title=name)
+            ax.set_aspect("equal")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(os.fspath(path), dpi=dpi)
     return fig

@@ -365,3 +365,27 @@ def test_sbnn_figure_bad_inputs_leave_no_open_figure():
     with pytest.raises(ValueError, match="curves"):
         plotting.sbnn_figure(latent, labels, baselines={"b": 0.1})
     assert len(plt.get_fignums()) == n_open
+
+
+def test_spatial_imputation_figure_writes_png_with_shared_type_colours(tmp_path):
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(size=(80, 2))
+    m = {"g1": xy[:, 0], "g2": xy[:, 1]}
+    p = {"g1": xy[:, 0] + 0.1 * rng.normal(size=80), "g2": rng.normal(size=80)}
+    true = np.where(xy[:, 0] > 0.5, "a", "b")
+    pred = np.full(80, "b")
+    path = tmp_path / "maps.png"
+    fig = plotting.spatial_imputation_figure(xy, m, p, true_types=true, predicted_types=pred, path=path)
+    assert path.exists() and path.stat().st_size > 1000
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    titles = [ax.get_title() for ax in axes]
+    assert titles[:4] == ["g1 measured", titles[1], "g2 measured", titles[3]] and "PCC" in titles[1]
+    # "b" has the same colour in the true and the predicted panel
+    true_ax, pred_ax = axes[-2], axes[-1]
+    colour = lambda ax, lab: [c.get_facecolor()[0] for c in ax.collections if c.get_label() == lab][0]  # noqa: E731
+    np.testing.assert_allclose(colour(true_ax, "b"), colour(pred_ax, "b"))
+    plt.close(fig)
+    with pytest.raises(ValueError, match="same genes"):
+        plotting.spatial_imputation_figure(xy, m, {"g1": p["g1"]})
+    with pytest.raises(ValueError, match="length"):
+        plotting.spatial_imputation_figure(xy, {"g1": xy[:10, 0]}, {"g1": xy[:10, 0]})
