@@ -33,6 +33,12 @@ submodels, and the held-out gene folds of an evaluation protocol, are one vmappe
 program (:func:`fit`). Training is full batch for ``epochs`` Adam steps (the authors'
 setting), one ``lax.scan``.
 
+The hot loop (one full-batch step per submodel) is the MMD over all cell pairs and the
+top-k neighbour search; neither materialises an ``[n1, n2]`` matrix beyond a row tile:
+:func:`jaxsel.losses.mmd_rbf` scans 128-row tiles with an analytic gradient, and the
+imputation weights are gathered for the ``top_k`` selected pairs only (their gradient is
+a ``[n1, top_k]`` gather, not a dense scatter). Inference is chunked over spatial cells.
+
 Initialisation follows the released code: the reference encoder and both decoders are
 N(0, 0.1^2) (weights and biases), the other linear layers PyTorch's default with the
 submodel's number of input genes as fan-in (``n_inputs``), the GAT layer Glorot.
