@@ -8,7 +8,9 @@
 
 Data (``../shared/data``; skipped when absent): osmFISH (4839 cells x 33 genes) split
 50/50 into a reference and a spatial part, stratified by cell type (seed 0); STARmap mPFC
-(3704 x 158) with sections 0 and 1 as the reference and section 2 as the spatial part.
+(3704 x 158) with sections 0 and 1 as the reference and section 2 as the spatial part;
+MERFISH hypothalamus (4975 x 155 genes after dropping the blank controls; the released
+values are normalised, not counts) split like osmFISH.
 Each part is normalised to 1e4 per cell and log1p'd (the spatial part over the genes it
 keeps as input), then every gene is standardised within its dataset.
 
@@ -21,7 +23,7 @@ Phases
    and looped (``lax.map`` one at a time); seconds per submodel-epoch, compile time
    apart, peak RSS, and the projection to the default 5 x 500 epochs.
 2. ``quality``: the protocol per dataset: held-out gene folds (``--gene-folds``; default
-   leave-one-gene-out for osmFISH and 10 folds for STARmap) x 5 calibration submodels as
+   leave-one-gene-out for osmFISH and 10 folds for STARmap and MERFISH) x 5 calibration submodels as
    one compiled program (:meth:`jaxsel.StAI.cross_validate_genes`) at ``--epochs``;
    median PCC / RMSE / JSD of the held-out genes for jaxsel and the kNN-in-shared-PCA
    baseline on the same folds; with ``--ref-quality-folds n`` the released code also runs
@@ -79,6 +81,11 @@ def load(name: str):
         ad = datasets.load_shared("starmap_mpfc")
         labels = np.asarray(ad.obs["cell_type"]).astype(str)
         ref, spi = datasets.reference_spatial_split(sections=np.asarray(ad.obs["batch"]), reference_sections=["0", "1"])
+    elif name == "merfish":  # normalised values, not counts (kept as released); blank controls dropped
+        ad = datasets.load_shared("merfish_hypothalamus")
+        ad = ad[:, ~np.asarray(ad.var["is_blank_control"], bool)]
+        labels = np.asarray(ad.obs["cell_type"]).astype(str)
+        ref, spi = datasets.reference_spatial_split(labels, spatial_fraction=0.5, random_state=0)
     else:
         raise ValueError(name)
     x = ad.X.toarray() if hasattr(ad.X, "toarray") else np.asarray(ad.X)
@@ -300,7 +307,7 @@ def render(res: dict) -> str:
                          f"{r['per_submodel_epoch_s']:.3f} | {r['fixed_s']:.1f} | - | {r['peak_rss_mb']:.0f} | "
                          f"{r['projected_5x500_s'] / 3600:.2f} h | 1x | 1x |")
         lines.append("")
-    for name in ("osmfish", "starmap"):
+    for name in ("osmfish", "starmap", "merfish"):
         q = res.get("quality", {}).get(name)
         if q:
             lines += [f"## Imputation, {name}: {q['gene_folds']} held-out gene folds x 5 submodels "
@@ -337,7 +344,7 @@ def main(argv=None):
     ap.add_argument("--stai-path", default=None, help="checkout of github.com/gszou99/stAI")
     ap.add_argument("--ref-python", default=None, help="interpreter with torch, torch_geometric and scanpy")
     ap.add_argument("--only", default=None, help="comma list of phases: speed,quality,annotation")
-    ap.add_argument("--datasets", default="osmfish,starmap")
+    ap.add_argument("--datasets", default="osmfish,starmap,merfish")
     ap.add_argument("--speed-epochs", type=int, nargs=2, default=[10, 30])
     ap.add_argument("--epochs", type=int, default=500)
     ap.add_argument("--annotation-epochs", type=int, default=300)

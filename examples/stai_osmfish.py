@@ -53,7 +53,7 @@ def synthetic(n_genes_shown=3):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--genes", default="Gad2,Mbp,Lamp5", help="osmFISH genes to hold out and impute")
+    ap.add_argument("--genes", default="Gad2,Plp1,Lamp5", help="osmFISH genes to hold out and impute")
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--synthetic", action="store_true", help="use jaxsel.datasets.make_spatial_pair instead")
     ap.add_argument("--out", default="stai_osmfish.png")

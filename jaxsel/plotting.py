@@ -925,9 +925,10 @@ def spatial_imputation_figure(coords, measured, imputed, *, true_types=None, pre
     if not measured:
         raise ValueError("measured is empty: give at least one gene")
     types = true_types is not None or predicted_types is not None
+    names = []
     rows = len(measured) + int(types)
     aspect = float(np.ptp(xy[:, 1]) / max(np.ptp(xy[:, 0]), 1e-12))
-    fig, axes = plt.subplots(rows, 2, figsize=(7.5, max(2.2, 3.4 * min(aspect, 2.5)) * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 2, figsize=(7.0, max(2.2, 2.6 * min(aspect, 2.0)) * rows), squeeze=False)
     for i, gene in enumerate(measured):
         m, p = _check_values(measured[gene], xy.shape[0], f"measured[{gene!r}]"), _check_values(
             imputed[gene], xy.shape[0], f"imputed[{gene!r}]")
@@ -945,9 +946,12 @@ def spatial_imputation_figure(coords, measured, imputed, *, true_types=None, pre
             if lab is None:
                 ax.axis("off")
                 continue
-            plot_latent(xy, np.asarray(lab).astype(str), colors=colors, ax=ax, s=s, legend=(j == 1), title=name)
+            plot_latent(xy, np.asarray(lab).astype(str), colors=colors, ax=ax, s=s, legend=False, title=name)
             ax.set_aspect("equal")
-    fig.tight_layout()
+        handles = [plt_.Line2D([], [], ls="", marker="o", color=colors[n], label=n) for n in names]
+        fig.legend(handles=handles, loc="lower center", ncol=min(4, len(names)), fontsize=7, frameon=False)
+    n_leg_rows = -(-len(names) // 4) if types else 0
+    fig.tight_layout(rect=(0, 0.02 * n_leg_rows, 1, 1))
     if path is not None:
         fig.savefig(os.fspath(path), dpi=dpi)
     return fig

@@ -322,3 +322,12 @@ def test_sharded_equals_unsharded_on_four_cpu_devices():
     code = _SHARDED.format(tests=os.path.dirname(__file__))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "SHARDED_OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_chunk_map_equals_direct_and_pads_the_last_chunk():
+    x = jnp.arange(23 * 3, dtype=jnp.float32).reshape(23, 3)
+    fn = lambda c: {"s": jnp.sum(c, 1), "sq": c * c}  # noqa: E731
+    for chunk in (1, 5, 23, 64):
+        got = jax.jit(lambda a, c=chunk: engine.chunk_map(fn, a, c))(x)
+        np.testing.assert_array_equal(np.asarray(got["s"]), np.asarray(x).sum(1))
+        np.testing.assert_array_equal(np.asarray(got["sq"]), np.asarray(x) ** 2)

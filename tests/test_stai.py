@@ -362,6 +362,10 @@ def test_estimator_input_errors(pair):
         jaxsel.StAI(task="impute_all").fit(a.X, b.X, y, **kw)
     with pytest.raises(ValueError, match="loss_weights keys"):
         jaxsel.StAI(loss_weights={"kl": 1.0}).fit(a.X, b.X, y, **kw)
+    with pytest.raises(ValueError, match="batch_size"):
+        jaxsel.StAI(batch_size="fast", epochs=2).fit(a.X, b.X, y, **kw)
+    with pytest.raises(ValueError, match="batch_size"):
+        jaxsel.StAI(batch_size=0, epochs=2).fit(a.X, b.X, y, **kw)
 
 
 def test_estimator_accepts_sparse_input_and_keeps_requested_genes(pair):
