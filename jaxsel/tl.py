@@ -1,4 +1,7 @@
-"""scanpy-style marker selection on AnnData objects.
+"""scanpy-style marker selection and spatial imputation on AnnData objects.
+
+:func:`stai` is the one function here that returns a new object (the imputed genes as an
+AnnData) instead of writing selections; see its docstring for what it writes.
 
 Every function reads the expression matrix from ``adata.X`` (or
 ``adata.layers[layer]``) and, where needed, cell labels from
