@@ -91,7 +91,8 @@ def load(name: str):
     x = ad.X.toarray() if hasattr(ad.X, "toarray") else np.asarray(ad.X)
     x = x.astype(np.float32)
     coords = np.asarray(ad.obsm["spatial"], np.float64)
-    return dict(x_ref=x[ref], x_sp=x[spi], genes=np.asarray(ad.var_names).astype(str), coords=coords[spi],
+    return dict(x_ref=x[ref], x_sp=x[spi], ref_log=pp.log_normalize(x[ref]), sp_log=pp.log_normalize(x[spi]),
+                genes=np.asarray(ad.var_names).astype(str), coords=coords[spi],
                 y_ref=labels[ref], y_sp=labels[spi])
 
 
@@ -99,15 +100,15 @@ def fold_inputs(d, held, f, seed=0):
     """jaxsel's recipe for one held-out fold: the arrays the released code also gets."""
     G = d["genes"].size
     keep = np.setdiff1d(np.arange(G), held)
-    ref_log = pp.log_normalize(d["x_ref"])
     classes, codes = np.unique(d["y_ref"], return_inverse=True)
+    x1, x2 = pp.stai_recipe(d["x_sp"][:, keep], d["ref_log"][:, keep])
     return dict(
-        x1=pp.scale(pp.log_normalize(d["x_sp"][:, keep]))[0],
-        x2=pp.scale(ref_log[:, keep])[0],
+        x1=x1,
+        x2=x2,
         coords=d["coords"],
         labels=codes,
-        ref_values=ref_log[:, held],
-        truth=pp.log_normalize(d["x_sp"])[:, held],
+        ref_values=d["ref_log"][:, held],
+        truth=d["sp_log"][:, held],
         cal_folds=np.array(datasets.gene_folds(keep.size, K, random_state=seed + f) + [None], dtype=object)[:-1],
         seed=seed,
         n_classes=classes.size,

@@ -72,6 +72,34 @@ def _gene_masks(n_genes: int, folds, allowed=None):
     return fit, cal
 
 
+def _held_out_folds(gene_folds, shared, seed: int):
+    """Held-out gene index folds over ``shared``: ``None`` (leave-one-out), an int, or a
+    list of gene-name lists; folds must be non-empty and disjoint."""
+    G = shared.size
+    if gene_folds is None:
+        return datasets.gene_folds(G, None, random_state=seed)
+    if isinstance(gene_folds, numbers.Integral) and not isinstance(gene_folds, (bool, np.bool_)):
+        if not 2 <= gene_folds <= G:
+            raise ValueError(f"gene_folds must be between 2 and the {G} shared genes, got {gene_folds}.")
+        return datasets.gene_folds(G, int(gene_folds), random_state=seed)
+    if isinstance(gene_folds, (str, bytes, bool, np.bool_)) or not hasattr(gene_folds, "__iter__"):
+        raise TypeError(f"gene_folds must be None, an int or a list of gene-name lists, got {gene_folds!r}.")
+    pos = {g: i for i, g in enumerate(shared)}
+    held = []
+    for f in gene_folds:
+        f = [f] if isinstance(f, str) else [str(g) for g in f]
+        bad = [g for g in f if g not in pos]
+        if bad:
+            raise ValueError(f"gene_folds names genes that are not shared: {bad[:10]}.")
+        held.append(np.unique(np.array([pos[g] for g in f], dtype=np.int64)))
+    if not held or any(h.size == 0 for h in held):
+        raise ValueError("gene_folds must be a non-empty list of non-empty gene lists.")
+    counts = np.bincount(np.concatenate(held), minlength=G)
+    if (counts > 1).any():
+        raise ValueError(f"gene_folds must be disjoint; held out more than once: {shared[counts > 1][:10].tolist()}.")
+    return held
+
+
 @dataclasses.dataclass
 class GeneCVResult:
     """Held-out gene cross-validation of :meth:`StAI.cross_validate_genes`.
@@ -79,7 +107,8 @@ class GeneCVResult:
     ``genes`` [G] the shared genes; ``imputed`` / ``std`` / ``truth`` [n_spatial, G]: each
     gene imputed by the models that never saw it (mean and spread over the calibration
     submodels) and its measured log-normalised expression; ``pcc``, ``rmse``, ``jsd`` [G]
-    per gene (:func:`jaxsel.metrics.imputation_scores`); ``fold_of_gene`` [G];
+    per gene (:func:`jaxsel.metrics.imputation_scores`); ``fold_of_gene`` [G] (``-1``,
+    and NaN imputations and scores, for genes no fold held out);
     ``history`` per-epoch loss terms, arrays [n_folds, k, epochs].
     """
 
@@ -94,7 +123,7 @@ class GeneCVResult:
     history: dict
 
     def medians(self) -> dict:
-        """Median PCC, RMSE and JSD over genes (NaN PCC of constant genes ignored)."""
+        """Median PCC, RMSE and JSD over the held-out genes (NaN PCC of constant genes ignored)."""
         return {m: float(np.nanmedian(getattr(self, m))) for m in ("pcc", "rmse", "jsd")}
 
 
@@ -205,7 +234,7 @@ class StAI(BaseEstimator):
 
     # ------------------------------------------------------------------ configuration
 
-    def _config(self, n_genes: int, n_classes: int, has_labels: bool) -> st.StAIConfig:
+    def _config(self, n_genes: int, n_classes: int, has_labels: bool, n_inputs: int | None = None) -> st.StAIConfig:
         if self.task not in _TASKS:
             raise ValueError(f"task must be one of {_TASKS}, got {self.task!r}.")
         for name in ("hidden", "latent", "top_k"):
@@ -213,7 +242,7 @@ class StAI(BaseEstimator):
         check_real(self.learning_rate, "learning_rate", low=0.0, low_open=True)
         kw = dict(hidden=int(self.hidden), latent=int(self.latent), top_k=int(self.top_k),
                   attention=self.attention, gene_loss=self.gene_loss, learning_rate=float(self.learning_rate),
-                  n_inputs=n_genes - n_genes // int(self.n_calibration_folds))
+                  n_inputs=(n_inputs or n_genes) - (n_inputs or n_genes) // int(self.n_calibration_folds))
         if self.epochs is not None:
             kw["epochs"] = check_int(self.epochs, "epochs", 1)
         weights = dict(self.loss_weights or {})
@@ -264,7 +293,8 @@ class StAI(BaseEstimator):
         shared = sp_names[sp_shared]
         ref_shared = np.array([ref_pos[g] for g in shared], dtype=np.int64)
         if genes is None:
-            extra = np.array([i for i, g in enumerate(ref_names) if g not in set(shared)], dtype=np.int64)
+            in_spatial = set(shared.tolist())
+            extra = np.array([i for i, g in enumerate(ref_names) if g not in in_spatial], dtype=np.int64)
         else:
             req = np.asarray([genes] if isinstance(genes, str) else list(genes)).astype(str)
             missing = [g for g in req if g not in ref_pos]
@@ -282,10 +312,8 @@ class StAI(BaseEstimator):
         else:
             codes, classes = np.zeros(xr.shape[0], np.int64), None
         ref_log = preprocessing.log_normalize(xr, counts=self.counts, name="X_ref")
-        sp_sub = xs[:, sp_shared]
-        sp_log = preprocessing.log_normalize(sp_sub, counts=self.counts, name="X_spatial")
-        return dict(k=k, shared=shared, sp_log=sp_log, ref_log=ref_log, ref_shared=ref_shared, extra=extra,
-                    ref_names=ref_names, coords=c, codes=codes, classes=classes)
+        return dict(k=k, shared=shared, x_sp=xs[:, sp_shared], ref_log=ref_log, ref_shared=ref_shared,
+                    extra=extra, ref_names=ref_names, coords=c, codes=codes, classes=classes)
 
     def _data(self, x1, x2, codes, n_classes, neighbours):
         cw = st.class_weights(jnp.asarray(codes), n_classes, self._class_power())
@@ -329,8 +357,7 @@ class StAI(BaseEstimator):
         n_classes = 1 if d["classes"] is None else len(d["classes"])
         G, k = d["shared"].size, d["k"]
         cfg = self._config(G, n_classes, d["classes"] is not None)
-        x1 = preprocessing.scale(d["sp_log"])[0]
-        x2 = preprocessing.scale(d["ref_log"][:, d["ref_shared"]])[0]
+        x1, x2 = preprocessing.stai_recipe(d["x_sp"], d["ref_log"][:, d["ref_shared"]], counts=self.counts)
         neighbours = preprocessing.spatial_knn_graph(d["coords"], k=int(self.n_neighbors))
         folds = datasets.gene_folds(G, k, random_state=seed)
         fit_masks, cal_masks = _gene_masks(G, folds)
@@ -368,10 +395,12 @@ class StAI(BaseEstimator):
             cols = np.array([self._value_index[str(g)] for g in req], dtype=np.int64)
         if cols.size == 0:
             raise ValueError("no genes to impute: the reference has no genes beyond the shared ones.")
-        vals = self._values[:, cols]
+        # pad the gene count to a power of two: a few compiled programs serve every request
+        width = 1 << int(np.ceil(np.log2(cols.size)))
+        vals = self._values[:, np.concatenate([cols, np.full(width - cols.size, cols[0])])]
         out = st.impute(self.cfg_, self.params_, self._data_, self._masks, vals, chunk=self._check_chunk(),
                         batch_size=self._batch_size())
-        return np.asarray(out)
+        return np.asarray(out)[..., : cols.size]
 
     def impute(self, genes=None, *, return_std=False):
         """Imputed expression of ``genes`` for the spatial cells, ``[n_spatial, n_genes]``:
@@ -438,59 +467,43 @@ class StAI(BaseEstimator):
         seed = check_random_state(self.random_state)
         d = self._inputs(X_spatial, X_ref, labels, coords, spatial_genes, ref_genes, genes=[])
         shared, G, k = d["shared"], d["shared"].size, d["k"]
-        if gene_folds is None or isinstance(gene_folds, numbers.Integral):
-            held = datasets.gene_folds(G, None if gene_folds is None else int(gene_folds), random_state=seed)
-        else:
-            pos = {g: i for i, g in enumerate(shared)}
-            held = []
-            for f in gene_folds:
-                f = [f] if isinstance(f, str) else list(f)
-                bad = [g for g in f if str(g) not in pos]
-                if bad:
-                    raise ValueError(f"gene_folds names genes that are not shared: {bad[:10]}.")
-                held.append(np.sort(np.array([pos[str(g)] for g in f], dtype=np.int64)))
-            if not held or any(h.size == 0 for h in held):
-                raise ValueError("gene_folds must be a non-empty list of non-empty gene lists.")
+        held = _held_out_folds(gene_folds, shared, seed)
         if any(G - h.size < k + 1 for h in held):
             raise ValueError(f"a held-out fold leaves fewer than n_calibration_folds + 1 = {k + 1} input genes.")
         n_classes = 1 if d["classes"] is None else len(d["classes"])
-        x2 = preprocessing.scale(d["ref_log"][:, d["ref_shared"]])[0]
+        ref_shared = d["ref_log"][:, d["ref_shared"]]
+        x2 = preprocessing.scale(ref_shared)[0]
         # the spatial input of each held-out fold is normalised over its remaining genes
-        raw = check_matrix(X_spatial, name="X_spatial", dtype=None)
-        sp_names = _check_gene_names(spatial_genes, raw.shape[1], "spatial_genes")
-        sp_cols = np.array([np.flatnonzero(sp_names == g)[0] for g in shared])
-        x1 = np.zeros((len(held), raw.shape[0], G), np.float32)
+        x1 = np.zeros((len(held), d["x_sp"].shape[0], G), np.float32)
         fit_masks, cal_masks, x1_index = [], [], []
-        n_inputs = []
         for f, h in enumerate(held):
             keep = np.setdiff1d(np.arange(G), h)
-            logx = preprocessing.log_normalize(raw[:, sp_cols[keep]], counts=self.counts, name="X_spatial")
-            x1[f][:, keep] = preprocessing.scale(logx)[0]
-            cal_folds = datasets.gene_folds(keep.size, k, random_state=seed + f)
-            fm, cm = _gene_masks(G, cal_folds, allowed=keep)
+            x1[f][:, keep] = preprocessing.stai_recipe(d["x_sp"][:, keep], ref_shared[:, keep], counts=self.counts)[0]
+            fm, cm = _gene_masks(G, datasets.gene_folds(keep.size, k, random_state=seed + f), allowed=keep)
             fit_masks.append(fm)
             cal_masks.append(cm)
             x1_index += [f] * k
-            n_inputs.append(keep.size)
-        cfg = self._config(G, n_classes, d["classes"] is not None)
-        cfg = dataclasses.replace(cfg, n_inputs=int(np.median(n_inputs)) - int(np.median(n_inputs)) // k)
+        cfg = self._config(G, n_classes, d["classes"] is not None, n_inputs=int(np.median([G - h.size for h in held])))
         neighbours = preprocessing.spatial_knn_graph(d["coords"], k=int(self.n_neighbors))
         data = self._data(x1, x2, d["codes"], n_classes, neighbours)
         fm_all, cm_all = np.concatenate(fit_masks), np.concatenate(cal_masks)
         params, hist = self._fit_models(cfg, data, fm_all, cm_all, np.asarray(x1_index), seed)
-        values = jnp.asarray(d["ref_log"][:, d["ref_shared"]])
+        values = jnp.asarray(ref_shared)
         sub = np.asarray(st.impute(cfg, params, data, jnp.asarray(fm_all), values, jnp.asarray(x1_index, jnp.int32),
                                    chunk=self._check_chunk(), batch_size=self._batch_size()))
         sub = sub.reshape(len(held), k, *sub.shape[1:])
-        imputed = np.zeros((raw.shape[0], G), np.float32)
-        std = np.zeros_like(imputed)
-        fold_of_gene = np.zeros(G, np.int64)
+        imputed = np.full((d["x_sp"].shape[0], G), np.nan, np.float32)
+        std = np.full_like(imputed, np.nan)
+        fold_of_gene = np.full(G, -1, np.int64)
         for f, h in enumerate(held):
             imputed[:, h] = sub[f].mean(0)[:, h]
             std[:, h] = sub[f].std(0)[:, h]
             fold_of_gene[h] = f
-        truth = d["sp_log"]
-        scores = metrics.imputation_scores(truth, imputed)
+        truth = preprocessing.log_normalize(d["x_sp"], counts=self.counts, name="X_spatial")
+        done = np.flatnonzero(fold_of_gene >= 0)
+        scores = {m: np.full(G, np.nan) for m in ("pcc", "rmse", "jsd")}
+        for m, v in metrics.imputation_scores(truth[:, done], imputed[:, done]).items():
+            scores[m][done] = v
         history = {name: np.asarray(v).reshape(len(held), k, -1) for name, v in hist.items()}
         return GeneCVResult(genes=shared, imputed=imputed, std=std, truth=np.asarray(truth), pcc=scores["pcc"],
                             rmse=scores["rmse"], jsd=scores["jsd"], fold_of_gene=fold_of_gene, history=history)

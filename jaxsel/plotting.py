@@ -936,10 +936,9 @@ def spatial_imputation_figure(coords, measured, imputed, *, true_types=None, pre
         plot_spatial_values(xy, m, ax=axes[i, 0], s=s, title=f"{gene} measured")
         plot_spatial_values(xy, p, ax=axes[i, 1], s=s, title=f"{gene} imputed (PCC {r:.2f})")
     if types:
-        _, plt_ = _mpl()
         present = [v for lab in (true_types, predicted_types) if lab is not None for v in np.asarray(lab).tolist()]
         names = sorted(set(map(str, present)))
-        palette = plt_.get_cmap("tab20")
+        palette = plt.get_cmap("tab20")
         colors = {n: palette(i % 20) for i, n in enumerate(names)}
         for j, (lab, name) in enumerate(((true_types, "true cell types"), (predicted_types, "predicted cell types"))):
             ax = axes[-1, j]
@@ -948,7 +947,7 @@ def spatial_imputation_figure(coords, measured, imputed, *, true_types=None, pre
                 continue
             plot_latent(xy, np.asarray(lab).astype(str), colors=colors, ax=ax, s=s, legend=False, title=name)
             ax.set_aspect("equal")
-        handles = [plt_.Line2D([], [], ls="", marker="o", color=colors[n], label=n) for n in names]
+        handles = [plt.Line2D([], [], ls="", marker="o", color=colors[n], label=n) for n in names]
         fig.legend(handles=handles, loc="lower center", ncol=min(4, len(names)), fontsize=7, frameon=False)
     n_leg_rows = -(-len(names) // 4) if types else 0
     fig.tight_layout(rect=(0, 0.02 * n_leg_rows, 1, 1))

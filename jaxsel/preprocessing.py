@@ -423,32 +423,26 @@ def log_normalize(x, *, counts: bool = True, target_sum: float = 1e4, name: str 
     return to_dense(x, max_dense_bytes, name=name, dtype=np.float32)
 
 
-def stai_recipe(x_spatial, x_ref, *, counts: bool = True, target_sum: float = 1e4, max_value: float = 10.0,
+def stai_recipe(x_spatial, ref_log, *, counts: bool = True, target_sum: float = 1e4, max_value: float = 10.0,
                 max_dense_bytes: int = _DEFAULT_MAX_DENSE_BYTES):
-    """stAI's preprocessing of a spatial / reference pair on their shared genes.
+    """stAI's inputs on the genes the model sees: ``(x1, x2)``, both float32.
 
-    Both matrices must already be restricted to the same genes in the same order (the
-    genes the spatial assay measured and the model sees). Each dataset is
-    ``normalize_total(1e4)`` + ``log1p`` (when ``counts``; the released code normalises
-    the reference over *all* its genes, so pass its library-normalised values with
-    ``counts=False`` to reproduce that exactly), then every gene is standardised and
-    clipped at ``max_value`` within its dataset (:func:`scale`, scanpy's
-    ``scale(max_value=10)`` as the released code).
-
-    Returns
-    -------
-    x1 : float32 [n_spatial, n_genes] scaled spatial expression.
-    x2 : float32 [n_ref, n_genes] scaled reference expression.
+    ``x_spatial`` [n_spatial, G] holds the spatial cells' raw values of those genes; it is
+    normalised to ``target_sum`` per cell over *these* genes and ``log1p``'d (when
+    ``counts``; else taken as log-normalised). ``ref_log`` [n_ref, G] is the reference's
+    log-normalised expression of the same genes, normalised over *all* its genes as the
+    released code does (``log_normalize(x_ref)[:, genes]``). Each dataset's genes are then
+    standardised and clipped at ``max_value`` (:func:`scale`, scanpy's
+    ``scale(max_value=10)``).
     """
-    out = []
-    for x, name in ((x_spatial, "x_spatial"), (x_ref, "x_ref")):
-        logx = log_normalize(x, counts=counts, target_sum=target_sum, name=name, max_dense_bytes=max_dense_bytes)
-        out.append(scale(logx, max_value=max_value)[0])
-    if out[0].shape[1] != out[1].shape[1]:
+    x1 = log_normalize(x_spatial, counts=counts, target_sum=target_sum, name="x_spatial",
+                       max_dense_bytes=max_dense_bytes)
+    ref_log = check_matrix(ref_log, name="ref_log", dtype=np.float32, allow_sparse=False)
+    if x1.shape[1] != ref_log.shape[1]:
         raise ValueError(
-            f"x_spatial and x_ref must have the same genes (columns), got {out[0].shape[1]} and {out[1].shape[1]}."
+            f"x_spatial and ref_log must have the same genes (columns), got {x1.shape[1]} and {ref_log.shape[1]}."
         )
-    return out[0], out[1]
+    return scale(x1, max_value=max_value)[0], scale(ref_log, max_value=max_value)[0]
 
 
 def _standardise(a):

@@ -395,3 +395,30 @@ def test_tl_stai_returns_imputed_anndata_and_writes_only_when_asked(pair):
         jaxsel.tl.stai(a2, b, "cell_type", spatial_key="xy")
     with pytest.raises(ValueError, match="labels_key is required"):
         jaxsel.tl.stai(a2, b, None, annotate=True)
+
+
+def test_cross_validate_genes_rejects_bad_folds(pair):
+    a, b, _ = pair
+    est = jaxsel.StAI(n_calibration_folds=3, epochs=2)
+    kw = _fit_kwargs(a, b)
+    g = list(a.var_names)
+    with pytest.raises(ValueError, match="disjoint"):
+        est.cross_validate_genes(a.X, b.X, None, gene_folds=[g[:2], g[1:3]], **kw)
+    with pytest.raises(ValueError, match="between 2 and"):
+        est.cross_validate_genes(a.X, b.X, None, gene_folds=1, **kw)
+    with pytest.raises(TypeError, match="gene_folds"):
+        est.cross_validate_genes(a.X, b.X, None, gene_folds=True, **kw)
+    with pytest.raises(ValueError, match="not shared"):
+        est.cross_validate_genes(a.X, b.X, None, gene_folds=[["nope"]], **kw)
+
+
+def test_stai_recipe_normalises_spatial_over_its_genes_and_scales_both(pair):
+    a, b, _ = pair
+    ref_log = pp.log_normalize(b.X)[:, :5]
+    x1, x2 = pp.stai_recipe(a.X[:, :5], ref_log)
+    want1 = np.log1p(a.X[:, :5] / a.X[:, :5].sum(1, keepdims=True) * 1e4)
+    want1 = (want1 - want1.mean(0)) / want1.std(0, ddof=1)
+    np.testing.assert_allclose(x1, np.clip(want1, -10, 10), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(x2.mean(0), 0.0, atol=1e-5)
+    with pytest.raises(ValueError, match="same genes"):
+        pp.stai_recipe(a.X[:, :5], ref_log[:, :4])

@@ -40,6 +40,7 @@ __all__ = [
     "de_markers",
     "round_robin_markers",
     "knn_pca_impute",
+    "nearest_indices",
 ]
 
 DE_METHODS = ("t-test", "t-test_overestim_var", "wilcoxon")
@@ -464,6 +465,14 @@ def de_markers(
     return round_robin_markers(scores, n_markers)
 
 
+def nearest_indices(query, ref, k: int):
+    """Indices ``[n_query, min(k, n_ref)]`` of the nearest rows of ``ref`` to each row of
+    ``query`` (Euclidean), nearest first: one ``[n_query, n_ref]`` product and a top-k
+    (the query norms are constant per row and left out)."""
+    scores = 2.0 * query @ ref.T - jnp.sum(ref * ref, 1)[None, :]
+    return lax.top_k(scores, min(k, ref.shape[0]))[1]
+
+
 @functools.partial(jax.jit, static_argnames=("n_components", "n_neighbors", "chunk"))
 def knn_pca_impute(x_spatial, x_ref, values, n_components: int = 30, n_neighbors: int = 10, chunk: int = 1024):
     """kNN-in-shared-PCA imputation (the SpaGE-like baseline of the stAI benchmark).
@@ -482,11 +491,7 @@ def knn_pca_impute(x_spatial, x_ref, values, n_components: int = 30, n_neighbors
     _, _, vt = jnp.linalg.svd(z - mu, full_matrices=False)
     basis = vt[: min(n_components, vt.shape[0])].T
     p1, p2 = (x_spatial - mu) @ basis, (x_ref - mu) @ basis
-    k = min(n_neighbors, x_ref.shape[0])
-    sq2 = jnp.sum(p2 * p2, 1)
-
     def rows(pc):
-        _, idx = lax.top_k(2.0 * pc @ p2.T - sq2[None, :], k)
-        return jnp.mean(jnp.take(values, idx, axis=0), axis=1)
+        return jnp.mean(jnp.take(values, nearest_indices(pc, p2, n_neighbors), axis=0), axis=1)
 
     return chunk_map(rows, p1, chunk)

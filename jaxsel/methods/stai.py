@@ -57,6 +57,7 @@ import optax
 
 from .. import losses
 from ..engine import chunk_map, map_folds
+from .baselines import nearest_indices
 from ..nn.gat import GATConv
 from ..nn.layers import TorchDense, torch_bias_init
 
@@ -235,9 +236,7 @@ def topk_attention(z_query, z_ref, top_k: int):
     softmax of negative latent distances over the ``k = min(top_k, n_ref)`` nearest
     reference cells and their indices. Only the ``[n_query, n_ref]`` distances exist
     transiently (chunk the queries to bound them)."""
-    zq, zr = jax.lax.stop_gradient(z_query), jax.lax.stop_gradient(z_ref)
-    sq = jnp.sum(zr**2, 1)[None, :] - 2.0 * zq @ zr.T  # + |zq|^2, constant per row
-    _, idx = jax.lax.top_k(-sq, min(top_k, z_ref.shape[0]))
+    idx = nearest_indices(jax.lax.stop_gradient(z_query), jax.lax.stop_gradient(z_ref), top_k)
     # distances of the selected pairs recomputed from gathered rows: the gradient is a
     # [n_query, k] gather, never a dense [n_query, n_ref] scatter
     diff = z_query[:, None, :] - jnp.take(z_ref, idx, axis=0)
@@ -326,7 +325,15 @@ def loss_fn(cfg: StAIConfig, params, data: StAIData, fit_mask, cal_mask):
 
 
 def _select_x1(data: StAIData, x1_index):
-    return data if x1_index is None else data._replace(x1=data.x1[x1_index])
+    return data._replace(x1=data.x1[x1_index])
+
+
+def _stacked_x1(data: StAIData, x1_index, n_models: int):
+    """``(data, x1_index)`` with ``data.x1`` always [F, n1, G]: a single spatial input
+    becomes a stack of one that every model indexes."""
+    if x1_index is None:
+        return data._replace(x1=data.x1[None]), jnp.zeros(n_models, jnp.int32)
+    return data, x1_index
 
 
 def init_params(cfg: StAIConfig, key, data: StAIData):
@@ -366,10 +373,8 @@ def fit(cfg: StAIConfig, keys, data: StAIData, fit_masks, cal_masks, x1_index=No
     ``mesh`` (see :func:`jaxsel.engine.map_folds`). Returns per-model parameters and the
     per-epoch loss terms (leading [M] axis).
     """
+    data, x1_index = _stacked_x1(data, x1_index, fit_masks.shape[0])
     per_model = (keys, fit_masks, cal_masks, x1_index)
-    if x1_index is None:
-        per_model = (keys, fit_masks, cal_masks, jnp.zeros(fit_masks.shape[0], jnp.int32))
-        data = data._replace(x1=data.x1[None])
     return map_folds(_fit_model, per_model, (cfg, data), batch_size=batch_size, mesh=mesh)
 
 
@@ -382,9 +387,7 @@ def _encode(cfg: StAIConfig, params, data: StAIData, fit_mask):
 
 def _models_apply(fn, params, fit_masks, x1_index, data, batch_size):
     """``fn(params_m, data_m, fit_mask_m)`` over the model axis."""
-    if x1_index is None:
-        x1_index = jnp.zeros(fit_masks.shape[0], jnp.int32)
-        data = data._replace(x1=data.x1[None])
+    data, x1_index = _stacked_x1(data, x1_index, fit_masks.shape[0])
     one = lambda pm, d: fn(pm[0], _select_x1(d, pm[2]), pm[1])  # noqa: E731
     return map_folds(one, (params, fit_masks, x1_index), data, batch_size=batch_size)
 
