@@ -117,3 +117,78 @@ def test_cosine_consistence_matches_numpy():
     assert float(losses.cosine_consistence(jnp.asarray(a[:1]), jnp.asarray(2 * a[:1]))[0]) == pytest.approx(0.0, abs=1e-6)
     zero = losses.cosine_consistence(jnp.zeros((1, 5)), jnp.asarray(a[:1]))
     assert np.all(np.isfinite(np.asarray(zero)))
+
+
+# ----------------------------------------------------------------------------- count likelihoods
+
+
+def _count_grid():
+    """Counts x means x inverse dispersions covering zeros, large counts, tiny theta."""
+    x = np.array([0, 1, 2, 5, 17, 300, 5000], np.float64)
+    mu = np.array([1e-6, 0.05, 1.0, 7.5, 250.0, 4000.0], np.float64)
+    theta = np.array([1e-4, 0.01, 0.5, 3.0, 100.0, 1e4], np.float64)
+    X, M, T = np.meshgrid(x, mu, theta, indexing="ij")
+    return X.ravel(), M.ravel(), T.ravel()
+
+
+def test_poisson_log_prob_matches_scipy():
+    from scipy import stats
+
+    x, mu, _ = _count_grid()
+    got = losses.poisson_log_prob(jnp.asarray(x, jnp.float32), jnp.asarray(mu, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), stats.poisson(mu).logpmf(x), rtol=2e-5, atol=5e-3)
+    # mu = 0: log p(0) = 0 exactly, and the gradient is finite
+    assert float(losses.poisson_log_prob(0.0, 0.0)) == 0.0
+    assert np.isfinite(float(jax.grad(lambda m: losses.poisson_log_prob(0.0, m))(0.0)))
+
+
+def test_nb_log_prob_matches_scipy_nbinom():
+    from scipy import stats
+
+    x, mu, theta = _count_grid()
+    want = stats.nbinom(n=theta, p=theta / (theta + mu)).logpmf(x)
+    got = losses.nb_log_prob(*(jnp.asarray(a, jnp.float32) for a in (x, mu, theta)))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=5e-5, atol=5e-3)
+    # the mean and variance of the parameterisation: mu and mu + mu^2 / theta
+    ks = np.arange(0, 400, dtype=np.float32)
+    p = np.exp(np.asarray(losses.nb_log_prob(jnp.asarray(ks), 12.0, 4.0), np.float64))
+    assert p.sum() == pytest.approx(1.0, abs=1e-4)
+    assert (p * ks).sum() == pytest.approx(12.0, rel=1e-3)
+    assert (p * (ks - 12.0) ** 2).sum() == pytest.approx(12.0 + 144.0 / 4.0, rel=1e-3)
+
+
+def test_zinb_log_prob_matches_scipy_mixture():
+    from scipy import stats
+
+    x, mu, theta = _count_grid()
+    for logit in (-6.0, -0.3, 0.0, 2.5, 12.0):
+        pi = 1.0 / (1.0 + np.exp(-logit))
+        nb = stats.nbinom(n=theta, p=theta / (theta + mu))
+        want = np.where(x == 0, np.log(pi + (1 - pi) * nb.pmf(0)), np.log1p(-pi) + nb.logpmf(x))
+        got = losses.zinb_log_prob(*(jnp.asarray(a, jnp.float32) for a in (x, mu, theta)), jnp.float32(logit))
+        np.testing.assert_allclose(np.asarray(got), want, rtol=5e-5, atol=5e-3)
+
+
+def test_count_likelihoods_finite_values_and_gradients_at_edges():
+    """Zero means, zero counts, tiny dispersions, very negative/positive dropout logits:
+    no NaN in values or gradients (what a training step sees)."""
+    x = jnp.asarray([0.0, 0.0, 3.0, 1000.0])
+    mu = jnp.asarray([0.0, 1e-30, 2.0, 1e-3])
+    theta = jnp.asarray([1e-8, 5.0, 1e-8, 1e8])
+    logits = jnp.asarray([-80.0, 80.0, 0.0, 30.0])
+
+    def total(mu, theta, logits):
+        return (
+            jnp.sum(losses.zinb_log_prob(x, mu, theta, logits))
+            + jnp.sum(losses.nb_log_prob(x, mu, theta))
+            + jnp.sum(losses.poisson_log_prob(x, mu))
+        )
+
+    value = total(mu, theta, logits)
+    grads = jax.grad(total, argnums=(0, 1, 2))(mu, theta, logits)
+    assert np.isfinite(float(value))
+    for g in grads:
+        assert np.all(np.isfinite(np.asarray(g)))
+    # a zero mean with a zero count is certain under every likelihood
+    assert float(losses.nb_log_prob(0.0, 0.0, 2.0)) == 0.0
+    assert float(losses.zinb_log_prob(0.0, 0.0, 2.0, -3.0)) == pytest.approx(0.0, abs=1e-6)
