@@ -100,14 +100,17 @@ def _held_out_folds(gene_folds, shared, seed: int):
     return held
 
 
+_SCORES = ("pcc", "spearman", "rmse", "jsd")
+
+
 @dataclasses.dataclass
 class GeneCVResult:
     """Held-out gene cross-validation of :meth:`StAI.cross_validate_genes`.
 
     ``genes`` [G] the shared genes; ``imputed`` / ``std`` / ``truth`` [n_spatial, G]: each
     gene imputed by the models that never saw it (mean and spread over the calibration
-    submodels) and its measured log-normalised expression; ``pcc``, ``rmse``, ``jsd`` [G]
-    per gene (:func:`jaxsel.metrics.imputation_scores`); ``fold_of_gene`` [G] (``-1``,
+    submodels) and its measured log-normalised expression; ``pcc``, ``spearman``, ``rmse``,
+    ``jsd`` [G] per gene (:func:`jaxsel.metrics.imputation_scores`); ``fold_of_gene`` [G] (``-1``,
     and NaN imputations and scores, for genes no fold held out);
     ``history`` per-epoch loss terms, arrays [n_folds, k, epochs].
     """
@@ -117,14 +120,16 @@ class GeneCVResult:
     std: np.ndarray
     truth: np.ndarray
     pcc: np.ndarray
+    spearman: np.ndarray
     rmse: np.ndarray
     jsd: np.ndarray
     fold_of_gene: np.ndarray
     history: dict
 
     def medians(self) -> dict:
-        """Median PCC, RMSE and JSD over the held-out genes (NaN PCC of constant genes ignored)."""
-        return {m: float(np.nanmedian(getattr(self, m))) for m in ("pcc", "rmse", "jsd")}
+        """Median PCC, Spearman, RMSE and JSD over the held-out genes (NaN correlations of
+        constant genes ignored)."""
+        return {m: float(np.nanmedian(getattr(self, m))) for m in _SCORES}
 
 
 class StAI(BaseEstimator):
@@ -501,9 +506,9 @@ class StAI(BaseEstimator):
             fold_of_gene[h] = f
         truth = preprocessing.log_normalize(d["x_sp"], counts=self.counts, name="X_spatial")
         done = np.flatnonzero(fold_of_gene >= 0)
-        scores = {m: np.full(G, np.nan) for m in ("pcc", "rmse", "jsd")}
+        scores = {m: np.full(G, np.nan) for m in _SCORES}
         for m, v in metrics.imputation_scores(truth[:, done], imputed[:, done]).items():
             scores[m][done] = v
         history = {name: np.asarray(v).reshape(len(held), k, -1) for name, v in hist.items()}
-        return GeneCVResult(genes=shared, imputed=imputed, std=std, truth=np.asarray(truth), pcc=scores["pcc"],
-                            rmse=scores["rmse"], jsd=scores["jsd"], fold_of_gene=fold_of_gene, history=history)
+        return GeneCVResult(genes=shared, imputed=imputed, std=std, truth=np.asarray(truth), **scores,
+                            fold_of_gene=fold_of_gene, history=history)

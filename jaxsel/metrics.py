@@ -11,6 +11,13 @@ that sees only the marker columns
   genes; L1/L2 error and agreement of the highly variable genes).
 
 :func:`evaluate_markers` runs both.
+
+Spatial imputation and data integration are scored as in the gimVI paper
+(Lopez et al. 2019): :func:`imputation_scores` (per-gene correlations and
+errors of imputed genes), :func:`entropy_batch_mixing` (mixing of datasets in
+a joint latent space, generalised to unbalanced datasets) and
+:func:`knn_purity` (how well a joint latent space keeps each dataset's own
+neighbourhoods).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from sklearn.base import clone
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LinearRegression
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
-from sklearn.neighbors import KNeighborsClassifier
+from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from jaxsel._validation import (
     _DEFAULT_MAX_DENSE_BYTES,
@@ -40,6 +47,8 @@ __all__ = [
     "r2_score",
     "imputation_scores",
     "annotation_scores",
+    "entropy_batch_mixing",
+    "knn_purity",
 ]
 
 
@@ -358,6 +367,9 @@ def imputation_scores(truth, imputed):
     -------
     dict of float64 arrays [n_genes]:
         ``pcc``: Pearson correlation over cells (NaN for a constant gene);
+        ``spearman``: Spearman rank correlation over cells, the Pearson correlation of
+        the two genes' ranks with ties given their average rank (as
+        ``scipy.stats.spearmanr``; NaN for a gene constant in either input);
         ``rmse``: root mean squared error of the two after z-scoring each gene over
         cells (population SD; a constant gene z-scores to zeros);
         ``jsd``: Jensen-Shannon divergence (base 2, in [0, 1]) between the two genes'
@@ -391,7 +403,178 @@ def imputation_scores(truth, imputed):
             return np.sum(np.where(a > 0, a * np.log2(a / b), 0.0), 0)
 
     jsd = 0.5 * kl(P, M) + 0.5 * kl(Q, M)
-    return {"pcc": pcc, "rmse": rmse, "jsd": np.clip(jsd, 0.0, 1.0)}
+    return {
+        "pcc": pcc,
+        "spearman": _spearman_columns(t, p),
+        "rmse": rmse,
+        "jsd": np.clip(jsd, 0.0, 1.0),
+    }
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of each column of a 2-D array, ties given their average rank
+    (``scipy.stats.rankdata(method="average")`` per column), as float64."""
+    n = x.shape[0]
+    order = np.argsort(x, axis=0, kind="stable")
+    xs = np.take_along_axis(x, order, axis=0)
+    pos = np.broadcast_to(np.arange(n)[:, None], x.shape)
+    differs = xs[1:] != xs[:-1]
+    edge = np.ones((1, x.shape[1]), dtype=bool)
+    first = np.concatenate([edge, differs], axis=0)  # a tie group starts here
+    last = np.concatenate([differs, edge], axis=0)  # a tie group ends here
+    start = np.maximum.accumulate(np.where(first, pos, 0), axis=0)
+    end = np.minimum.accumulate(np.where(last, pos, n)[::-1], axis=0)[::-1]
+    ranks = np.empty(x.shape, dtype=np.float64)
+    np.put_along_axis(ranks, order, 0.5 * (start + end) + 1.0, axis=0)
+    return ranks
+
+
+def _spearman_columns(t: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Per-column Spearman correlation of two same-shape float arrays."""
+    rt, rp = _average_ranks(t), _average_ranks(p)
+    rt -= rt.mean(0)
+    rp -= rp.mean(0)
+    st, spd = np.sqrt(np.mean(rt * rt, 0)), np.sqrt(np.mean(rp * rp, 0))
+    constant = (np.ptp(t, axis=0) == 0) | (np.ptp(p, axis=0) == 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = np.mean(rt * rp, 0) / (st * spd)
+    rho = np.clip(rho, -1.0, 1.0)
+    rho[constant] = np.nan
+    return rho
+
+
+def _check_n_neighbors(n_neighbors, n_cells: int) -> tuple[list[int], bool]:
+    """Validate an int or a sequence of ints in ``[1, n_cells)``.
+
+    Returns the list of values and whether a single int was given.
+    """
+    scalar = isinstance(n_neighbors, numbers.Integral) and not isinstance(
+        n_neighbors, (bool, np.bool_)
+    )
+    if scalar:
+        ks = [n_neighbors]
+    elif isinstance(n_neighbors, (str, bytes)) or not hasattr(n_neighbors, "__iter__"):
+        raise TypeError(
+            f"n_neighbors must be a positive int or a sequence of positive ints, got "
+            f"{n_neighbors!r}."
+        )
+    else:
+        ks = list(np.asarray(n_neighbors, dtype=object).reshape(-1))
+        if not ks:
+            raise ValueError("n_neighbors must not be an empty sequence.")
+        for k in ks:
+            if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
+                raise TypeError(
+                    f"n_neighbors must hold positive ints, got {k!r} in {n_neighbors!r}."
+                )
+    ks = [int(k) for k in ks]
+    for k in ks:
+        if not 1 <= k < n_cells:
+            raise ValueError(
+                f"n_neighbors must be >= 1 and smaller than the number of cells "
+                f"({n_cells}), got {k}."
+            )
+    return ks, scalar
+
+
+def _neighbor_indices(latent: np.ndarray, k: int) -> np.ndarray:
+    """Indices [n_cells, k] of each row's k nearest other rows (Euclidean), nearest
+    first; a cell is never its own neighbour, even when it has exact duplicates."""
+    nn = NearestNeighbors(n_neighbors=k).fit(latent)
+    return nn.kneighbors(return_distance=False)
+
+
+def entropy_batch_mixing(latent, batch, n_neighbors=50):
+    """Entropy of batch mixing generalised to unbalanced datasets (gimVI paper).
+
+    For each cell, the proportions ``p_i(b)`` of each batch (dataset) label ``b``
+    among its ``n_neighbors`` nearest neighbours in ``latent`` (Euclidean, the cell
+    itself excluded) are compared with the proportions ``q(b)`` of the labels over
+    all cells; the cell's score is the negative Kullback-Leibler divergence
+    ``-sum_b p_i(b) log(p_i(b) / q(b))`` (natural log, ``0 log 0 = 0``). Unlike the
+    plain entropy of the local proportions, this is 0 for perfectly mixed data
+    whatever the batch sizes.
+
+    Parameters
+    ----------
+    latent : array-like [n_cells, n_dims]
+        Joint latent representation of all cells (finite values).
+    batch : array-like [n_cells]
+        Batch or dataset label of each cell (any sortable type, at least two
+        distinct labels).
+    n_neighbors : int or sequence of int, default 50
+        Neighbourhood size(s), each in ``[1, n_cells)``.
+
+    Returns
+    -------
+    float or dict
+        The mean score over cells: 0 is perfect mixing, more negative is worse
+        (the minimum, fully separated batches, is ``sum_b q(b) log q(b)``). For a
+        sequence ``n_neighbors``, a dict ``{k: score}`` in the given order.
+    """
+    x = check_matrix(latent, name="latent", dtype=np.float64, allow_sparse=False)
+    n = x.shape[0]
+    codes, classes = check_labels(batch, n, name="batch", min_classes=2)
+    ks, scalar = _check_n_neighbors(n_neighbors, n)
+    codes = codes.astype(np.int64)
+    n_batches = classes.shape[0]
+    q = np.bincount(codes, minlength=n_batches) / n
+    nbrs = codes[_neighbor_indices(x, max(ks))]
+    rows = np.arange(n)[:, None] * n_batches
+    out = {}
+    for k in ks:
+        counts = np.bincount((rows + nbrs[:, :k]).ravel(), minlength=n * n_batches)
+        prop = counts.reshape(n, n_batches) / k
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = np.sum(np.where(prop > 0, prop * np.log(prop / q), 0.0), axis=1)
+        out[k] = float(-np.mean(kl))
+    return out[ks[0]] if scalar else out
+
+
+def knn_purity(latent_joint, latent_alone, n_neighbors=50):
+    """kNN purity of a joint latent space (gimVI paper).
+
+    For each cell, the Jaccard index between its ``n_neighbors`` nearest
+    neighbours (Euclidean, the cell itself excluded) in ``latent_joint`` and in
+    ``latent_alone``, averaged over cells. It measures how much of a dataset's own
+    neighbourhood structure a joint embedding keeps. Independent embeddings score
+    about ``k / (n_cells - 1)`` (less, since the union grows).
+
+    Parameters
+    ----------
+    latent_joint : array-like [n_cells, n_dims_joint]
+        Latent representation of the cells from the joint model.
+    latent_alone : array-like [n_cells, n_dims_alone]
+        Latent representation of the same cells (rows aligned) from a model of
+        their dataset alone; the dimensions may differ.
+    n_neighbors : int or sequence of int, default 50
+        Neighbourhood size(s), each in ``[1, n_cells)``.
+
+    Returns
+    -------
+    float or dict
+        Mean Jaccard index in [0, 1] (1: identical neighbourhoods). For a sequence
+        ``n_neighbors``, a dict ``{k: score}`` in the given order.
+    """
+    a = check_matrix(latent_joint, name="latent_joint", dtype=np.float64, allow_sparse=False)
+    b = check_matrix(latent_alone, name="latent_alone", dtype=np.float64, allow_sparse=False)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"latent_joint and latent_alone must hold the same cells (rows), got "
+            f"{a.shape[0]} and {b.shape[0]}."
+        )
+    n = a.shape[0]
+    ks, scalar = _check_n_neighbors(n_neighbors, n)
+    kmax = max(ks)
+    ia, ib = _neighbor_indices(a, kmax), _neighbor_indices(b, kmax)
+    out = {}
+    for k in ks:
+        # each row's two index sets hold distinct cells, so a repeat after sorting
+        # their union is exactly one shared neighbour
+        both = np.sort(np.concatenate([ia[:, :k], ib[:, :k]], axis=1), axis=1)
+        shared = np.count_nonzero(both[:, 1:] == both[:, :-1], axis=1)
+        out[k] = float(np.mean(shared / (2 * k - shared)))
+    return out[ks[0]] if scalar else out
 
 
 def annotation_scores(y_true, y_pred):

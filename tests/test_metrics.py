@@ -211,3 +211,195 @@ def test_evaluate_markers_nests_results():
         x[:200], y[:200], x[200:], y[200:], markers, classifiers="knn", reconstruction=False
     )
     assert list(single["classification"]) == ["knn"]
+
+
+# ----------------------------------------------------------------------------- gimVI metrics
+
+
+def test_imputation_spearman_matches_scipy_with_ties():
+    import scipy.stats
+
+    rng = np.random.default_rng(3)
+    t = rng.integers(0, 5, size=(40, 6)).astype(float)  # many ties
+    p = t + rng.integers(0, 3, size=t.shape)
+    p[:, 2] = rng.normal(size=40)  # no ties in one input
+    t[:, 4] = 2.5  # constant truth
+    p[:, 5] = 0.0  # constant imputation
+    t0, p0 = t.copy(), p.copy()
+    s = metrics.imputation_scores(t, p)
+    np.testing.assert_array_equal(t, t0)
+    np.testing.assert_array_equal(p, p0)
+    assert s["spearman"].shape == (6,) and s["spearman"].dtype == np.float64
+    for j in (0, 1, 2, 3):
+        ref = scipy.stats.spearmanr(t[:, j], p[:, j]).statistic
+        assert s["spearman"][j] == pytest.approx(ref, rel=1e-12, abs=1e-12)
+    assert np.isnan(s["spearman"][4]) and np.isnan(s["spearman"][5])
+    assert set(s) == {"pcc", "spearman", "rmse", "jsd"}
+    mono = metrics.imputation_scores(t[:, :4], np.exp(t[:, :4]))  # monotone map
+    np.testing.assert_allclose(mono["spearman"], 1.0)
+    anti = metrics.imputation_scores(t[:, :4], -t[:, :4] ** 3)
+    np.testing.assert_allclose(anti["spearman"], -1.0)
+
+
+def test_average_ranks_match_scipy_rankdata():
+    import scipy.stats
+
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 4, size=(25, 7)).astype(float)
+    np.testing.assert_array_equal(
+        metrics._average_ranks(x), scipy.stats.rankdata(x, method="average", axis=0)
+    )
+
+
+def _ebm_reference(latent, batch, k):
+    n = latent.shape[0]
+    labels = np.unique(batch)
+    q = np.array([np.mean(batch == b) for b in labels])
+    d = ((latent[:, None, :] - latent[None, :, :]) ** 2).sum(-1)
+    total = 0.0
+    for i in range(n):
+        di = d[i].copy()
+        di[i] = np.inf
+        nbrs = np.argsort(di, kind="stable")[:k]
+        score = 0.0
+        for b, qb in zip(labels, q):
+            pb = np.mean(batch[nbrs] == b)
+            if pb > 0:
+                score -= pb * np.log(pb / qb)
+        total += score
+    return total / n
+
+
+def test_entropy_batch_mixing_matches_loop_reference():
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(90, 3))
+    latent[:30] += 1.0  # partly separated
+    batch = np.array(["a"] * 30 + ["b"] * 45 + ["c"] * 15)
+    latent0 = latent.copy()
+    for k in (1, 5, 12):
+        got = metrics.entropy_batch_mixing(latent, batch, n_neighbors=k)
+        assert isinstance(got, float)
+        assert got == pytest.approx(_ebm_reference(latent, batch, k), rel=1e-12, abs=1e-12)
+    np.testing.assert_array_equal(latent, latent0)
+    many = metrics.entropy_batch_mixing(latent, batch, n_neighbors=[5, 1, 12])
+    assert list(many) == [5, 1, 12]
+    for k, v in many.items():
+        assert v == pytest.approx(metrics.entropy_batch_mixing(latent, batch, n_neighbors=k))
+
+
+def test_entropy_batch_mixing_mixed_vs_separated():
+    rng = np.random.default_rng(1)
+    n = 1000
+    batch = np.repeat([0, 1], n // 2)
+    mixed = rng.normal(size=(n, 2))
+    separated = mixed + 20.0 * batch[:, None]
+    s_mixed = metrics.entropy_batch_mixing(mixed, batch, n_neighbors=30)
+    s_sep = metrics.entropy_batch_mixing(separated, batch, n_neighbors=30)
+    assert -0.05 < s_mixed <= 0.0
+    assert s_sep == pytest.approx(np.log(0.5), abs=1e-12)  # sum_b q log q: the minimum
+    assert s_sep < s_mixed
+
+
+def test_entropy_batch_mixing_unbalanced_mixed_is_near_zero():
+    rng = np.random.default_rng(2)
+    n = 1000
+    batch = np.where(rng.random(n) < 0.8, "big", "small")
+    latent = rng.normal(size=(n, 2))
+    score = metrics.entropy_batch_mixing(latent, batch, n_neighbors=50)
+    assert -0.05 < score <= 0.0
+    # the plain (balanced) entropy would call this badly mixed; fully separated scores
+    # the minimum sum_b q(b) log q(b)
+    q = np.array([np.mean(batch == "big"), np.mean(batch == "small")])
+    sep = latent + 30.0 * (batch == "small")[:, None]
+    assert metrics.entropy_batch_mixing(sep, batch, n_neighbors=50) == pytest.approx(
+        np.sum(q * np.log(q)), abs=1e-12
+    )
+
+
+def test_entropy_batch_mixing_errors():
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(20, 3))
+    batch = np.repeat([0, 1], 10)
+    with pytest.raises(ValueError, match="latent"):
+        metrics.entropy_batch_mixing(latent[:, 0], batch)
+    bad = latent.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="latent"):
+        metrics.entropy_batch_mixing(bad, batch, n_neighbors=5)
+    with pytest.raises(ValueError, match="batch"):
+        metrics.entropy_batch_mixing(latent, batch[:-1], n_neighbors=5)
+    with pytest.raises(ValueError, match="batch"):
+        metrics.entropy_batch_mixing(latent, np.zeros(20), n_neighbors=5)
+    for k in (0, 20, [5, 20]):
+        with pytest.raises(ValueError, match="n_neighbors"):
+            metrics.entropy_batch_mixing(latent, batch, n_neighbors=k)
+    with pytest.raises(ValueError, match="n_neighbors"):
+        metrics.entropy_batch_mixing(latent, batch, n_neighbors=[])
+    for k in (2.5, True, "5", [5, 1.5]):
+        with pytest.raises(TypeError, match="n_neighbors"):
+            metrics.entropy_batch_mixing(latent, batch, n_neighbors=k)
+    # the default k=50 needs more than 50 cells
+    with pytest.raises(ValueError, match="n_neighbors"):
+        metrics.entropy_batch_mixing(latent, batch)
+
+
+def _purity_reference(a, b, k):
+    def nbrs(x, i):
+        d = ((x - x[i]) ** 2).sum(1)
+        d[i] = np.inf
+        return set(np.argsort(d, kind="stable")[:k].tolist())
+
+    n = a.shape[0]
+    return np.mean([len(nbrs(a, i) & nbrs(b, i)) / len(nbrs(a, i) | nbrs(b, i)) for i in range(n)])
+
+
+def test_knn_purity_matches_loop_reference():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(70, 4))
+    b = a[:, :2] + 0.5 * rng.normal(size=(70, 2))  # related, other dimension
+    a0, b0 = a.copy(), b.copy()
+    for k in (1, 4, 10):
+        got = metrics.knn_purity(a, b, n_neighbors=k)
+        assert isinstance(got, float) and 0.0 < got < 1.0
+        assert got == pytest.approx(_purity_reference(a, b, k), rel=1e-12)
+    np.testing.assert_array_equal(a, a0)
+    np.testing.assert_array_equal(b, b0)
+    many = metrics.knn_purity(a, b, n_neighbors=(10, 4))
+    assert list(many) == [10, 4]
+    assert many[4] == pytest.approx(metrics.knn_purity(a, b, n_neighbors=4))
+
+
+def test_knn_purity_identical_rotated_and_independent():
+    rng = np.random.default_rng(1)
+    n = 400
+    a = rng.normal(size=(n, 3))
+    assert metrics.knn_purity(a, a, n_neighbors=15) == 1.0
+    rot, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    assert metrics.knn_purity(a, 3.0 * a @ rot + 7.0, n_neighbors=15) == pytest.approx(1.0)
+    k = 20
+    chance = k / (n - 1)
+    indep = metrics.knn_purity(a, rng.normal(size=(n, 5)), n_neighbors=k)
+    # two independent random k-sets share m ~ k * chance cells: Jaccard ~ m / (2k - m)
+    assert indep == pytest.approx(chance / (2 - chance), rel=0.3)
+
+
+def test_knn_purity_errors():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(20, 3))
+    with pytest.raises(ValueError, match="same cells"):
+        metrics.knn_purity(a, a[:-1], n_neighbors=5)
+    with pytest.raises(ValueError, match="latent_alone"):
+        metrics.knn_purity(a, a[:, 0], n_neighbors=5)
+    bad = a.copy()
+    bad[0, 0] = np.inf
+    with pytest.raises(ValueError, match="latent_joint"):
+        metrics.knn_purity(bad, a, n_neighbors=5)
+    with pytest.raises(TypeError, match="latent_joint"):
+        metrics.knn_purity(np.full((20, 3), "x"), a, n_neighbors=5)
+    for k in (0, 20):
+        with pytest.raises(ValueError, match="n_neighbors"):
+            metrics.knn_purity(a, a, n_neighbors=k)
+    with pytest.raises(TypeError, match="n_neighbors"):
+        metrics.knn_purity(a, a, n_neighbors=3.0)
+    with pytest.raises(ValueError, match="n_neighbors"):
+        metrics.knn_purity(a, a)  # default 50 >= 20 cells
