@@ -28,7 +28,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from .loop import FitResult, LoopConfig, Method, Splits, fit_one
+from .loop import FitResult, LoopConfig, Method, Splits, fit_one, is_multi
 
 __all__ = ["map_folds", "fit_folds", "fold_mesh", "stack_trees", "fold_keys", "prepare_folds", "run_folds"]
 
@@ -63,6 +63,12 @@ def _inner(fn, shared, batch_size):
         one = lambda pf: fn(pf, shared)  # noqa: E731
         if batch_size is None:
             return jax.vmap(one)(per_fold)
+        if batch_size == 1:
+            # a plain loop: lax.map(batch_size=1) vmaps over batches of one, and the
+            # leading axis of size 1 it adds sends XLA:CPU's column reductions (the
+            # gradient of a per-gene parameter broadcast over cells) to a path measured
+            # 30x slower
+            return lax.map(one, per_fold)
         return lax.map(one, per_fold, batch_size=batch_size)
 
     return run
@@ -133,15 +139,19 @@ def prepare_folds(loop: LoopConfig, keys, splits: Splits, mesh="auto"):
     """
     if mesh == "auto":
         mesh = fold_mesh()
+    per_dataset = tuple(splits) if is_multi(splits) else (splits,)
     if loop.steps_per_epoch is None:
-        min_train = int(np.min(np.asarray(splits.n_train)))
-        if min_train < loop.batch_size:
+        min_train = [int(np.min(np.asarray(sp.n_train))) for sp in per_dataset]
+        if min(min_train) < loop.batch_size:
             raise ValueError(
                 f"batch_size ({loop.batch_size}) is larger than the smallest fold's training set "
-                f"({min_train} cells); lower batch_size"
+                f"({min(min_train)} cells); lower batch_size"
             )
-        loop = dataclasses.replace(loop, steps_per_epoch=min_train // loop.batch_size)
-    n = splits.n_folds
+        # several datasets: the epoch is defined by the largest, the others cycle
+        loop = dataclasses.replace(loop, steps_per_epoch=max(min_train) // loop.batch_size)
+    n = per_dataset[0].n_folds
+    if any(sp.n_folds != n for sp in per_dataset):
+        raise ValueError(f"every dataset's splits need the same number of folds, got {[sp.n_folds for sp in per_dataset]}")
     if jax.random.key_data(keys).shape[0] != n:
         raise ValueError(f"keys must have one key per fold ({n}), got shape {keys.shape}")
     return loop, mesh

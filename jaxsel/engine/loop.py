@@ -21,6 +21,12 @@ frozen by the loop's per-fold select.
 Fits of different folds have different numbers of training and validation cells; the
 index tables are padded to a common length and the true lengths passed alongside, so
 that all folds share one shape and one compiled program (see :class:`Splits`).
+
+A method trained on several datasets at once (gimVI: scRNA-seq and spatial cells) passes
+a tuple of datasets as ``data`` and a tuple of :class:`Splits`, one per dataset. Each
+step then takes one minibatch of ``batch_size`` cells from every dataset (a tuple, as is
+the validation batch); an epoch is as many steps as the largest dataset fills, and the
+smaller datasets cycle through their epoch permutation (as scvi-tools' ``TrainDL``).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ __all__ = [
     "fit_one",
     "masked_permutation",
     "gather",
+    "is_multi",
     "valid_mean",
     "chunked",
     "fit",
@@ -115,6 +122,13 @@ class Method(Protocol):
 
     def eval_loss(self, params, model_state, batch, weights, ctx):
         """``loss, metrics`` on weighted cells in inference mode."""
+
+    # Optional: a method whose minibatch update is more than one gradient step (the
+    # alternating adversarial update of gimVI) defines
+    #     train_step(params, model_state, opt_state, tx, batch, key, ctx)
+    #         -> (params, model_state, opt_state, loss, metrics)
+    # and the engine calls it instead of one ``value_and_grad`` + ``tx.update``; it then
+    # applies ``ctx["lr_scale"]`` itself when it uses one.
 
 
 class Splits(NamedTuple):
@@ -193,6 +207,35 @@ def gather(data, idx):
     return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
 
 
+def is_multi(split) -> bool:
+    """Whether ``split`` is a tuple of :class:`Splits`, one per dataset."""
+    return isinstance(split, (tuple, list)) and not isinstance(split, Splits)
+
+
+def _gather(data, idx, multi: bool):
+    if multi:
+        return tuple(gather(d, i) for d, i in zip(data, idx))
+    return gather(data, idx)
+
+
+def _val_weights(split: Splits):
+    return (jnp.arange(split.val_idx.shape[0]) < split.n_val).astype(jnp.float32)
+
+
+def _epoch_batches(key, split, n_steps: int, bs: int, multi: bool):
+    """``[n_steps, bs]`` index table(s) of one epoch: a fresh permutation of the training
+    cells (per dataset; a dataset with fewer cells than the epoch needs cycles)."""
+    if not multi:
+        perm = masked_permutation(key, split.train_idx, split.n_train)
+        return perm[: n_steps * bs].reshape(n_steps, bs)
+    out = []
+    for k, sp in zip(jax.random.split(key, len(split)), split):
+        perm = masked_permutation(k, sp.train_idx, sp.n_train)
+        pos = jnp.arange(n_steps * bs) % jnp.maximum(sp.n_train, 1)
+        out.append(perm[pos].reshape(n_steps, bs))
+    return tuple(out)
+
+
 def valid_mean(rows, n_valid):
     """Mean over the first ``n_valid`` rows of ``rows`` (rows gathered with a padded
     index table of :class:`Splits`; the padding rows are ignored)."""
@@ -264,8 +307,9 @@ def fit_one(method: Method, loop: LoopConfig, key, data, split: Splits, params=N
     method : a :class:`Method` pytree.
     loop : static :class:`LoopConfig`.
     key : typed PRNG key for this fit (initialisation, permutations, noise).
-    data : pytree of arrays with a leading cell axis, shared by all folds.
-    split : single-fit :class:`Splits` (no fold axis).
+    data : pytree of arrays with a leading cell axis, shared by all folds (or a tuple of
+        such pytrees, one per dataset, with ``split`` a matching tuple).
+    split : single-fit :class:`Splits` (no fold axis), or a tuple of them.
     params : optional ``(params, model_state)`` to start from instead of ``method.init``.
     """
     k_init, k_loop, k_lr = jax.random.split(key, 3)
@@ -273,29 +317,40 @@ def fit_one(method: Method, loop: LoopConfig, key, data, split: Splits, params=N
         params, model_state = method.init(k_init, data)
     else:
         params, model_state = params
+    multi = is_multi(split)
     learning_rate = jnp.asarray(method.learning_rate, jnp.float32)
     if loop.lr_finder is not None:
+        if multi:
+            raise ValueError("the learning-rate range test supports single-dataset fits only")
         from .lr_finder import lr_range_test
 
         learning_rate, _, _ = lr_range_test(method, loop, loop.lr_finder, k_lr, data, split, params, model_state)
     tx = method.optimizer(learning_rate)
-    n_steps = steps_per_epoch(loop, split.train_idx.shape[0])
+    splits = tuple(split) if multi else (split,)
+    n_steps = steps_per_epoch(loop, max(sp.train_idx.shape[0] for sp in splits))
     bs = loop.batch_size
-    val_batch = gather(data, split.val_idx)
-    val_w = (jnp.arange(split.val_idx.shape[0]) < split.n_val).astype(jnp.float32)
+    if multi:
+        val_batch = tuple(gather(d, sp.val_idx) for d, sp in zip(data, splits))
+        val_w = tuple(_val_weights(sp) for sp in splits)
+    else:
+        val_batch, val_w = gather(data, split.val_idx), _val_weights(split)
     grad_fn = jax.value_and_grad(method.train_loss, has_aux=True)
+    custom_step = getattr(method, "train_step", None)
 
     def run_epoch(state: _State, epoch):
         k_epoch = jax.random.fold_in(k_loop, epoch)
         k_perm, k_steps = jax.random.split(k_epoch)
-        perm = masked_permutation(k_perm, split.train_idx, split.n_train)
-        batches = perm[: n_steps * bs].reshape(n_steps, bs)
+        batches = _epoch_batches(k_perm, split, n_steps, bs, multi)
         ctx = method.epoch_context(epoch)
 
         def step(carry, xs):
             p, ms, os = carry
             idx, k = xs
-            (loss, (ms, aux)), grads = grad_fn(p, ms, gather(data, idx), k, ctx)
+            batch = _gather(data, idx, multi)
+            if custom_step is not None:
+                p, ms, os, loss, aux = custom_step(p, ms, os, tx, batch, k, ctx)
+                return (p, ms, os), (loss, aux)
+            (loss, (ms, aux)), grads = grad_fn(p, ms, batch, k, ctx)
             updates, os = tx.update(grads, os, p)
             if "lr_scale" in ctx:  # per-epoch learning-rate schedule from the method
                 updates = jax.tree.map(lambda u: u * ctx["lr_scale"], updates)
