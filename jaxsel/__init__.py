@@ -13,7 +13,7 @@ from .estimators import (
     SparseBottleneck,
     SparseRRR,
 )
-from .imputers import StAI
+from .imputers import GimVI, StAI
 
 __all__ = [
     "__version__",
@@ -26,6 +26,7 @@ __all__ = [
     "SparseBottleneck",
     "SparseRRR",
     "StAI",
+    "GimVI",
     "tl",
     "datasets",
     "metrics",

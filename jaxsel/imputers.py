@@ -9,11 +9,17 @@ module validates, converts and bookkeeps; the models live in :mod:`jaxsel.method
   to impute one fold of the measured genes from the others, run as one vmapped program
   and are averaged. The spread across the submodels is returned as a per-value
   uncertainty (not in the paper).
+- :class:`GimVI` (Lopez et al. 2019; as scvi-tools' ``GIMVI``): a joint VAE of scRNA-seq
+  and spatial counts (ZINB/NB and Poisson/NB likelihoods, a shared latent space aligned
+  by an adversarial dataset classifier); spatial cells are decoded through the
+  scRNA-seq branch to impute the genes they lack, with the variance over posterior draws
+  as the uncertainty. Held-out gene folds and random restarts run as one program.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import numbers
 
 import jax
@@ -24,9 +30,10 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import datasets, engine, metrics, preprocessing
 from ._validation import check_int, check_labels, check_matrix, check_random_state, check_real
+from .methods import gimvi as gv
 from .methods import stai as st
 
-__all__ = ["StAI", "GeneCVResult"]
+__all__ = ["StAI", "GimVI", "GeneCVResult"]
 
 _TASKS = ("impute", "annotate")
 _LAMBDAS = ("recon", "mmd", "cos", "impute", "clf", "gene")
@@ -512,3 +519,488 @@ class StAI(BaseEstimator):
         history = {name: np.asarray(v).reshape(len(held), k, -1) for name, v in hist.items()}
         return GeneCVResult(genes=shared, imputed=imputed, std=std, truth=np.asarray(truth), **scores,
                             fold_of_gene=fold_of_gene, history=history)
+
+
+# ============================================================================= gimVI
+
+
+_GIMVI_STRUCT = ("n_latent", "hidden", "n_layers_individual", "n_layers_shared", "decoder_layers", "dropout",
+                 "seq_likelihood", "spatial_likelihood", "dispersion", "adversarial")
+
+
+def _counts_matrix(x, name: str) -> np.ndarray:
+    """Dense float32 raw counts (non-negative integers; NaN, inf and fractions rejected)."""
+    x = check_matrix(x, name=name, dtype=np.float32, require_counts=True)
+    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, np.float32)
+
+
+def _zero_library(x, name: str, what: str = "") -> None:
+    lib = x.sum(1)
+    bad = np.flatnonzero(lib <= 0)
+    if bad.size:
+        raise ValueError(
+            f"{name} has {bad.size} cell(s) with no counts{what} (rows {bad[:10].tolist()}"
+            f"{' ...' if bad.size > 10 else ''}); gimVI's likelihood needs a positive library size: "
+            "filter them out first."
+        )
+
+
+def _train_val(n: int, train_size: float, rng) -> tuple[np.ndarray, np.ndarray]:
+    """scvi-tools' split: ``ceil(train_size * n)`` training cells, the rest validation; with
+    ``train_size=1`` the validation ELBO is taken on the training cells."""
+    perm = rng.permutation(n)
+    n_train = min(n, int(np.ceil(train_size * n)))
+    if n_train == n:
+        return perm, perm
+    return perm[:n_train], perm[n_train:]
+
+
+class GimVI(BaseEstimator):
+    """gimVI: a joint VAE of scRNA-seq and spatial counts that imputes genes the spatial
+    assay did not measure, with a posterior uncertainty (Lopez et al. 2019).
+
+    Parameters (defaults from scvi-tools' ``GIMVI``, ``JVAE`` and ``GIMVI.train``, except
+    ``spatial_likelihood``; see :mod:`jaxsel.methods.gimvi` for the model)
+    ----------
+    n_latent : int, default 10
+    hidden : int, default 64
+        Width of the encoder layers.
+    n_layers_individual, n_layers_shared : int, default 1, 1
+        Encoder layers per dataset, then shared.
+    decoder_layers : int, default 0
+        Hidden decoder layers conditioned on the dataset (scvi-tools: 0; the paper's
+        decoder is conditioned: 1).
+    dropout : float, default 0.2
+    seq_likelihood : {"zinb", "nb"}, default "zinb"
+    spatial_likelihood : {"poisson", "nb"}, default "poisson"
+        The paper's choice for smFISH-like data (scvi-tools defaults to NB).
+    dispersion : {"gene-batch", "gene"}, default "gene-batch"
+    adversarial : bool, default True
+        Train the dataset classifier on ``z`` and fool it with weight ``kappa``.
+    kappa : float, default 5.0
+    max_epochs : int, default 200
+    batch_size : int, default 128
+        Cells per step from each dataset.
+    learning_rate, weight_decay : float, default 1e-3, 1e-6
+    n_epochs_kl_warmup : float, default 400
+        KL weight ``min(1, epoch / n_epochs_kl_warmup)``.
+    train_size : float, default 0.9
+        Fraction of each dataset's cells trained on; the rest give the validation ELBO in
+        ``history_["val_loss"]``.
+    model_batch_size : int, None or "auto", default "auto"
+        Models trained at once in :meth:`cross_validate_genes` (``lax.map`` over the
+        rest, one program); ``"auto"``: one at a time on CPU (measured faster than
+        vmapped there), all vmapped on accelerators.
+    chunk : int, default 512
+        Spatial cells per inference chunk.
+    random_state : int, default 0
+
+    Attributes
+    ----------
+    genes_ : [G] reference genes (the model's output genes).
+    spatial_genes_ : [G'] spatial genes (a subset of ``genes_``).
+    imputable_genes_ : reference genes the spatial data lacks.
+    history_ : per-epoch ``train_loss`` (ELBO + ``kappa`` x fooling loss), ``train_rec``,
+        ``train_kl``, ``train_fool``, ``train_adversary``, ``val_loss`` (negative ELBO
+        per cell), ``val_rec``, ``val_kl``.
+    params_, state_ : fitted parameters and BatchNorm statistics.
+
+    Examples
+    --------
+    >>> model = jaxsel.GimVI(max_epochs=200).fit(X_ref, X_spatial, ref_genes=ref_names,
+    ...                                           spatial_genes=spatial_names)
+    >>> mean, var = model.impute(["Gad2", "Plp1"], n_samples=50)
+    """
+
+    def __init__(
+        self,
+        n_latent=10,
+        *,
+        hidden=64,
+        n_layers_individual=1,
+        n_layers_shared=1,
+        decoder_layers=0,
+        dropout=0.2,
+        seq_likelihood="zinb",
+        spatial_likelihood="poisson",
+        dispersion="gene-batch",
+        adversarial=True,
+        kappa=5.0,
+        max_epochs=200,
+        batch_size=128,
+        learning_rate=1e-3,
+        weight_decay=1e-6,
+        n_epochs_kl_warmup=400,
+        train_size=0.9,
+        model_batch_size="auto",
+        chunk=512,
+        random_state=0,
+    ):
+        self.n_latent = n_latent
+        self.hidden = hidden
+        self.n_layers_individual = n_layers_individual
+        self.n_layers_shared = n_layers_shared
+        self.decoder_layers = decoder_layers
+        self.dropout = dropout
+        self.seq_likelihood = seq_likelihood
+        self.spatial_likelihood = spatial_likelihood
+        self.dispersion = dispersion
+        self.adversarial = adversarial
+        self.kappa = kappa
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.n_epochs_kl_warmup = n_epochs_kl_warmup
+        self.train_size = train_size
+        self.model_batch_size = model_batch_size
+        self.chunk = chunk
+        self.random_state = random_state
+
+    # ------------------------------------------------------------------ configuration
+
+    def _config(self, n_genes: int, n_spatial: int) -> gv.GimVIConfig:
+        for name in ("n_latent", "hidden"):
+            check_int(getattr(self, name), name, 1)
+        for name in ("n_layers_individual", "n_layers_shared", "decoder_layers"):
+            check_int(getattr(self, name), name, 0)
+        check_real(self.dropout, "dropout", low=0.0, high=1.0, high_open=True)
+        if not isinstance(self.adversarial, (bool, np.bool_)):
+            raise TypeError(f"adversarial must be a bool, got {self.adversarial!r}.")
+        kw = dict(n_latent=int(self.n_latent), hidden=int(self.hidden),
+                  n_layers_individual=int(self.n_layers_individual), n_layers_shared=int(self.n_layers_shared),
+                  decoder_layers=int(self.decoder_layers), dropout=float(self.dropout),
+                  seq_likelihood=self.seq_likelihood, spatial_likelihood=self.spatial_likelihood,
+                  dispersion=self.dispersion, adversarial=bool(self.adversarial),
+                  kappa=check_real(self.kappa, "kappa", low=0.0),
+                  learning_rate=check_real(self.learning_rate, "learning_rate", low=0.0, low_open=True),
+                  weight_decay=check_real(self.weight_decay, "weight_decay", low=0.0),
+                  n_epochs_kl_warmup=check_real(self.n_epochs_kl_warmup, "n_epochs_kl_warmup", low=0.0,
+                                                low_open=True))
+        try:
+            return gv.GimVIConfig(n_genes, n_spatial, **kw)
+        except ValueError as err:
+            raise ValueError(str(err)) from None
+
+    def _loop(self) -> engine.LoopConfig:
+        return engine.LoopConfig(max_epochs=check_int(self.max_epochs, "max_epochs", 1),
+                                 batch_size=check_int(self.batch_size, "batch_size", 1), min_epochs=0, patience=None)
+
+    def _model_batch_size(self):
+        if isinstance(self.model_batch_size, str):
+            if self.model_batch_size != "auto":
+                raise ValueError(
+                    f"model_batch_size must be a positive int, None or 'auto', got {self.model_batch_size!r}.")
+            return 1 if jax.default_backend() == "cpu" else None
+        if self.model_batch_size is None:
+            return None
+        return check_int(self.model_batch_size, "model_batch_size", 1)
+
+    # ------------------------------------------------------------------ inputs
+
+    def _inputs(self, X_ref, X_spatial, ref_genes, spatial_genes):
+        """Validated dense counts with the spatial genes located among the reference's."""
+        xr = _counts_matrix(X_ref, "X_ref")
+        xs = _counts_matrix(X_spatial, "X_spatial")
+        ref_names = _check_gene_names(ref_genes, xr.shape[1], "ref_genes")
+        sp_names = _check_gene_names(spatial_genes, xs.shape[1], "spatial_genes")
+        pos = {g: i for i, g in enumerate(ref_names)}
+        missing = [g for g in sp_names if g not in pos]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} of the {sp_names.size} spatial genes are not in the reference (by name), e.g. "
+                f"{missing[:10]}; gimVI models the spatial genes as a subset of the reference's. Subset "
+                "X_spatial to the shared genes, and check both use the same naming (symbols vs ids, case)."
+            )
+        if xr.shape[0] < 2 or xs.shape[0] < 2:
+            raise ValueError("X_ref and X_spatial need at least 2 cells each.")
+        _zero_library(xr, "X_ref")
+        _zero_library(xs, "X_spatial", " in the spatial genes")
+        train = check_real(self.train_size, "train_size", low=0.0, high=1.0, low_open=True)
+        return dict(xr=xr, xs=xs, ref_names=ref_names, sp_names=sp_names,
+                    sp_index=np.array([pos[g] for g in sp_names], np.int64), train_size=train)
+
+    def _splits(self, n_models: int, n_ref: int, n_sp: int, train_size: float, seeds):
+        tr0, va0, tr1, va1 = [], [], [], []
+        for s in seeds:
+            rng = np.random.default_rng(s)
+            a, b = _train_val(n_ref, train_size, rng)
+            c, d = _train_val(n_sp, train_size, rng)
+            tr0.append(a), va0.append(b), tr1.append(c), va1.append(d)
+        return engine.make_splits(tr0, va0), engine.make_splits(tr1, va1)
+
+    def _fit_models(self, d, masks, seeds, mesh):
+        """Fit one model per row of ``masks`` ([M, G'] observed spatial genes), with split
+        and PRNG seed ``seeds[m]``, in one compiled program."""
+        cfg = self._config(d["ref_names"].size, d["sp_names"].size)
+        loop = self._loop()
+        log_lib = np.log(d["xr"].sum(1, dtype=np.float64))
+        models = gv.make_models(cfg, masks, d["sp_index"], log_lib.mean(), log_lib.var())
+        data = gv.make_data(d["xr"], d["xs"])
+        splits = self._splits(len(seeds), d["xr"].shape[0], d["xs"].shape[0], d["train_size"], seeds)
+        keys = jnp.stack([jax.random.key(int(s)) for s in seeds])
+        res = gv.fit(models, loop, keys, data, splits, batch_size=self._model_batch_size(), mesh=mesh)
+        return cfg, models, data, res
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, X_ref, X_spatial, *, ref_genes, spatial_genes):
+        """Fit gimVI on a scRNA-seq reference and spatial data (raw counts both).
+
+        Parameters
+        ----------
+        X_ref : [n_ref, G] reference counts (dense, sparse or DataFrame).
+        X_spatial : [n_spatial, G'] spatial counts.
+        ref_genes, spatial_genes : gene names of the columns; every spatial gene must be
+            a reference gene.
+        """
+        seed = check_random_state(self.random_state)
+        d = self._inputs(X_ref, X_spatial, ref_genes, spatial_genes)
+        masks = np.ones((1, d["sp_names"].size), np.float32)
+        cfg, models, data, res = self._fit_models(d, masks, [seed], None)
+        first = lambda t: jax.tree.map(lambda a: a[0], t)  # noqa: E731
+        self._set_fitted(cfg, first(models), first(res.params), first(res.model_state),
+                         {k: np.asarray(v)[0] for k, v in res.history.items()}, d["ref_names"], d["sp_names"],
+                         d["xs"], d["xr"])
+        return self
+
+    def _set_fitted(self, cfg, model, params, state, history, ref_names, sp_names, xs, xr=None):
+        self.cfg_ = cfg
+        self.model_ = model
+        self.params_ = params
+        self.state_ = state
+        self.history_ = history
+        self.genes_ = np.asarray(ref_names)
+        self.spatial_genes_ = np.asarray(sp_names)
+        in_sp = set(self.spatial_genes_.tolist())
+        self.imputable_genes_ = np.array([g for g in self.genes_ if g not in in_sp])
+        self._gene_index = {g: i for i, g in enumerate(self.genes_)}
+        self._x_spatial = jnp.asarray(xs)
+        self._x_ref = None if xr is None else jnp.asarray(xr)
+
+    # ------------------------------------------------------------------ inference
+
+    def _gene_columns(self, genes):
+        if genes is None:
+            if self.imputable_genes_.size == 0:
+                raise ValueError("every reference gene is measured in the spatial data; pass genes= explicitly.")
+            return np.array([self._gene_index[g] for g in self.imputable_genes_])
+        req = [genes] if isinstance(genes, str) else [str(g) for g in genes]
+        missing = [g for g in req if g not in self._gene_index]
+        if missing:
+            raise ValueError(f"genes not in the reference: {missing[:10]}{' ...' if len(missing) > 10 else ''}.")
+        if not req:
+            raise ValueError("genes must name at least one gene.")
+        return np.array([self._gene_index[g] for g in req])
+
+    def _posterior(self, X_spatial, n_samples, seed):
+        check_is_fitted(self, "params_")
+        n_samples = check_int(n_samples, "n_samples", 0)
+        if X_spatial is None:
+            xs = self._x_spatial
+        else:
+            x = _counts_matrix(X_spatial, "X_spatial")
+            if x.shape[1] != self.spatial_genes_.size:
+                raise ValueError(f"X_spatial must have the {self.spatial_genes_.size} spatial genes of fit as "
+                                 f"columns, got {x.shape[1]}.")
+            _zero_library(x, "X_spatial", " in the spatial genes")
+            xs = jnp.asarray(x)
+        key = jax.random.key(check_random_state(self.random_state if seed is None else seed))
+        return gv.impute(self.cfg_, self.params_, self.state_, self.model_, xs, key, n_samples=n_samples,
+                         chunk=check_int(self.chunk, "chunk", 1))
+
+    def impute(self, genes=None, *, n_samples=50, normalized=False, X_spatial=None, return_var=True,
+               random_state=None):
+        """Imputed expression of reference ``genes`` in the spatial cells: their latent
+        decoded through the scRNA-seq branch.
+
+        Parameters
+        ----------
+        genes : gene names (default: every reference gene the spatial data lacks).
+        n_samples : posterior draws of ``z`` (the paper uses 50); 0 decodes the posterior
+            mean (variance 0).
+        normalized : return the frequencies ``rho`` (scVI's ``normalized=True``) instead
+            of expected counts on the spatial assay's scale.
+        X_spatial : spatial counts to impute for (default: the cells of ``fit``).
+        return_var : also return the variance over the draws, the uncertainty.
+        random_state : seed of the draws (default: the estimator's).
+
+        Returns
+        -------
+        mean [n_spatial, n_genes] (and variance, same shape), numpy float32.
+        """
+        post = self._posterior(X_spatial, n_samples, random_state)
+        cols = self._gene_columns(genes)
+        mean, var = (post.normalized, post.normalized_var) if normalized else (post.counts, post.counts_var)
+        mean, var = np.asarray(mean)[:, cols], np.asarray(var)[:, cols]
+        return (mean, var) if return_var else mean
+
+    def latent(self, X=None, *, modality="spatial"):
+        """Posterior means of ``z`` [n_cells, n_latent] for ``modality`` ``"spatial"`` or
+        ``"reference"`` cells (default: those of ``fit``, or counts ``X`` with the columns
+        of that modality's genes)."""
+        check_is_fitted(self, "params_")
+        if modality not in ("spatial", "reference"):
+            raise ValueError(f"modality must be 'spatial' or 'reference', got {modality!r}.")
+        mode = 1 if modality == "spatial" else 0
+        if X is None:
+            x = self._x_spatial if mode else self._x_ref
+            if x is None:
+                raise ValueError("this model keeps no reference cells (loaded from a file); pass X.")
+        else:
+            name = "X_spatial" if mode else "X_ref"
+            x = _counts_matrix(X, name)
+            want = self.spatial_genes_.size if mode else self.genes_.size
+            if x.shape[1] != want:
+                raise ValueError(f"{name} must have {want} columns (the genes of fit), got {x.shape[1]}.")
+            x = jnp.asarray(x)
+        return np.asarray(gv.latent(self.cfg_, self.params_, self.state_, self.model_, x, mode))
+
+    # ------------------------------------------------------------------ evaluation protocol
+
+    def cross_validate_genes(self, X_ref, X_spatial, *, ref_genes, spatial_genes, gene_folds=None, n_seeds=1,
+                             n_samples=0):
+        """Hold out spatial genes, impute them, compare with their measurements.
+
+        Every (held-out gene fold, seed) pair is one model, and all of them are one
+        compiled program (a leading model axis; ``model_batch_size`` at a time, sharded
+        over all visible devices). Each held-out gene is imputed from the spatial cells'
+        other genes and compared on the log-normalised scale (the measured counts of the
+        spatial panel normalised to 1e4 per cell, ``log1p``; the imputation as
+        :class:`jaxsel.methods.gimvi.Posterior` ``lognorm``).
+
+        Parameters
+        ----------
+        gene_folds : None (leave one gene out), an int (that many random folds) or a list
+            of gene-name lists.
+        n_seeds : random restarts (seeds ``random_state + s``: initialisation, splits,
+            minibatches).
+        n_samples : posterior draws for the imputation and its spread (0: posterior mean,
+            ``std`` zeros).
+
+        Returns
+        -------
+        list of :class:`GeneCVResult`, one per seed (``genes`` are the spatial genes;
+        ``history`` arrays [n_folds, epochs]).
+        """
+        seed = check_random_state(self.random_state)
+        n_seeds = check_int(n_seeds, "n_seeds", 1)
+        d = self._inputs(X_ref, X_spatial, ref_genes, spatial_genes)
+        G = d["sp_names"].size
+        held = _held_out_folds(gene_folds, d["sp_names"], seed)
+        if any(h.size == G for h in held):
+            raise ValueError("a gene fold holds out every spatial gene; the model needs some to encode the cells.")
+        masks = np.ones((len(held), G), np.float32)
+        for f, h in enumerate(held):
+            masks[f, h] = 0.0
+            lib = d["xs"] @ masks[f]
+            if (lib <= 0).any():
+                raise ValueError(f"with the genes of fold {f} held out ({d['sp_names'][h][:5].tolist()}), "
+                                 f"{int((lib <= 0).sum())} spatial cell(s) have no counts left.")
+        seeds = [seed + s for s in range(n_seeds) for _ in held]
+        all_masks = np.tile(masks, (n_seeds, 1))
+        cfg, models, data, res = self._fit_models(d, all_masks, seeds, engine.fold_mesh())
+        truth = preprocessing.log_normalize(d["xs"], name="X_spatial")
+        key_draws = check_int(n_samples, "n_samples", 0)
+        results = []
+        for s in range(n_seeds):
+            imputed = np.full(truth.shape, np.nan, np.float32)
+            std = np.full_like(imputed, np.nan)
+            fold_of_gene = np.full(G, -1, np.int64)
+            for f, h in enumerate(held):
+                m = s * len(held) + f
+                pick = lambda t: jax.tree.map(lambda a: a[m], t)  # noqa: E731
+                post = gv.impute(cfg, pick(res.params), pick(res.model_state), pick(models), data[1]["x"],
+                                 jax.random.key(seeds[m]), n_samples=key_draws,
+                                 chunk=check_int(self.chunk, "chunk", 1))
+                cols = d["sp_index"][h]
+                imputed[:, h] = np.asarray(post.lognorm)[:, cols]
+                std[:, h] = np.sqrt(np.asarray(post.lognorm_var)[:, cols])
+                fold_of_gene[h] = f
+            done = np.flatnonzero(fold_of_gene >= 0)
+            scores = {m_: np.full(G, np.nan) for m_ in _SCORES}
+            for name, v in metrics.imputation_scores(truth[:, done], imputed[:, done]).items():
+                scores[name][done] = v
+            hist = {k: np.asarray(v)[s * len(held):(s + 1) * len(held)] for k, v in res.history.items()}
+            results.append(GeneCVResult(genes=d["sp_names"], imputed=imputed, std=std, truth=truth, **scores,
+                                        fold_of_gene=fold_of_gene, history=hist))
+        return results
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path):
+        """Write the fitted model to one portable ``.npz`` file: parameters, BatchNorm
+        statistics, history and the spatial counts of ``fit`` as arrays, and a JSON header
+        (format, jaxsel version, estimator parameters, model config, gene names). It reads
+        with numpy alone (no pickle); :meth:`load` restores the model exactly."""
+        check_is_fitted(self, "params_")
+        tree = {"params": self.params_, "state": self.state_}
+        arrays = {f"tree{jax.tree_util.keystr(k)}": np.asarray(v)
+                  for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        arrays.update({f"history/{k}": np.asarray(v) for k, v in self.history_.items()})
+        arrays["model/mask"] = np.asarray(self.model_.mask)
+        arrays["model/lib"] = np.array([self.model_.lib_mean, self.model_.lib_var], np.float32)
+        arrays["x_spatial"] = np.asarray(self._x_spatial)
+        meta = {"format": _GIMVI_FORMAT, "jaxsel_version": _version(), "estimator": self.get_params(),
+                "config": dataclasses.asdict(self.cfg_), "genes": self.genes_.tolist(),
+                "spatial_genes": self.spatial_genes_.tolist()}
+        arrays["meta"] = np.array(json.dumps(meta, default=_json_default))
+        path = str(path)
+        with open(path if path.endswith(".npz") else path + ".npz", "wb") as fh:
+            np.savez(fh, **arrays)
+
+    @classmethod
+    def load(cls, path) -> "GimVI":
+        """Read a model written by :meth:`save`. A file from another format, or from a
+        jaxsel release with a different major.minor version, is a clear error."""
+        with np.load(path, allow_pickle=False) as f:
+            if "meta" not in f.files:
+                raise ValueError(f"{path} is not a jaxsel GimVI file (no header).")
+            meta = json.loads(str(f["meta"]))
+            arrays = {k: f[k] for k in f.files}
+        if meta.get("format") != _GIMVI_FORMAT:
+            raise ValueError(f"{path} holds {meta.get('format')!r}, not a jaxsel GimVI model.")
+        saved, ours = meta.get("jaxsel_version", "?"), _version()
+        if saved.split(".")[:2] != ours.split(".")[:2]:
+            raise ValueError(f"{path} was written by jaxsel {saved}; this is jaxsel {ours}, whose GimVI format may "
+                             "differ: load it with the version that wrote it.")
+        est = cls(**meta["estimator"])
+        cfg = gv.GimVIConfig(**meta["config"])
+        sp_names, genes = np.array(meta["spatial_genes"]), np.array(meta["genes"])
+        pos = {g: i for i, g in enumerate(genes)}
+        lib = arrays["model/lib"]
+        model = gv.GimVIModel(cfg, jnp.asarray(arrays["model/mask"]), jnp.asarray([pos[g] for g in sp_names], jnp.int32),
+                              jnp.float32(lib[0]), jnp.float32(lib[1]))
+        p0, s0 = gv.init_params(cfg, jax.random.key(0), model, jnp.zeros((2, cfg.n_genes)),
+                                jnp.zeros((2, cfg.n_spatial)))
+        template = {"params": p0, "state": s0}
+        paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+        leaves = []
+        for k, v in paths:
+            name = f"tree{jax.tree_util.keystr(k)}"
+            if name not in arrays or arrays[name].shape != np.shape(v):
+                raise ValueError(f"{path}: parameter {name} is missing or has the wrong shape.")
+            leaves.append(jnp.asarray(arrays[name]))
+        tree = jax.tree_util.tree_unflatten(treedef, leaves)
+        history = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("history/")}
+        est._set_fitted(cfg, model, tree["params"], tree["state"], history, genes, sp_names, arrays["x_spatial"])
+        return est
+
+
+_GIMVI_FORMAT = "jaxsel.GimVI/1"
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"cannot store {type(o).__name__} in the model header")

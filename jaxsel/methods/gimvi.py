@@ -464,15 +464,23 @@ def fit(models: GimVIModel, loop: LoopConfig, keys, data, splits, *, batch_size=
 
 
 class Posterior(NamedTuple):
-    """Posterior summaries of the spatial cells' missing genes, over ``n_samples`` draws of
-    ``z``: ``normalized`` the scRNA-seq-branch frequencies ``rho`` [n, G] and ``counts``
-    their spatial-scale counterpart ``rho / sum_{observed G'} rho * library`` [n, G];
-    ``*_var`` their variances over the draws (zeros for the deterministic mean)."""
+    """Posterior summaries of the spatial cells' genes, over ``n_samples`` draws of ``z``
+    (all [n, G]; ``*_var`` the variances over the draws, zeros for the posterior mean):
+
+    - ``normalized``: the scRNA-seq-branch frequencies ``rho``;
+    - ``counts``: their spatial-scale counterpart, ``c_g = rho_g / sum_{observed G'} rho
+      * L`` with ``L`` the cell's observed library (what the spatial assay would count);
+    - ``lognorm``: ``log1p(1e4 * c_g / (L + c_g))``, the log-normalised value of gene
+      ``g`` had it been measured alongside the observed genes (the scale on which held-out
+      genes are compared with their measurements).
+    """
 
     normalized: jax.Array
     normalized_var: jax.Array
     counts: jax.Array
     counts_var: jax.Array
+    lognorm: jax.Array
+    lognorm_var: jax.Array
 
 
 def make_data(x_seq, x_sp):
@@ -512,26 +520,30 @@ def impute(cfg: GimVIConfig, params, state, model: GimVIModel, x_sp, key, *, n_s
         (log_rho, _, _), _ = _apply(net, params["vae"], state["vae"], net.decode, z, 0, train=False)
         rho = jnp.exp(log_rho)
         obs = jnp.sum(jnp.take(rho, model.sp_index, axis=1) * model.mask, axis=1, keepdims=True)
-        return rho, rho / obs * jnp.sum(xc, axis=1, keepdims=True)
+        library = jnp.sum(xc, axis=1, keepdims=True)
+        cnt = rho / obs * library
+        return rho, cnt, jnp.log1p(1e4 * cnt / (library + cnt))
 
     def one_chunk(args):
         xc, rows = args
         xc, m, lv = _eval(cfg, params, state, xc, 1, model)
         if n_samples == 0:
-            rho, cnt = moments(m, xc)
-            return rho, jnp.zeros_like(rho), cnt, jnp.zeros_like(cnt)
+            out = moments(m, xc)
+            return tuple(a for v in out for a in (v, jnp.zeros_like(v)))
         cell_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(rows)
 
         def draw(acc, d):
             eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, d), (cfg.n_latent,)))(cell_keys)
-            rho, cnt = moments(m + jnp.exp(0.5 * lv) * eps, xc)
-            return jax.tree.map(jnp.add, acc, (rho, rho * rho, cnt, cnt * cnt)), None
+            vals = moments(m + jnp.exp(0.5 * lv) * eps, xc)
+            return jax.tree.map(jnp.add, acc, tuple(a for v in vals for a in (v, v * v))), None
 
         zero = jnp.zeros((xc.shape[0], cfg.n_genes))
-        (s1, s2, c1, c2), _ = jax.lax.scan(draw, (zero,) * 4, jnp.arange(n_samples))
-        mean, cmean = s1 / n_samples, c1 / n_samples
-        return (mean, jnp.maximum(s2 / n_samples - mean**2, 0.0), cmean,
-                jnp.maximum(c2 / n_samples - cmean**2, 0.0))
+        sums, _ = jax.lax.scan(draw, (zero,) * 6, jnp.arange(n_samples))
+        out = []
+        for s1, s2 in zip(sums[::2], sums[1::2]):
+            mean = s1 / n_samples
+            out += [mean, jnp.maximum(s2 / n_samples - mean**2, 0.0)]
+        return tuple(out)
 
     n = x_sp.shape[0]
     size = max(1, min(int(chunk), n))
