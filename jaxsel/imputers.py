@@ -119,7 +119,8 @@ class GeneCVResult:
     submodels) and its measured log-normalised expression; ``pcc``, ``spearman``, ``rmse``,
     ``jsd`` [G] per gene (:func:`jaxsel.metrics.imputation_scores`); ``fold_of_gene`` [G] (``-1``,
     and NaN imputations and scores, for genes no fold held out);
-    ``history`` per-epoch loss terms, arrays [n_folds, k, epochs].
+    ``history`` per-epoch loss terms, arrays [n_folds, k, epochs]; ``latent`` (gimVI)
+    per fold the ``(reference, spatial)`` posterior means of the model that held it out.
     """
 
     genes: np.ndarray
@@ -132,6 +133,7 @@ class GeneCVResult:
     jsd: np.ndarray
     fold_of_gene: np.ndarray
     history: dict
+    latent: list | None = None
 
     def medians(self) -> dict:
         """Median PCC, Spearman, RMSE and JSD over the held-out genes (NaN correlations of
@@ -875,8 +877,9 @@ class GimVI(BaseEstimator):
             of gene-name lists.
         n_seeds : random restarts (seeds ``random_state + s``: initialisation, splits,
             minibatches).
-        n_samples : posterior draws for the imputation and its spread (0: posterior mean,
-            ``std`` zeros).
+        n_samples : posterior draws for ``std``, the spread of each imputed value (0:
+            ``std`` zeros). ``imputed`` is always the decoded posterior mean of ``z``, as
+            scvi-tools' ``get_imputed_values(deterministic=True)``.
 
         Returns
         -------
@@ -901,29 +904,35 @@ class GimVI(BaseEstimator):
         all_masks = np.tile(masks, (n_seeds, 1))
         cfg, models, data, res = self._fit_models(d, all_masks, seeds, engine.fold_mesh())
         truth = preprocessing.log_normalize(d["xs"], name="X_spatial")
-        key_draws = check_int(n_samples, "n_samples", 0)
+        n_samples = check_int(n_samples, "n_samples", 0)
+        chunk = check_int(self.chunk, "chunk", 1)
         results = []
         for s in range(n_seeds):
             imputed = np.full(truth.shape, np.nan, np.float32)
-            std = np.full_like(imputed, np.nan)
+            std = np.zeros_like(imputed)
             fold_of_gene = np.full(G, -1, np.int64)
+            latents = []
             for f, h in enumerate(held):
                 m = s * len(held) + f
                 pick = lambda t: jax.tree.map(lambda a: a[m], t)  # noqa: E731
-                post = gv.impute(cfg, pick(res.params), pick(res.model_state), pick(models), data[1]["x"],
-                                 jax.random.key(seeds[m]), n_samples=key_draws,
-                                 chunk=check_int(self.chunk, "chunk", 1))
+                p, st_, mod = pick(res.params), pick(res.model_state), pick(models)
+                key = jax.random.key(seeds[m])
                 cols = d["sp_index"][h]
+                post = gv.impute(cfg, p, st_, mod, data[1]["x"], key, n_samples=0, chunk=chunk)
                 imputed[:, h] = np.asarray(post.lognorm)[:, cols]
-                std[:, h] = np.sqrt(np.asarray(post.lognorm_var)[:, cols])
+                if n_samples:
+                    draws = gv.impute(cfg, p, st_, mod, data[1]["x"], key, n_samples=n_samples, chunk=chunk)
+                    std[:, h] = np.sqrt(np.asarray(draws.lognorm_var)[:, cols])
                 fold_of_gene[h] = f
+                latents.append((np.asarray(gv.latent(cfg, p, st_, mod, data[0]["x"], 0)),
+                                np.asarray(gv.latent(cfg, p, st_, mod, data[1]["x"], 1))))
             done = np.flatnonzero(fold_of_gene >= 0)
             scores = {m_: np.full(G, np.nan) for m_ in _SCORES}
             for name, v in metrics.imputation_scores(truth[:, done], imputed[:, done]).items():
                 scores[name][done] = v
             hist = {k: np.asarray(v)[s * len(held):(s + 1) * len(held)] for k, v in res.history.items()}
             results.append(GeneCVResult(genes=d["sp_names"], imputed=imputed, std=std, truth=truth, **scores,
-                                        fold_of_gene=fold_of_gene, history=hist))
+                                        fold_of_gene=fold_of_gene, history=hist, latent=latents))
         return results
 
     # ------------------------------------------------------------------ persistence

@@ -75,6 +75,8 @@ __all__ = [
     "make_models",
     "latent",
     "impute",
+    "spatial_scale",
+    "Posterior",
     "SEQ_LIKELIHOODS",
     "SPATIAL_LIKELIHOODS",
 ]
@@ -503,6 +505,18 @@ def latent(cfg: GimVIConfig, params, state, model: GimVIModel, x, mode: int, *, 
     return chunk_map(lambda xc: _eval(cfg, params, state, xc, mode, model)[1], x, chunk)
 
 
+def spatial_scale(rho, x_sp, mask, sp_index):
+    """``(counts, lognorm)`` of :class:`Posterior` from frequencies ``rho`` [n, G] over the
+    reference genes and the spatial counts ``x_sp`` [n, G'] (masked columns ignored):
+    ``c_g = rho_g / sum_{observed} rho * L`` and ``log1p(1e4 * c_g / (L + c_g))``. Also the
+    benchmark's conversion of scvi-tools' ``get_imputed_values(normalized=True,
+    decode_mode=0)`` output, so both implementations are scored on one scale."""
+    obs = jnp.sum(jnp.take(rho, sp_index, axis=1) * mask, axis=1, keepdims=True)
+    library = jnp.sum(x_sp * mask, axis=1, keepdims=True)
+    cnt = rho / obs * library
+    return cnt, jnp.log1p(1e4 * cnt / (library + cnt))
+
+
 @functools.partial(jax.jit, static_argnames=("n_samples", "chunk"))
 def impute(cfg: GimVIConfig, params, state, model: GimVIModel, x_sp, key, *, n_samples: int = 50,
            chunk: int = 512) -> Posterior:
@@ -519,10 +533,7 @@ def impute(cfg: GimVIConfig, params, state, model: GimVIModel, x_sp, key, *, n_s
     def moments(z, xc):
         (log_rho, _, _), _ = _apply(net, params["vae"], state["vae"], net.decode, z, 0, train=False)
         rho = jnp.exp(log_rho)
-        obs = jnp.sum(jnp.take(rho, model.sp_index, axis=1) * model.mask, axis=1, keepdims=True)
-        library = jnp.sum(xc, axis=1, keepdims=True)
-        cnt = rho / obs * library
-        return rho, cnt, jnp.log1p(1e4 * cnt / (library + cnt))
+        return (rho, *spatial_scale(rho, xc, model.mask, model.sp_index))
 
     def one_chunk(args):
         xc, rows = args
