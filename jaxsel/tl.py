@@ -1,7 +1,7 @@
 """scanpy-style marker selection and spatial imputation on AnnData objects.
 
-:func:`stai` is the one function here that returns a new object (the imputed genes as an
-AnnData) instead of writing selections; see its docstring for what it writes.
+:func:`stai` and :func:`gimvi` return a new object (the imputed genes as an AnnData)
+instead of writing selections; see their docstrings for what they write.
 
 Every function reads the expression matrix from ``adata.X`` (or
 ``adata.layers[layer]``) and, where needed, cell labels from
@@ -41,6 +41,7 @@ __all__ = [
     "random_markers",
     "sparse_bottleneck",
     "stai",
+    "gimvi",
 ]
 
 
@@ -459,4 +460,65 @@ def stai(
         pred, prob = est.annotate(return_proba=True)
         adata_spatial.obs[key_added] = pd.Categorical(pred, categories=[str(c) for c in est.classes_])
         adata_spatial.obsm[f"{key_added}_proba"] = prob
+    return (out, est) if return_estimator else out
+
+
+def gimvi(
+    adata_ref,
+    adata_spatial,
+    genes=None,
+    *,
+    layer: str | None = None,
+    ref_layer: str | None = None,
+    n_samples: int = 50,
+    normalized: bool = False,
+    key_added: str = "gimvi",
+    return_estimator: bool = False,
+    **kwargs,
+):
+    """Impute genes of spatial cells from a scRNA-seq reference with
+    :class:`jaxsel.imputers.GimVI` (Lopez et al. 2019).
+
+    Both matrices (``X`` or the given layers) must hold raw counts; genes are matched by
+    ``var_names`` and every spatial gene must be a reference gene. Extra keyword arguments
+    go to :class:`~jaxsel.imputers.GimVI` (``max_epochs``, ``kappa``,
+    ``spatial_likelihood``, ...).
+
+    Returns a new AnnData (cells of ``adata_spatial`` x ``genes``, default: every
+    reference gene the spatial data lacks) with
+
+    - ``X``: the posterior mean of the imputed expression over ``n_samples`` draws, as
+      expected counts on the spatial assay's scale (``normalized=True``: the
+      frequencies over the reference genes);
+    - ``layers["variance"]``: the variance over the draws (the uncertainty);
+    - ``obsm[f"X_{key_added}"]``: the spatial cells' latent (posterior means);
+    - ``uns[key_added]``: the estimator's parameters, the genes and the loss history.
+
+    The inputs are not modified. ``return_estimator=True`` returns ``(imputed, estimator)``
+    (its :meth:`~jaxsel.imputers.GimVI.latent` gives the reference cells' latent too).
+    """
+    import anndata
+    import pandas as pd
+
+    _check_adata(adata_ref)
+    _check_adata(adata_spatial)
+    _check_key(key_added, "key_added")
+    if not isinstance(normalized, (bool, np.bool_)):
+        raise TypeError(f"normalized must be a bool, got {normalized!r}.")
+    est = imputers.GimVI(**kwargs)
+    est.fit(_get_x(adata_ref, ref_layer), _get_x(adata_spatial, layer), ref_genes=adata_ref.var_names,
+            spatial_genes=adata_spatial.var_names)
+    names = est.imputable_genes_ if genes is None else ([genes] if isinstance(genes, str) else list(genes))
+    mean, var = est.impute(genes, n_samples=n_samples, normalized=bool(normalized))
+    out = anndata.AnnData(X=mean, obs=pd.DataFrame(index=adata_spatial.obs_names.copy()),
+                          var=pd.DataFrame(index=[str(g) for g in names]))
+    out.layers["variance"] = var
+    out.obsm[f"X_{key_added}"] = est.latent()
+    out.uns[key_added] = {
+        "params": {k: _plain(v) for k, v in est.get_params(deep=False).items()},
+        "spatial_genes": [str(g) for g in est.spatial_genes_],
+        "n_samples": int(n_samples),
+        "normalized": bool(normalized),
+        "history": {k: np.asarray(v, dtype=np.float64).tolist() for k, v in est.history_.items()},
+    }
     return (out, est) if return_estimator else out

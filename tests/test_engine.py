@@ -331,3 +331,66 @@ def test_chunk_map_equals_direct_and_pads_the_last_chunk():
         got = jax.jit(lambda a, c=chunk: engine.chunk_map(fn, a, c))(x)
         np.testing.assert_array_equal(np.asarray(got["s"]), np.asarray(x).sum(1))
         np.testing.assert_array_equal(np.asarray(got["sq"]), np.asarray(x) ** 2)
+
+
+# --------------------------------------------------------------------------- several datasets
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["learning_rate"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class _TwoData:
+    """Reports which cells each step sees (no learning): data is ({"x": ids}, {"x": ids})."""
+
+    learning_rate: float = 0.0
+
+    def init(self, key, data):
+        return {"w": jnp.zeros(())}, {}
+
+    def optimizer(self, learning_rate):
+        return optax.sgd(learning_rate)
+
+    def epoch_context(self, epoch):
+        return {}
+
+    def train_loss(self, params, state, batch, key, ctx):
+        a, b = batch[0]["x"], batch[1]["x"]
+        metrics = {"sum_a": jnp.sum(a), "sum_b": jnp.sum(b), "n_a": jnp.float32(a.shape[0]),
+                   "n_b": jnp.float32(b.shape[0])}
+        return params["w"] * 0.0, (state, metrics)
+
+    def eval_loss(self, params, state, batch, weights, ctx):
+        (a, b), (wa, wb) = (batch[0]["x"], batch[1]["x"]), weights
+        return jnp.sum(wa * a) + jnp.sum(wb * b), {"n_val": jnp.sum(wa) + jnp.sum(wb)}
+
+
+def test_two_datasets_each_step_takes_both_and_the_smaller_cycles():
+    n_a, n_b, bs = 48, 20, 8
+    data = ({"x": jnp.arange(n_a, dtype=jnp.float32)}, {"x": 1000.0 + jnp.arange(n_b, dtype=jnp.float32)})
+    tr_a, va_a = np.arange(40), np.arange(40, 48)  # 40 training cells: 5 steps of 8
+    tr_b, va_b = np.arange(16), np.arange(16, 20)  # 16 training cells: cycled 2.5 times per epoch
+    splits = (engine.make_splits([tr_a], [va_a]), engine.make_splits([tr_b], [va_b]))
+    loop = engine.LoopConfig(max_epochs=3, batch_size=bs, min_epochs=0, patience=None)
+    res = engine.fit_folds(_TwoData(), loop, engine.fold_keys(jax.random.key(0), 1), data, splits, mesh=None)
+    h = {k: np.asarray(v)[0] for k, v in res.history.items()}
+    # the epoch has as many steps as the larger dataset fills: every A cell once
+    np.testing.assert_allclose(h["train_sum_a"] * 5, tr_a.sum())
+    np.testing.assert_array_equal(h["train_n_b"], bs)  # full minibatches of the smaller dataset too
+    # B's 40 draws in an epoch walk its permutation 2.5 times: 16 + 16 + 8 cells, all training cells
+    sums_b = h["train_sum_b"] * 5
+    assert np.all(sums_b >= 2 * (1000 * 16 + tr_b.sum()) + 8 * 1000 + np.sort(tr_b)[:8].sum())
+    assert np.all(sums_b <= 2 * (1000 * 16 + tr_b.sum()) + 8 * 1000 + np.sort(tr_b)[-8:].sum())
+    # validation gets both datasets' validation cells with their weights
+    np.testing.assert_allclose(h["val_loss"], va_a.sum() + (1000 * 4 + va_b.sum()))
+    np.testing.assert_array_equal(h["val_n_val"], 12)
+
+
+def test_two_datasets_need_matching_fold_counts_and_large_enough_sets():
+    data = ({"x": jnp.arange(20.0)}, {"x": jnp.arange(20.0)})
+    one = engine.make_splits([np.arange(16)], [np.arange(16, 20)])
+    two = engine.make_splits([np.arange(16)] * 2, [np.arange(16, 20)] * 2)
+    loop = engine.LoopConfig(max_epochs=1, batch_size=4, min_epochs=0, patience=None)
+    with pytest.raises(ValueError, match="same number of folds"):
+        engine.fit_folds(_TwoData(), loop, engine.fold_keys(jax.random.key(0), 1), data, (one, two), mesh=None)
+    big = engine.LoopConfig(max_epochs=1, batch_size=17, min_epochs=0, patience=None)
+    with pytest.raises(ValueError, match="batch_size"):
+        engine.fit_folds(_TwoData(), big, engine.fold_keys(jax.random.key(0), 1), data, (one, one), mesh=None)

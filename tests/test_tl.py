@@ -196,3 +196,45 @@ def test_sparse_bottleneck_writes_only_documented_keys():
     assert "test_r2" in out.uns["sparse_bottleneck"]["history"]
     with pytest.raises(KeyError, match="y_key"):
         jaxsel.tl.sparse_bottleneck(ad, "ephys")
+
+
+def _gimvi_pair():
+    import anndata
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(300, 3))
+    rho = np.exp(z @ rng.normal(size=(3, 30)))
+    rho /= rho.sum(1, keepdims=True)
+    ref = rng.poisson(rho[:200] * 500).astype(np.float32)
+    sp = rng.poisson(rho[200:, :12] / rho[200:, :12].sum(1, keepdims=True) * 100).astype(np.float32)
+    genes = [f"g{i}" for i in range(30)]
+    a_ref = anndata.AnnData(ref, var=dict(gene=genes))
+    a_ref.var_names = genes
+    a_sp = anndata.AnnData(sp)
+    a_sp.var_names = genes[:12]
+    return a_ref, a_sp
+
+
+def test_tl_gimvi_returns_imputed_anndata_and_leaves_inputs_alone():
+    a_ref, a_sp = _gimvi_pair()
+    before = (a_ref.copy(), a_sp.copy())
+    out, est = jaxsel.tl.gimvi(a_ref, a_sp, n_samples=4, max_epochs=3, batch_size=32, return_estimator=True)
+    assert out.shape == (a_sp.n_obs, 18)
+    assert list(out.var_names) == [f"g{i}" for i in range(12, 30)]
+    assert list(out.obs_names) == list(a_sp.obs_names)
+    assert out.layers["variance"].shape == out.shape and (out.layers["variance"] >= 0).all()
+    assert out.obsm["X_gimvi"].shape == (a_sp.n_obs, 10)
+    assert out.uns["gimvi"]["spatial_genes"] == [f"g{i}" for i in range(12)]
+    assert len(out.uns["gimvi"]["history"]["val_loss"]) == 3
+    mean, _ = est.impute(n_samples=4)
+    np.testing.assert_array_equal(out.X, mean)  # the same draws: one seed
+    for a, b in zip(before, (a_ref, a_sp)):  # inputs untouched
+        np.testing.assert_array_equal(a.X, b.X)
+        assert list(a.obs.columns) == list(b.obs.columns) and list(a.obsm.keys()) == list(b.obsm.keys())
+    named = jaxsel.tl.gimvi(a_ref, a_sp, genes=["g20", "g3"], n_samples=0, normalized=True, max_epochs=3,
+                            batch_size=32)
+    assert list(named.var_names) == ["g20", "g3"] and (named.layers["variance"] == 0).all()
+    a_bad = a_sp.copy()
+    a_bad.var_names = ["zz"] + [f"g{i}" for i in range(1, 12)]
+    with pytest.raises(ValueError, match="not in the reference"):
+        jaxsel.tl.gimvi(a_ref, a_bad, max_epochs=1, batch_size=32)
