@@ -757,9 +757,11 @@ class GimVI(BaseEstimator):
             a reference gene.
         """
         seed = check_random_state(self.random_state)
+        check_int(self.chunk, "chunk", 1)
         d = self._inputs(X_ref, X_spatial, ref_genes, spatial_genes)
         masks = np.ones((1, d["sp_names"].size), np.float32)
         cfg, models, data, res = self._fit_models(d, masks, [seed], None)
+        self.seed_ = seed
         first = lambda t: jax.tree.map(lambda a: a[0], t)  # noqa: E731
         self._set_fitted(cfg, first(models), first(res.params), first(res.model_state),
                          {k: np.asarray(v)[0] for k, v in res.history.items()}, d["ref_names"], d["sp_names"],
@@ -831,8 +833,9 @@ class GimVI(BaseEstimator):
         -------
         mean [n_spatial, n_genes] (and variance, same shape), numpy float32.
         """
-        post = self._posterior(X_spatial, n_samples, random_state)
+        check_is_fitted(self, "params_")
         cols = self._gene_columns(genes)
+        post = self._posterior(X_spatial, n_samples, random_state)
         mean, var = (post.normalized, post.normalized_var) if normalized else (post.counts, post.counts_var)
         mean, var = np.asarray(mean)[:, cols], np.asarray(var)[:, cols]
         return (mean, var) if return_var else mean
@@ -888,6 +891,8 @@ class GimVI(BaseEstimator):
         """
         seed = check_random_state(self.random_state)
         n_seeds = check_int(n_seeds, "n_seeds", 1)
+        n_samples = check_int(n_samples, "n_samples", 0)
+        chunk = check_int(self.chunk, "chunk", 1)
         d = self._inputs(X_ref, X_spatial, ref_genes, spatial_genes)
         G = d["sp_names"].size
         held = _held_out_folds(gene_folds, d["sp_names"], seed)
@@ -904,8 +909,6 @@ class GimVI(BaseEstimator):
         all_masks = np.tile(masks, (n_seeds, 1))
         cfg, models, data, res = self._fit_models(d, all_masks, seeds, engine.fold_mesh())
         truth = preprocessing.log_normalize(d["xs"], name="X_spatial")
-        n_samples = check_int(n_samples, "n_samples", 0)
-        chunk = check_int(self.chunk, "chunk", 1)
         results = []
         for s in range(n_seeds):
             imputed = np.full(truth.shape, np.nan, np.float32)
@@ -950,7 +953,9 @@ class GimVI(BaseEstimator):
         arrays["model/mask"] = np.asarray(self.model_.mask)
         arrays["model/lib"] = np.array([self.model_.lib_mean, self.model_.lib_var], np.float32)
         arrays["x_spatial"] = np.asarray(self._x_spatial)
-        meta = {"format": _GIMVI_FORMAT, "jaxsel_version": _version(), "estimator": self.get_params(),
+        params = self.get_params()
+        params["random_state"] = int(getattr(self, "seed_", check_random_state(0)))  # a Generator as resolved by fit
+        meta = {"format": _GIMVI_FORMAT, "jaxsel_version": _version(), "estimator": params,
                 "config": dataclasses.asdict(self.cfg_), "genes": self.genes_.tolist(),
                 "spatial_genes": self.spatial_genes_.tolist()}
         arrays["meta"] = np.array(json.dumps(meta, default=_json_default))
@@ -974,14 +979,15 @@ class GimVI(BaseEstimator):
             raise ValueError(f"{path} was written by jaxsel {saved}; this is jaxsel {ours}, whose GimVI format may "
                              "differ: load it with the version that wrote it.")
         est = cls(**meta["estimator"])
+        est.seed_ = int(meta["estimator"]["random_state"])
         cfg = gv.GimVIConfig(**meta["config"])
         sp_names, genes = np.array(meta["spatial_genes"]), np.array(meta["genes"])
         pos = {g: i for i, g in enumerate(genes)}
         lib = arrays["model/lib"]
         model = gv.GimVIModel(cfg, jnp.asarray(arrays["model/mask"]), jnp.asarray([pos[g] for g in sp_names], jnp.int32),
                               jnp.float32(lib[0]), jnp.float32(lib[1]))
-        p0, s0 = gv.init_params(cfg, jax.random.key(0), model, jnp.zeros((2, cfg.n_genes)),
-                                jnp.zeros((2, cfg.n_spatial)))
+        p0, s0 = jax.eval_shape(lambda: gv.init_params(cfg, jax.random.key(0), model, jnp.zeros((2, cfg.n_genes)),
+                                                       jnp.zeros((2, cfg.n_spatial))))
         template = {"params": p0, "state": s0}
         paths, treedef = jax.tree_util.tree_flatten_with_path(template)
         leaves = []

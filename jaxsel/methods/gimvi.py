@@ -538,22 +538,25 @@ def impute(cfg: GimVIConfig, params, state, model: GimVIModel, x_sp, key, *, n_s
     def one_chunk(args):
         xc, rows = args
         xc, m, lv = _eval(cfg, params, state, xc, 1, model)
+        center = moments(m, xc)  # the posterior mean of z decoded
         if n_samples == 0:
-            out = moments(m, xc)
-            return tuple(a for v in out for a in (v, jnp.zeros_like(v)))
+            return tuple(a for v in center for a in (v, jnp.zeros_like(v)))
         cell_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(rows)
 
         def draw(acc, d):
             eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, d), (cfg.n_latent,)))(cell_keys)
             vals = moments(m + jnp.exp(0.5 * lv) * eps, xc)
-            return jax.tree.map(jnp.add, acc, tuple(a for v in vals for a in (v, v * v))), None
+            # moments of the draws' offsets from the centre: E[x^2] - E[x]^2 without the
+            # cancellation of raw float32 sums of squares
+            dev = [v - c for v, c in zip(vals, center)]
+            return jax.tree.map(jnp.add, acc, tuple(a for v in dev for a in (v, v * v))), None
 
         zero = jnp.zeros((xc.shape[0], cfg.n_genes))
         sums, _ = jax.lax.scan(draw, (zero,) * 6, jnp.arange(n_samples))
         out = []
-        for s1, s2 in zip(sums[::2], sums[1::2]):
-            mean = s1 / n_samples
-            out += [mean, jnp.maximum(s2 / n_samples - mean**2, 0.0)]
+        for c, s1, s2 in zip(center, sums[::2], sums[1::2]):
+            shift = s1 / n_samples
+            out += [c + shift, jnp.maximum(s2 / n_samples - shift**2, 0.0)]
         return tuple(out)
 
     n = x_sp.shape[0]
