@@ -175,7 +175,7 @@ def jaxsel_speed(epochs: int) -> dict:
         comp = gv.fit(models, loop, keys, data, splits, batch_size=1, mesh=None, lower=True).compile()
         t_compile = time.perf_counter() - t0
         runs = []
-        for _ in range(3):
+        for _ in range(5):  # the 2-core machine's timings vary by +-20% from run to run
             t0 = time.perf_counter()
             jax.block_until_ready(comp(models, keys, data, splits).params)
             runs.append(time.perf_counter() - t0)
@@ -212,6 +212,7 @@ def speed(args) -> dict:
                                 steps_per_epoch=r.get("steps_per_epoch"), versions=r.get("versions"),
                                 total_200_s=(r.get("setup_s") or 0.0) + 200 * r["per_epoch_s"])
         out["speedup_per_epoch"] = r["per_epoch_s"] / per
+        out["speedup_per_epoch_best"] = (r.get("min_epoch_s") or r["per_epoch_s"]) / per
         out["speedup_per_step"] = (r["per_epoch_s"] / r["steps_per_epoch"]) / (per / runs[0]["steps_per_epoch"])
         out["speedup_200_epochs_with_compile"] = out["reference"]["total_200_s"] / out["jaxsel"]["total_200_s"]
         print(f"scvi-tools: {r['per_epoch_s']:.3f} s per epoch ({r['steps_per_epoch']} steps); "
@@ -358,9 +359,11 @@ def render(res: dict) -> str:
                   f"{j['peak_rss_mb']:.0f} | {j['total_200_s']:.0f} |"]
         if "reference" in s:
             r = s["reference"]
-            lines += [f"| scvi-tools GIMVI | {r['per_epoch_s']:.3f} | {r['steps_per_epoch']} | - | "
+            lines += [f"| scvi-tools GIMVI (median epoch; fastest {r.get('min_epoch_s') or float('nan'):.3f}) | {r['per_epoch_s']:.3f} | {r['steps_per_epoch']} | - | "
                       f"{r['peak_rss_mb']:.0f} | {r['total_200_s']:.0f} |", "",
-                      f"Speed-up: {s['speedup_per_epoch']:.1f}x per epoch, {s['speedup_per_step']:.1f}x per step "
+                      f"Speed-up: {s['speedup_per_epoch']:.1f}x per epoch (scvi-tools' median epoch; "
+                      f"{s.get('speedup_per_epoch_best', float('nan')):.1f}x against its fastest epoch; jaxsel's "
+                      f"epoch from the fastest of 5 runs at each length), {s['speedup_per_step']:.1f}x per step "
                       f"(scvi-tools also trains on the last incomplete batch), "
                       f"{s['speedup_200_epochs_with_compile']:.1f}x for 200 epochs including compilation."]
         lines.append("")
