@@ -72,9 +72,10 @@ sys.path.insert(0, str(HERE))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bench_markermap import PeakRSS, machine_info  # noqa: E402
+from bench_markermap import PeakRSS, machine_info, write_results  # noqa: E402
 from jaxsel import GimVI, datasets, metrics  # noqa: E402
 from jaxsel import preprocessing as pp  # noqa: E402
+from jaxsel._validation import to_dense  # noqa: E402
 from jaxsel.methods import gimvi as gv  # noqa: E402
 
 OUT = HERE / "results"
@@ -85,7 +86,7 @@ KS = (10, 50, 100)
 
 
 def _dense(x):
-    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, np.float32)
+    return to_dense(x, dtype=np.float32)
 
 
 def speed_data():
@@ -157,19 +158,12 @@ def run_reference(args, arrays: dict, epochs: int, seed: int, cache: Path | None
 
 
 def jaxsel_speed(epochs: int) -> dict:
-    """One gimVI fit of the speed setup in this process: compile and run timed apart."""
-    from jaxsel.engine import LoopConfig
-
+    """One gimVI fit of the speed setup in this process (the estimator's own program,
+    one model, seed 0): compile and run timed apart."""
     d = speed_data()
     est = GimVI(max_epochs=epochs)
     inp = est._inputs(d["x_ref"], d["x_sp"], d["genes_ref"], d["genes_sp"])
-    cfg = est._config(inp["ref_names"].size, inp["sp_names"].size)
-    log_lib = np.log(inp["xr"].sum(1, dtype=np.float64))
-    models = gv.make_models(cfg, np.ones((1, inp["sp_names"].size)), inp["sp_index"], log_lib.mean(), log_lib.var())
-    data = gv.make_data(inp["xr"], inp["xs"])
-    splits = est._splits(1, inp["xr"].shape[0], inp["xs"].shape[0], 0.9, [0])
-    keys = jnp.stack([jax.random.key(0)])
-    loop = LoopConfig(max_epochs=epochs, batch_size=128, min_epochs=0, patience=None)
+    _, models, loop, keys, data, splits = est._program(inp, np.ones((1, inp["sp_names"].size), np.float32), [0])
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         comp = gv.fit(models, loop, keys, data, splits, batch_size=1, mesh=None, lower=True).compile()
@@ -392,9 +386,7 @@ def render(res: dict) -> str:
 
 
 def save(res, out: Path):
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1, default=float))
-    out.with_suffix(".md").write_text(render(res))
+    write_results(res, out, render)
 
 
 def main(argv=None):

@@ -102,6 +102,15 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def write_results(res: dict, out, render) -> None:
+    """A benchmark's results: ``out`` (JSON; numpy scalars as floats) and, next to it,
+    the markdown report ``render(res)`` with suffix ``.md``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1, default=float))
+    out.with_suffix(".md").write_text(render(res))
+
+
 def machine_info() -> dict:
     cpu = "unknown"
     try:

@@ -47,7 +47,7 @@ sys.path.insert(0, str(HERE))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bench_markermap import PeakRSS, machine_info, matmul_gflops  # noqa: E402
+from bench_markermap import PeakRSS, machine_info, matmul_gflops, write_results  # noqa: E402
 from jaxsel import datasets, engine  # noqa: E402
 from jaxsel import preprocessing as pp  # noqa: E402
 from jaxsel.methods import sbnn, srrr  # noqa: E402
@@ -283,9 +283,7 @@ def render(res: dict) -> str:
 
 
 def save(res, out: Path):
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text(render(res))
+    write_results(res, out, render)
 
 
 def main(argv=None):

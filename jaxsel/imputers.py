@@ -29,7 +29,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from . import datasets, engine, metrics, preprocessing
-from ._validation import check_int, check_labels, check_matrix, check_random_state, check_real
+from ._validation import check_int, check_labels, check_matrix, check_random_state, check_real, to_dense
 from .methods import gimvi as gv
 from .methods import stai as st
 
@@ -532,8 +532,7 @@ _GIMVI_STRUCT = ("n_latent", "hidden", "n_layers_individual", "n_layers_shared",
 
 def _counts_matrix(x, name: str) -> np.ndarray:
     """Dense float32 raw counts (non-negative integers; NaN, inf and fractions rejected)."""
-    x = check_matrix(x, name=name, dtype=np.float32, require_counts=True)
-    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, np.float32)
+    return to_dense(check_matrix(x, name=name, dtype=np.float32, require_counts=True), name=name, dtype=np.float32)
 
 
 def _zero_library(x, name: str, what: str = "") -> None:
@@ -722,7 +721,7 @@ class GimVI(BaseEstimator):
         return dict(xr=xr, xs=xs, ref_names=ref_names, sp_names=sp_names,
                     sp_index=np.array([pos[g] for g in sp_names], np.int64), train_size=train)
 
-    def _splits(self, n_models: int, n_ref: int, n_sp: int, train_size: float, seeds):
+    def _splits(self, n_ref: int, n_sp: int, train_size: float, seeds):
         tr0, va0, tr1, va1 = [], [], [], []
         for s in seeds:
             rng = np.random.default_rng(s)
@@ -731,16 +730,20 @@ class GimVI(BaseEstimator):
             tr0.append(a), va0.append(b), tr1.append(c), va1.append(d)
         return engine.make_splits(tr0, va0), engine.make_splits(tr1, va1)
 
-    def _fit_models(self, d, masks, seeds, mesh):
-        """Fit one model per row of ``masks`` ([M, G'] observed spatial genes), with split
-        and PRNG seed ``seeds[m]``, in one compiled program."""
+    def _program(self, d, masks, seeds):
+        """Everything :func:`jaxsel.methods.gimvi.fit` takes for one model per row of
+        ``masks`` ([M, G'] observed spatial genes), with split and PRNG seed ``seeds[m]``:
+        ``(cfg, models, loop, keys, data, splits)``."""
         cfg = self._config(d["ref_names"].size, d["sp_names"].size)
-        loop = self._loop()
         log_lib = np.log(d["xr"].sum(1, dtype=np.float64))
         models = gv.make_models(cfg, masks, d["sp_index"], log_lib.mean(), log_lib.var())
-        data = gv.make_data(d["xr"], d["xs"])
-        splits = self._splits(len(seeds), d["xr"].shape[0], d["xs"].shape[0], d["train_size"], seeds)
         keys = jnp.stack([jax.random.key(int(s)) for s in seeds])
+        splits = self._splits(d["xr"].shape[0], d["xs"].shape[0], d["train_size"], seeds)
+        return cfg, models, self._loop(), keys, gv.make_data(d["xr"], d["xs"]), splits
+
+    def _fit_models(self, d, masks, seeds, mesh):
+        """Fit the models of :meth:`_program` in one compiled program."""
+        cfg, models, loop, keys, data, splits = self._program(d, masks, seeds)
         res = gv.fit(models, loop, keys, data, splits, batch_size=self._model_batch_size(), mesh=mesh)
         return cfg, models, data, res
 
@@ -834,6 +837,8 @@ class GimVI(BaseEstimator):
         mean [n_spatial, n_genes] (and variance, same shape), numpy float32.
         """
         check_is_fitted(self, "params_")
+        if not isinstance(normalized, (bool, np.bool_)):
+            raise TypeError(f"normalized must be a bool, got {normalized!r}.")
         cols = self._gene_columns(genes)
         post = self._posterior(X_spatial, n_samples, random_state)
         mean, var = (post.normalized, post.normalized_var) if normalized else (post.counts, post.counts_var)
@@ -891,6 +896,9 @@ class GimVI(BaseEstimator):
         """
         seed = check_random_state(self.random_state)
         n_seeds = check_int(n_seeds, "n_seeds", 1)
+        if seed + n_seeds > 2**32:
+            raise ValueError(f"random_state + n_seeds must stay below 2**32 (the PRNG seed range), got "
+                             f"{seed} + {n_seeds}.")
         n_samples = check_int(n_samples, "n_samples", 0)
         chunk = check_int(self.chunk, "chunk", 1)
         d = self._inputs(X_ref, X_spatial, ref_genes, spatial_genes)
@@ -954,7 +962,7 @@ class GimVI(BaseEstimator):
         arrays["model/lib"] = np.array([self.model_.lib_mean, self.model_.lib_var], np.float32)
         arrays["x_spatial"] = np.asarray(self._x_spatial)
         params = self.get_params()
-        params["random_state"] = int(getattr(self, "seed_", check_random_state(0)))  # a Generator as resolved by fit
+        params["random_state"] = self.seed_  # the seed fit resolved (random_state may be a Generator)
         meta = {"format": _GIMVI_FORMAT, "jaxsel_version": _version(), "estimator": params,
                 "config": dataclasses.asdict(self.cfg_), "genes": self.genes_.tolist(),
                 "spatial_genes": self.spatial_genes_.tolist()}

@@ -503,13 +503,11 @@ def gimvi(
     _check_adata(adata_ref)
     _check_adata(adata_spatial)
     _check_key(key_added, "key_added")
-    if not isinstance(normalized, (bool, np.bool_)):
-        raise TypeError(f"normalized must be a bool, got {normalized!r}.")
     est = imputers.GimVI(**kwargs)
     est.fit(_get_x(adata_ref, ref_layer), _get_x(adata_spatial, layer), ref_genes=adata_ref.var_names,
             spatial_genes=adata_spatial.var_names)
     names = est.imputable_genes_ if genes is None else ([genes] if isinstance(genes, str) else list(genes))
-    mean, var = est.impute(genes, n_samples=n_samples, normalized=bool(normalized))
+    mean, var = est.impute(genes, n_samples=n_samples, normalized=normalized)
     out = anndata.AnnData(X=mean, obs=pd.DataFrame(index=adata_spatial.obs_names.copy()),
                           var=pd.DataFrame(index=[str(g) for g in names]))
     out.layers["variance"] = var

@@ -127,8 +127,9 @@ class Method(Protocol):
     # alternating adversarial update of gimVI) defines
     #     train_step(params, model_state, opt_state, tx, batch, key, ctx)
     #         -> (params, model_state, opt_state, loss, metrics)
-    # and the engine calls it instead of one ``value_and_grad`` + ``tx.update``; it then
-    # applies ``ctx["lr_scale"]`` itself when it uses one.
+    # and the engine calls it instead of one ``value_and_grad`` of ``train_loss`` +
+    # ``tx.update`` (such a method needs no ``train_loss``); it then applies
+    # ``ctx["lr_scale"]`` itself when it uses one.
 
 
 class Splits(NamedTuple):
@@ -334,8 +335,8 @@ def fit_one(method: Method, loop: LoopConfig, key, data, split: Splits, params=N
         val_w = tuple(_val_weights(sp) for sp in splits)
     else:
         val_batch, val_w = gather(data, split.val_idx), _val_weights(split)
-    grad_fn = jax.value_and_grad(method.train_loss, has_aux=True)
     custom_step = getattr(method, "train_step", None)
+    grad_fn = None if custom_step is not None else jax.value_and_grad(method.train_loss, has_aux=True)
 
     def run_epoch(state: _State, epoch):
         k_epoch = jax.random.fold_in(k_loop, epoch)
