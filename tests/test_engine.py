@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -297,31 +293,7 @@ def test_lr_finder_runs_inside_the_fit():
     assert np.isfinite(float(res.history["val_loss"][-1]))
 
 
-_SHARDED = textwrap.dedent(
-    """
-    import os, sys, jax, numpy as np
-    sys.path.insert(0, {tests!r})
-    from test_engine import _Linear, _regression, _folds
-    from jaxsel import engine
-    assert jax.device_count() == 4, jax.devices()
-    data, _ = _regression()
-    splits = _folds(250, 5)  # 5 folds on 4 devices: padded to 8
-    loop = engine.LoopConfig(max_epochs=6, batch_size=16, min_epochs=1, patience=2)
-    keys = engine.fold_keys(jax.random.key(3), 5)
-    sharded = engine.fit_folds(_Linear(5), loop, keys, data, splits)          # mesh over 4 devices
-    single = engine.fit_folds(_Linear(5), loop, keys, data, splits, mesh=None) # one device
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), sharded, single)
-    assert sharded.params["w"].shape == (5, 5)
-    print("SHARDED_OK")
-    """
-)
-
-
-def test_sharded_equals_unsharded_on_four_cpu_devices():
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu")
-    code = _SHARDED.format(tests=os.path.dirname(__file__))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert "SHARDED_OK" in out.stdout, out.stderr[-3000:]
+# sharded over four CPU devices == one device: tests/test_multidevice.py
 
 
 def test_chunk_map_equals_direct_and_pads_the_last_chunk():

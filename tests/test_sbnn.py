@@ -235,36 +235,4 @@ def test_stage_dataclass_is_a_pytree():
     assert jax.tree.leaves(swept)[0].shape == (2,)
 
 
-_SHARDED = """
-import jax, numpy as np
-from jaxsel import datasets, engine, preprocessing
-from jaxsel.methods import sbnn
-assert jax.device_count() == 4, jax.devices()
-x, y, _ = datasets.make_paired(n_cells=200, n_genes=30, n_outputs=3, n_informative=3, random_state=0)
-folds = preprocessing.kfold_indices(200, 5, random_state=0)   # 5 folds on 4 devices: padded to 8
-tr = [f[0] for f in folds]
-splits = engine.make_splits(tr, [f[2] for f in folds])
-cl, a, b = preprocessing.pretraining_clusters(y, tr, n_clusters=3, min_cluster_size=5, random_state=0)
-pre = engine.make_splits(a, b)
-cfg = sbnn.SparseBottleneckConfig.create(30, 3, n_selected=3, hidden=(16, 8), n_clusters=3, pretrain_epochs=2,
-                                         frozen_epochs=2, unfrozen_epochs=3, finetune_epochs=2, ae_epochs=2,
-                                         batch_size=16)
-keys = engine.fold_keys(jax.random.key(1), 5)
-data = sbnn.make_data(x, y)
-sharded = sbnn.fit_folds(cfg, keys, data, splits, np.maximum(cl, 0), pre)             # mesh over 4 devices
-single = sbnn.fit_folds(cfg, keys, data, splits, np.maximum(cl, 0), pre, mesh=None)   # one device
-np.testing.assert_array_equal(np.asarray(sharded.genes), np.asarray(single.genes))
-jax.tree.map(lambda p, q: np.testing.assert_allclose(np.asarray(p), np.asarray(q), rtol=1e-5, atol=1e-6), sharded, single)
-assert np.asarray(sharded.genes).shape == (5, 3)
-print("SHARDED_OK")
-"""
-
-
-def test_sharded_folds_equal_single_device_on_four_cpu_devices():
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=300)
-    assert "SHARDED_OK" in out.stdout, out.stderr[-3000:]
+# sharded over four CPU devices == one device: tests/test_multidevice.py

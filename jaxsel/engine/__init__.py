@@ -1,6 +1,6 @@
 """Method-agnostic training engine: one compiled program per fit, folds as a leading axis."""
 
-from .folds import fit_folds, fold_keys, fold_mesh, map_folds, prepare_folds, run_folds, stack_trees
+from .folds import fit_folds, fold_keys, fold_mesh, map_folds, prepare_folds, run_folds, stack_trees, use_devices
 from .loop import FitResult, LoopConfig, Method, Splits, chunk_map, chunked, fit, fit_one, make_splits, valid_mean
 from .lr_finder import LRFinder, lr_range_test, suggest_lr
 
@@ -24,5 +24,6 @@ __all__ = [
     "run_folds",
     "stack_trees",
     "suggest_lr",
+    "use_devices",
     "valid_mean",
 ]

@@ -14,10 +14,17 @@ a leading axis on the per-fit arguments. :func:`map_folds` runs ``fn`` over that
 Per-fold PRNG keys are split on the host before this call, so results do not depend on
 the number of devices. Results are returned as global (fully addressable on one
 process) arrays; under a multi-process runtime they stay sharded along ``"folds"``.
+
+Every fold-parallel entry point of the package (cross-validation folds, calibration
+submodels, held-out gene folds, random restarts) resolves its mesh with
+:func:`fold_mesh`, so :func:`use_devices` restricts or chooses the devices of all of
+them at once (``with engine.use_devices(jax.devices()[:1]): ...`` runs on one device).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 from typing import Any, Callable, Sequence
@@ -30,12 +37,34 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from .loop import FitResult, LoopConfig, Method, Splits, fit_one, is_multi
 
-__all__ = ["map_folds", "fit_folds", "fold_mesh", "stack_trees", "fold_keys", "prepare_folds", "run_folds"]
+__all__ = ["map_folds", "fit_folds", "fold_mesh", "stack_trees", "fold_keys", "prepare_folds", "run_folds",
+           "use_devices"]
+
+_DEVICES: contextvars.ContextVar = contextvars.ContextVar("jaxsel_fold_devices", default=None)
+
+
+@contextlib.contextmanager
+def use_devices(devices):
+    """Run the fold-parallel programs started inside this block on ``devices`` (a
+    sequence of :class:`jax.Device`; one device means no mesh). Under a multi-process
+    runtime (``jax.distributed.initialize``) pass the global device list
+    (``jax.devices()``, the default), not ``jax.local_devices()``."""
+    devices = list(devices)
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+        raise TypeError(f"devices must be a non-empty sequence of jax.Device, got {devices!r}")
+    token = _DEVICES.set(tuple(devices))
+    try:
+        yield
+    finally:
+        _DEVICES.reset(token)
 
 
 def fold_mesh(devices: Sequence | None = None) -> Mesh | None:
-    """A ``("folds",)`` mesh over ``devices`` (default: all), or None for one device."""
-    devices = list(jax.devices() if devices is None else devices)
+    """A ``("folds",)`` mesh over ``devices`` (default: those of the enclosing
+    :func:`use_devices` block, else all of ``jax.devices()``), or None for one device."""
+    if devices is None:
+        devices = _DEVICES.get() or jax.devices()
+    devices = list(devices)
     if len(devices) <= 1:
         return None
     return Mesh(np.asarray(devices), ("folds",))

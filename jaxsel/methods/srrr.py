@@ -732,7 +732,7 @@ def cross_validate(
     relaxed: bool = True,
     config: SolverConfig = SolverConfig(),
     batch_size: int | None = None,
-    mesh=None,
+    mesh="auto",
     lower: bool = False,
 ) -> CVResult:
     """Cross-validated :func:`fit_n_genes`, every fold in one compiled program.
@@ -741,7 +741,8 @@ def cross_validate(
     ``x`` and ``y`` are centred with the training cells' means, the sRRR is fitted on the
     training cells (true ``n_train`` in the ``1/n``) and scored on the validation cells.
     ``batch_size`` and ``mesh`` are passed to :func:`jaxsel.engine.map_folds` (``None``:
-    vmap over folds; an int: ``lax.map`` that many folds at a time). ``lower=True``
+    vmap over folds; an int: ``lax.map`` that many folds at a time; ``mesh="auto"``
+    shards the folds over :func:`jaxsel.engine.fold_mesh`, ``None`` keeps one device). ``lower=True``
     returns the lowered program (``.compile()`` it, then call it with
     ``(x, y, splits)``).
     """
@@ -752,6 +753,8 @@ def cross_validate(
         raise ValueError("splits must be an engine.Splits with a leading fold axis (engine.make_splits)")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    if mesh == "auto":
+        mesh = engine.fold_mesh()
     kw = dict(rank=rank, n_genes=n_genes, alpha=float(alpha), relaxed=bool(relaxed), config=config,
               batch_size=batch_size, mesh=mesh)
     if lower:
