@@ -82,8 +82,10 @@ def check_matrix(
         AnnData object.
     ValueError
         If ``x`` is not two-dimensional, is empty, contains NaN or infinite
-        values, or (with ``require_counts``) contains negative or non-integer
-        values, or if densifying would exceed ``max_dense_bytes``.
+        values or values beyond the range of ``dtype`` (float64 data past the
+        float32 range would become infinite), or (with ``require_counts``)
+        contains negative or non-integer values, or if densifying would exceed
+        ``max_dense_bytes``.
     """
     if hasattr(x, "obs") and hasattr(x, "var") and hasattr(x, "X"):
         raise TypeError(
@@ -125,6 +127,7 @@ def check_matrix(
     if kind == "f" and values.size and not np.isfinite(values).all():
         n_bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
         raise ValueError(f"{name} contains {n_bad} NaN or infinite value(s).")
+    check_cast_range(values, out_dtype, name)
     if require_counts and values.size:
         if kind in "iuf" and values.min() < 0:
             raise ValueError(
@@ -145,6 +148,23 @@ def check_matrix(
     if x.dtype != out_dtype:
         x = x.astype(out_dtype)
     return x
+
+
+def check_cast_range(values, dtype, name: str = "x") -> None:
+    """Raise ``ValueError`` when finite float ``values`` would overflow to infinity once
+    cast to the narrower float ``dtype`` (float64 data beyond the float32 range)."""
+    values = values.data if sp.issparse(values) else np.asarray(values)
+    dtype = np.dtype(dtype)
+    if values.dtype.kind != "f" or dtype.kind != "f" or dtype.itemsize >= values.dtype.itemsize:
+        return
+    if values.size:
+        top = float(np.max(np.abs(values)))
+        limit = float(np.finfo(dtype).max)
+        if top > limit:
+            raise ValueError(
+                f"{name} holds values up to {top:.3g} in magnitude, beyond the {dtype} range "
+                f"(+-{limit:.3g}) it is computed in; rescale or preprocess it first."
+            )
 
 
 def to_dense(x, max_dense_bytes: int = _DEFAULT_MAX_DENSE_BYTES, *, name: str = "x", dtype=None):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
+import scipy.sparse as sp
 import scipy.stats
 from sklearn.base import clone
 from sklearn.ensemble import RandomForestClassifier
@@ -34,6 +35,7 @@ from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from jaxsel._validation import (
     _DEFAULT_MAX_DENSE_BYTES,
+    _is_missing,
     check_labels,
     check_matrix,
     check_random_state,
@@ -60,6 +62,11 @@ def _check_pair(x_train, x_test):
             f"x_train and x_test must have the same genes (columns), got "
             f"{x_train.shape[1]} and {x_test.shape[1]}."
         )
+    # one sparse, one dense: make both sparse (CSR), which every consumer here accepts
+    if sp.issparse(x_train) and not sp.issparse(x_test):
+        x_test = sp.csr_matrix(x_test)
+    elif sp.issparse(x_test) and not sp.issparse(x_train):
+        x_train = sp.csr_matrix(x_train)
     return x_train, x_test
 
 
@@ -307,6 +314,11 @@ def evaluate_markers(
     else:
         if isinstance(classifiers, str) or hasattr(classifiers, "fit"):
             classifiers = (classifiers,)
+        if not hasattr(classifiers, "__iter__"):
+            raise TypeError(
+                f"classifiers must be a name ('knn', 'rf'), a scikit-learn classifier, or a "
+                f"sequence or dict of them, got {classifiers!r}."
+            )
         named = {}
         for clf in classifiers:
             key = clf if isinstance(clf, str) else type(clf).__name__
@@ -336,19 +348,29 @@ def r2_score(y_true, y_pred, *, center=None, per_feature: bool = False):
     centres each test feature with its own test mean and averages the per-feature values.
 
     ``per_feature=True`` returns the ``[n_features]`` vector of the same ratio per column.
+    Where the denominator is zero (``y_true`` equal to ``c`` everywhere) R^2 is undefined
+    and returned as NaN.
     """
     y_true = check_matrix(y_true, name="y_true", dtype=np.float64, allow_sparse=False)
     y_pred = check_matrix(y_pred, name="y_pred", dtype=np.float64, allow_sparse=False)
     if y_true.shape != y_pred.shape:
         raise ValueError(f"y_true and y_pred must have the same shape, got {y_true.shape} and {y_pred.shape}")
-    c = np.zeros(y_true.shape[1]) if center is None else np.asarray(center, dtype=np.float64).reshape(-1)
+    if center is None:
+        c = np.zeros(y_true.shape[1])
+    else:
+        try:
+            c = np.asarray(center, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"center must be a numeric vector [n_features], got {center!r}") from err
     if c.shape != (y_true.shape[1],):
         raise ValueError(f"center must have one value per feature ({y_true.shape[1]}), got shape {c.shape}")
+    if not np.isfinite(c).all():
+        raise ValueError("center contains NaN or infinite values.")
     axis = 0 if per_feature else None
     ss_res = np.sum((y_true - y_pred) ** 2, axis=axis)
     ss_tot = np.sum((y_true - c) ** 2, axis=axis)
     with np.errstate(divide="ignore", invalid="ignore"):
-        r2 = 1.0 - ss_res / ss_tot
+        r2 = np.where(ss_tot > 0, 1.0 - ss_res / np.where(ss_tot > 0, ss_tot, 1.0), np.nan)
     return r2 if per_feature else float(r2)
 
 
@@ -509,8 +531,9 @@ def entropy_batch_mixing(latent, batch, n_neighbors=50):
     -------
     float or dict
         The mean score over cells: 0 is perfect mixing, more negative is worse
-        (the minimum, fully separated batches, is ``sum_b q(b) log q(b)``). For a
-        sequence ``n_neighbors``, a dict ``{k: score}`` in the given order.
+        (fully separated batches score ``sum_b q(b) log q(b)``; the lower bound,
+        every neighbourhood made of the rarest batch only, is ``min_b log q(b)``). For
+        a sequence ``n_neighbors``, a dict ``{k: score}`` in the given order.
     """
     x = check_matrix(latent, name="latent", dtype=np.float64, allow_sparse=False)
     n = x.shape[0]
@@ -580,13 +603,17 @@ def knn_purity(latent_joint, latent_alone, n_neighbors=50):
 def annotation_scores(y_true, y_pred):
     """Cell-type annotation scores of a spatial part: ``accuracy``, ``macro_f1`` and
     ``weighted_f1`` (scikit-learn's definitions, zero division counted as 0), as floats.
-    Labels are compared as given (strings or codes); lengths must match."""
+    Labels are compared as given (strings or codes); lengths must match and missing labels
+    (NaN/None) are an error."""
     t = np.asarray(y_true).reshape(-1)
     p = np.asarray(y_pred).reshape(-1)
     if t.shape != p.shape:
         raise ValueError(f"y_true and y_pred must have the same length, got {t.size} and {p.size}.")
     if t.size == 0:
         raise ValueError("y_true is empty.")
+    for name, v in (("y_true", t), ("y_pred", p)):
+        if _is_missing(v).any():
+            raise ValueError(f"{name} contains {int(_is_missing(v).sum())} missing label(s) (NaN/None).")
     t, p = t.astype(str), p.astype(str)
     return {
         "accuracy": float(accuracy_score(t, p)),

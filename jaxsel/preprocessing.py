@@ -28,6 +28,7 @@ import scipy.sparse as sp
 
 from jaxsel._validation import (
     _DEFAULT_MAX_DENSE_BYTES,
+    check_cast_range,
     check_labels,
     check_matrix,
     check_random_state,
@@ -295,18 +296,21 @@ def scale(
                 f"pass mean and std computed on more cells."
             )
         if sp.issparse(x):
-            mean64 = np.asarray(x.mean(axis=0, dtype=np.float64)).reshape(-1)
-            sq = x.multiply(x) if x.dtype == np.float64 else x.astype(np.float64).multiply(x)
-            mean_sq = np.asarray(sq.mean(axis=0)).reshape(-1)
-            var64 = np.maximum(mean_sq - mean64**2, 0.0) * n_cells / (n_cells - 1)
+            # two-pass, as the dense path: E[x^2] - E[x]^2 leaves rounding noise on
+            # constant genes, which the division would blow up
+            mean64, ss = sparse_mean_ss(x)
+            var64 = ss / (n_cells - 1)
         else:
             mean64 = np.mean(x, axis=0, dtype=np.float64)
             var64 = np.var(x, axis=0, ddof=1, dtype=np.float64)
         std64 = np.sqrt(var64)
         std64[std64 == 0] = 1.0
     else:
-        mean64 = np.asarray(mean, dtype=np.float64).reshape(-1)
-        std64 = np.asarray(std, dtype=np.float64).reshape(-1)
+        try:
+            mean64 = np.asarray(mean, dtype=np.float64).reshape(-1)
+            std64 = np.asarray(std, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"mean and std must be numeric vectors of shape [n_genes] ({err}).") from err
         for arr, nm in ((mean64, "mean"), (std64, "std")):
             if arr.shape != (n_genes,):
                 raise ValueError(f"{nm} must have shape [n_genes]=({n_genes},), got {arr.shape}.")
@@ -420,6 +424,7 @@ def log_normalize(x, *, counts: bool = True, target_sum: float = 1e4, name: str 
     if counts:
         _check_nonnegative(x, name)
         x = log1p(normalize_total(x, target_sum=target_sum))
+    check_cast_range(x, np.float32, name)
     return to_dense(x, max_dense_bytes, name=name, dtype=np.float32)
 
 
@@ -445,11 +450,37 @@ def stai_recipe(x_spatial, ref_log, *, counts: bool = True, target_sum: float = 
     return scale(x1, max_value=max_value)[0], scale(ref_log, max_value=max_value)[0]
 
 
+def sparse_mean_ss(x):
+    """Per-gene mean and sum of squared deviations of a sparse ``[n_cells, n_genes]``
+    matrix in float64, two-pass over the stored values (the zeros counted apart):
+    stable, unlike ``E[x^2] - E[x]^2``, which leaves rounding noise on constant genes."""
+    x64 = x.tocsr().astype(np.float64, copy=True)
+    x64.sum_duplicates()
+    n, g = x64.shape
+    mean = np.bincount(x64.indices, weights=x64.data, minlength=g) / n
+    dev = x64.data - mean[x64.indices]
+    n_zero = n - np.bincount(x64.indices, minlength=g)
+    return mean, np.bincount(x64.indices, weights=dev * dev, minlength=g) + n_zero * mean**2
+
+
 def _standardise(a):
     """Zero mean, unit population SD (``np.std``, ddof 0, as the papers' code) per column;
     constant columns become zero. float64 in, float32 out."""
     sd = a.std(axis=0)
     return ((a - a.mean(axis=0)) / np.where(sd > 0, sd, 1.0)).astype(np.float32)
+
+
+def _check_index_set(idx, n: int, name: str) -> np.ndarray:
+    """A 1-D array of integer cell indices in ``[0, n)``, as int64."""
+    arr = np.asarray(idx)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of cell indices, got shape {arr.shape}.")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer cell indices, got dtype {arr.dtype}.")
+    arr = arr.astype(np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() >= n):
+        raise ValueError(f"{name} must hold cell indices in [0, {n}), got values from {arr.min()} to {arr.max()}.")
+    return arr
 
 
 def pretraining_clusters(
@@ -489,12 +520,17 @@ def pretraining_clusters(
     val_fraction = _check_fraction(val_fraction, "val_fraction")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+    for pname, value in (("min_cluster_size", min_cluster_size), ("n_init", n_init)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{pname} must be a positive int, got {value!r}.")
+        if value < 1:
+            raise ValueError(f"{pname} must be a positive int, got {value}.")
+    train_sets = [_check_index_set(t, y.shape[0], f"train_sets[{i}]") for i, t in enumerate(train_sets)]
     seed = check_random_state(random_state)
     rng = np.random.default_rng(seed)
     clusters = np.full((len(train_sets), y.shape[0]), -1, dtype=np.int32)
     pre_train, pre_val = [], []
     for i, train in enumerate(train_sets):
-        train = np.asarray(train, dtype=np.int64)
         if train.shape[0] < n_clusters:
             raise ValueError(
                 f"fold {i} has {train.shape[0]} training cells, fewer than n_clusters={n_clusters}."

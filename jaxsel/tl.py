@@ -18,6 +18,8 @@ Existing entries under those keys are overwritten; nothing else (``X``, layers,
 ``obs``, ``obsm``, other ``var`` columns or ``uns`` entries) is touched. With
 ``copy=True`` the input is left unchanged and a modified copy is returned;
 otherwise the functions return ``None``. Nothing is written when fitting fails.
+The markers are reported by gene name, so duplicate ``var_names`` are an error (call
+``adata.var_names_make_unique()``), as are missing labels in ``obs[labels_key]``.
 
 The matrix is used as it is: the neural selectors expect preprocessed
 (normalised, log1p, scaled) expression, :func:`hvg_markers` log1p-normalised
@@ -31,6 +33,7 @@ import numbers
 import numpy as np
 
 from . import estimators, imputers
+from ._validation import check_labels
 
 __all__ = [
     "markermap",
@@ -85,7 +88,21 @@ def _get_labels(adata, labels_key, *, required: bool, why: str = ""):
             f"labels_key={labels_key!r} is not a column of adata.obs (available: "
             f"{list(adata.obs.columns)})."
         )
-    return adata.obs[labels_key]
+    labels = adata.obs[labels_key]
+    # missing labels are named by their column here, not as the estimator's ``y``
+    check_labels(labels, None, name=f"adata.obs[{labels_key!r}]", min_classes=1)
+    return labels
+
+
+def _check_var_names(adata):
+    """Markers are written by gene name: duplicate ``var_names`` would make them ambiguous."""
+    names = adata.var_names
+    if not names.is_unique:
+        dup = names[names.duplicated()].unique()[:5].tolist()
+        raise ValueError(
+            f"adata.var_names has duplicate gene names, e.g. {dup}; the selected markers are "
+            f"reported by name. Call adata.var_names_make_unique() first."
+        )
 
 
 def _plain(value):
@@ -123,6 +140,7 @@ def _neural_extra(est) -> dict:
 
 def _run(adata, est, *, layer, labels, key_added, copy, neural):
     _check_key(key_added, "key_added")
+    _check_var_names(adata)
     x = _get_x(adata, layer)
     est.fit(x, labels)
     if copy:
@@ -383,6 +401,7 @@ def sparse_bottleneck(
     _check_key(key_added, "key_added")
     if y_key not in adata.obsm:
         raise KeyError(f"y_key={y_key!r} is not in adata.obsm (available: {sorted(adata.obsm.keys())}).")
+    _check_var_names(adata)
     y = adata.obsm[y_key]
     y = y.to_numpy() if hasattr(y, "to_numpy") else y
     x = _get_x(adata, layer)
