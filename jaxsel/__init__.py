@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import datasets, engine, imputers, metrics, plotting, preprocessing, tl
+from . import datasets, engine, imputers, metrics, plotting, preprocessing, streaming, tl
 from .estimators import (
     ConcreteVAE,
     DEMarkers,
@@ -13,6 +13,7 @@ from .estimators import (
     SparseBottleneck,
     SparseRRR,
 )
+from ._persist import load
 from .imputers import GimVI, StAI
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "SparseRRR",
     "StAI",
     "GimVI",
+    "load",
     "tl",
     "datasets",
     "metrics",
@@ -34,4 +36,5 @@ __all__ = [
     "plotting",
     "engine",
     "imputers",
+    "streaming",
 ]

@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxsel._validation import check_int, check_random_state, check_real, to_dense
 
-__all__ = ["make_markers", "make_paired", "make_spatial_pair", "reference_spatial_split", "gene_folds", "capture_distortion", "load_shared", "paper_dataset", "shared_data_dir", "SHARED_FILES"]
+__all__ = ["make_markers", "make_paired", "make_spatial_pair", "reference_spatial_split", "gene_folds", "capture_distortion", "write_synthetic_counts", "load_shared", "paper_dataset", "shared_data_dir", "SHARED_FILES"]
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -443,6 +443,158 @@ def capture_distortion(x, sd: float = 0.5, random_state=0):
     if sp.issparse(x):
         return sp.csr_matrix(x.multiply(factors[None, :])), factors
     return np.asarray(x, dtype=np.float64) * factors, factors
+
+
+# ------------------------------------------------------------------ large data on disk
+
+
+def _planted_frequencies(rng, n_genes: int, n_types: int, n_markers_per_type: int, marker_fold: float):
+    """Per-type expression frequencies [n_types, n_genes] with planted marker blocks."""
+    level = np.exp(rng.normal(0.0, 1.5, size=n_genes))
+    markers = rng.permutation(n_genes)[: n_types * n_markers_per_type].reshape(n_types, n_markers_per_type)
+    freq = np.broadcast_to(level, (n_types, n_genes)).copy()
+    for t in range(n_types):
+        freq[t, markers[t]] *= marker_fold
+    return freq / freq.sum(axis=1, keepdims=True), np.sort(markers, axis=1)
+
+
+def _counts_to_csr(x):
+    """A non-negative integer array as a float32 CSR matrix (faster than scipy's
+    generic conversion for this case)."""
+    import scipy.sparse as sp
+
+    n, g = x.shape
+    flat = x.reshape(-1)
+    nz = np.flatnonzero(flat)
+    indptr = np.zeros(n + 1, np.int64)
+    np.cumsum(np.count_nonzero(x, axis=1), out=indptr[1:])
+    return sp.csr_matrix((flat[nz].astype(np.float32), (nz % g).astype(np.int32), indptr), shape=(n, g))
+
+
+def write_synthetic_counts(
+    path,
+    n_cells: int,
+    n_genes: int = 2000,
+    *,
+    n_types: int = 10,
+    n_markers_per_type: int = 5,
+    marker_fold: float = 8.0,
+    library_size: float = 1000.0,
+    chunk_cells: int = 10000,
+    overwrite: bool = False,
+    random_state=0,
+) -> dict:
+    """Write planted cell-type counts to an AnnData file on disk, chunk by chunk.
+
+    For data sets larger than memory (streaming fits, the scale benchmark): the counts
+    are generated and appended ``chunk_cells`` cells at a time, so memory stays at one
+    chunk whatever ``n_cells`` is. The file is an ordinary AnnData store
+    (``anndata.read_h5ad(path, backed="r")`` or ``anndata.read_zarr`` read it) with
+
+    - ``X``: sparse CSR float32 counts ``Poisson(L_c * f_{type(c), g})``, with ``L_c`` a
+      log-normal library size around ``library_size`` and ``f_t`` the frequencies of
+      type ``t``: log-normal gene levels (SD 1.5 on the log scale), each type raising
+      its own ``n_markers_per_type`` marker genes ``marker_fold``-fold;
+    - ``obs["cell_type"]``: categorical ``type_0`` ... (uniform at random);
+    - ``var`` index ``gene_0000`` ..., ``var["planted_marker"]`` (bool),
+      ``var["marker_of"]`` (type name or ``""``).
+
+    The format follows the suffix: ``.h5ad`` (HDF5, uncompressed, 1M-entry chunks) or
+    ``.zarr`` (zarr v2 directory store, anndata's default compressor). The data are
+    written to ``<path>.partial`` and renamed when complete, so an interrupted run never
+    leaves a file that looks finished. Output depends on ``random_state`` and
+    ``chunk_cells`` only.
+
+    Returns
+    -------
+    dict with ``path``, ``n_cells``, ``n_genes``, ``nnz``, ``density``,
+    ``marker_genes`` (int64 [n_types, n_markers_per_type]), ``type_names``, ``seconds``.
+    """
+    import shutil
+    import time
+
+    import anndata
+    import pandas as pd
+    from anndata.io import sparse_dataset, write_elem
+
+    n_cells = check_int(n_cells, "n_cells", 2)
+    n_genes = check_int(n_genes, "n_genes", 2)
+    n_types = check_int(n_types, "n_types", 2)
+    n_markers_per_type = check_int(n_markers_per_type, "n_markers_per_type", 1)
+    chunk_cells = check_int(chunk_cells, "chunk_cells", 1)
+    marker_fold = check_real(marker_fold, "marker_fold", low=0.0, low_open=True)
+    library_size = check_real(library_size, "library_size", low=0.0, low_open=True)
+    if n_types * n_markers_per_type > n_genes:
+        raise ValueError(f"n_types * n_markers_per_type ({n_types * n_markers_per_type}) exceeds n_genes ({n_genes}).")
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(".h5ad"):
+        fmt = "h5ad"
+    elif name.endswith(".zarr"):
+        fmt = "zarr"
+    else:
+        raise ValueError(f"path must end in .h5ad or .zarr, got {str(path)!r}.")
+    if path.exists():
+        if not overwrite:
+            raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True to replace it.")
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    partial = path.with_name(path.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
+    seed = check_random_state(random_state)
+    t0 = time.perf_counter()
+    rng = np.random.default_rng([seed, 0])
+    freq, markers = _planted_frequencies(rng, n_genes, n_types, n_markers_per_type, marker_fold)
+    types = rng.integers(0, n_types, size=n_cells).astype(np.int16)
+    if fmt == "h5ad":
+        import h5py
+
+        store = h5py.File(partial, "w")
+    else:
+        import zarr
+
+        store = zarr.open_group(str(partial), mode="w", zarr_format=2)
+    nnz = 0
+    try:
+        store.attrs["encoding-type"] = "anndata"
+        store.attrs["encoding-version"] = "0.1.0"
+        X = None
+        for i, start in enumerate(range(0, n_cells, chunk_cells)):
+            stop = min(n_cells, start + chunk_cells)
+            crng = np.random.default_rng([seed, 1, i])
+            lib = library_size * np.exp(crng.normal(0.0, 0.3, size=stop - start))
+            block = _counts_to_csr(crng.poisson(lib[:, None] * freq[types[start:stop]]))
+            nnz += block.nnz
+            if X is None:
+                write_elem(store, "X", block, dataset_kwargs={"chunks": (min(1 << 20, max(1, block.nnz)),)})
+                X = sparse_dataset(store["X"])
+            else:
+                X.append(block)
+        type_names = [f"type_{t}" for t in range(n_types)]
+        width = max(4, len(str(n_cells - 1)))
+        obs = pd.DataFrame({"cell_type": pd.Categorical.from_codes(types, categories=type_names)},
+                           index=pd.Index([f"cell_{i:0{width}d}" for i in range(n_cells)]))
+        write_elem(store, "obs", obs)
+        del obs
+        marker_of = np.full(n_genes, "", dtype=object)
+        for t in range(n_types):
+            marker_of[markers[t]] = type_names[t]
+        gwidth = max(4, len(str(n_genes - 1)))
+        var = pd.DataFrame({"planted_marker": marker_of != "", "marker_of": marker_of.astype(str)},
+                           index=pd.Index([f"gene_{g:0{gwidth}d}" for g in range(n_genes)]))
+        write_elem(store, "var", var)
+        for key in ("obsm", "varm", "obsp", "varp", "layers"):
+            write_elem(store, key, {})
+        write_elem(store, "uns", {"planted": {"marker_genes": markers.astype(np.int64),
+                                              "type_names": np.array(type_names)}})
+    finally:
+        if fmt == "h5ad":
+            store.close()
+    os.replace(partial, path)
+    del anndata  # imported to fail early when missing
+    return {"path": str(path), "n_cells": n_cells, "n_genes": n_genes, "nnz": int(nnz),
+            "density": nnz / (n_cells * n_genes), "marker_genes": markers.astype(np.int64),
+            "type_names": np.array(type_names), "seconds": time.perf_counter() - t0}
 
 
 # --------------------------------------------------------------------------- shared data

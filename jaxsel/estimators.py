@@ -34,9 +34,11 @@ from sklearn.feature_selection import SelectorMixin
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from . import engine, metrics, preprocessing
+from . import engine, metrics, preprocessing, streaming
+from ._persist import PersistMixin
 from ._validation import (
     _DEFAULT_MAX_DENSE_BYTES,
+    check_cast_range,
     check_int,
     check_labels,
     check_n_markers,
@@ -70,11 +72,15 @@ MAX_DENSE_BYTES = _DEFAULT_MAX_DENSE_BYTES
 
 
 def _reraise_named(err: Exception, name: str):
-    """Re-raise ``err`` with the argument name in its message when it lacks it."""
+    """Re-raise ``err`` as a plain ``TypeError``/``ValueError`` (not a third-party
+    subclass such as narwhals' ``DuplicateError``) naming the argument."""
     msg = str(err)
-    if re.search(rf"\b{re.escape(name)}\b", msg):
+    cls = TypeError if isinstance(err, TypeError) else ValueError
+    if type(err) is cls and re.search(rf"\b{re.escape(name)}\b", msg):
         raise err
-    raise type(err)(f"Invalid {name}: {msg}") from err
+    if not re.search(rf"\b{re.escape(name)}\b", msg):
+        msg = f"Invalid {name}: {msg}"
+    raise cls(msg) from err
 
 
 def _check_X(est, X, *, reset: bool, dense: bool = True):
@@ -101,6 +107,7 @@ def _check_X(est, X, *, reset: bool, dense: bool = True):
         )
     except (ValueError, TypeError) as err:
         _reraise_named(err, "X")
+    check_cast_range(X, np.float32, "X")  # float64 beyond the float32 range would become inf
     if dense:
         X = to_dense(X, MAX_DENSE_BYTES, name="X", dtype=np.float32)
     elif X.dtype != np.float32:
@@ -126,12 +133,15 @@ def _require_y(y, est_name: str, why: str):
         )
 
 
-def _n_markers(n_markers, n_genes: int) -> int:
-    """:func:`check_n_markers` with the feature count of ``X`` in the message."""
+def _n_markers(n_markers, n_genes: int, name: str = "n_markers") -> int:
+    """:func:`check_n_markers` with the feature count of ``X`` in the message; ``name``
+    is the estimator's parameter (``n_genes`` for the paired selectors)."""
     try:
         return check_n_markers(n_markers, n_genes)
+    except TypeError as err:
+        raise TypeError(str(err).replace("n_markers", name, 1)) from err
     except ValueError as err:
-        raise ValueError(f"{err} (X has {n_genes} feature(s))") from err
+        raise ValueError(f"{str(err).replace('n_markers', name, 1)} (X has {n_genes} feature(s))") from err
 
 
 def _support_mask(est):
@@ -141,6 +151,20 @@ def _support_mask(est):
     return mask
 
 
+_DIVERGED_HINT = ("X must be preprocessed expression (jaxsel.preprocessing.markermap_recipe); for such X, lower "
+                  "learning_rate or max_lr.")
+
+
+def _check_finite_fit(est_name: str, arrays: dict, hint: str):
+    """A fit whose results are NaN or infinite (training diverged, usually on unscaled
+    input) is a ``ValueError`` naming the input, not a silently useless model."""
+    bad = [k for k, v in arrays.items() if not np.all(np.isfinite(np.asarray(v)))]
+    if bad:
+        raise ValueError(
+            f"{est_name} fit diverged or overflowed: its {', '.join(bad)} are not finite. {hint}"
+        )
+
+
 def _rank_scores(markers, n_genes: int):
     """Scores that encode a rank order: ``n_markers - i`` for the i-th marker, else 0."""
     scores = np.zeros(n_genes, dtype=np.float32)
@@ -148,10 +172,29 @@ def _rank_scores(markers, n_genes: int):
     return scores
 
 
+def _is_sparse(X) -> bool:
+    import scipy.sparse as sp
+
+    return sp.issparse(X)
+
+
+def _blocks(fn, cfg, result, n: int, rows: int, read):
+    """``fn`` over row blocks of ``rows`` cells read by ``read(start, stop)``; blocks
+    padded to ``rows`` when there are several, numpy out."""
+    out = []
+    for a in range(0, n, rows):
+        block = np.asarray(read(a, min(n, a + rows)), dtype=np.float32)
+        m = block.shape[0]
+        if n > rows and m < rows:
+            block = np.concatenate([block, np.zeros((rows - m, block.shape[1]), np.float32)])
+        out.append(np.asarray(fn(cfg, result, block, chunk=rows))[:m])
+    return np.concatenate(out)
+
+
 # ----------------------------------------------------------------- neural selectors
 
 
-class _NeuralSelector(SelectorMixin, BaseEstimator):
+class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
     """Shared implementation of the MarkerMap-family estimators (not public).
 
     Subclasses set ``_selector`` (one of :data:`jaxsel.methods.markermap.SELECTORS`)
@@ -182,6 +225,9 @@ class _NeuralSelector(SelectorMixin, BaseEstimator):
         kl_beta=0.1,
         encoder_layers=2,
         max_lr=None,
+        chunk_size=streaming.DEFAULT_CHUNK_SIZE,
+        memory_budget=streaming.DEFAULT_MEMORY_BUDGET,
+        verbose=False,
     ):
         self.n_markers = n_markers
         self.objective = objective
@@ -200,6 +246,9 @@ class _NeuralSelector(SelectorMixin, BaseEstimator):
         self.kl_beta = kl_beta
         self.encoder_layers = encoder_layers
         self.max_lr = max_lr
+        self.chunk_size = chunk_size
+        self.memory_budget = memory_budget
+        self.verbose = verbose
 
     # -- parameters ---------------------------------------------------------------
 
@@ -342,12 +391,13 @@ class _NeuralSelector(SelectorMixin, BaseEstimator):
             min_epochs=int(self.min_epochs),
             patience=None if self.patience is None else int(self.patience),
             lr_finder=finder,
+            progress=type(self).__name__ if self.verbose else None,
         )
         return cfg, loop, codes, classes, seed, vf
 
     # -- fitting ------------------------------------------------------------------
 
-    def fit(self, X, y=None):
+    def fit(self, X, y=None, *, checkpoint=None, checkpoint_every=10):
         """Select ``n_markers`` genes.
 
         Parameters
@@ -355,15 +405,32 @@ class _NeuralSelector(SelectorMixin, BaseEstimator):
         X : array-like, scipy.sparse matrix or pandas DataFrame, shape [n_cells, n_genes]
             Preprocessed expression (the paper: normalised, log1p, scaled per gene;
             :func:`jaxsel.preprocessing.markermap_recipe`). Sparse input is densified
-            under the :data:`MAX_DENSE_BYTES` guard. Never modified.
+            under the :data:`MAX_DENSE_BYTES` guard. Never modified. Data larger than
+            memory: a path to an ``.h5ad`` file or ``.zarr`` store, a backed AnnData,
+            an h5py/zarr array or a :class:`jaxsel.streaming.RowSource` (for raw counts:
+            :func:`jaxsel.streaming.markermap_recipe`) is streamed from disk in chunks of
+            ``chunk_size`` cells (:meth:`fit` then trains chunk by chunk, see Notes).
         y : array-like, shape [n_cells], optional
             Cell labels of any sortable type. Required unless the objective is
             unsupervised (``alpha == 1``); when given, the validation split is stratified.
+            With an on-disk ``X``, also the name of an ``obs`` column.
+        checkpoint : path, optional
+            Train in segments of ``checkpoint_every`` epochs and write the training
+            state to this ``.npz`` file after each; when the file exists (a fit that was
+            interrupted), go on from it. The result equals an uninterrupted fit's bit for
+            bit. A file written for other settings or data is a ``ValueError``. In-memory
+            ``X`` only.
+        checkpoint_every : int
+            Epochs per segment (one compiled program serves all of them).
 
         Returns
         -------
         self
         """
+        if streaming.is_source(X):
+            if checkpoint is not None:
+                raise ValueError("checkpoint is supported for in-memory X only, not for data streamed from disk.")
+            return self._fit_stream(X, y)
         x = _check_X(self, X, reset=True)
         n_cells, n_genes = x.shape
         cfg, loop, codes, classes, seed, vf = self._setup(n_cells, n_genes, y)
@@ -374,10 +441,27 @@ class _NeuralSelector(SelectorMixin, BaseEstimator):
             stratify=codes is not None,
         )
         split = engine.make_splits([tr], [va]).fold(0)
-        result = mm.fit(cfg, loop, jax.random.key(seed), x, codes if cfg.use_clf else None, split)
-        result = jax.device_get(result)
-        n_epochs = int(result.n_epochs)
+        labels = codes if cfg.use_clf else None
+        if checkpoint is None:
+            result = mm.fit(cfg, loop, jax.random.key(seed), x, labels, split)
+        else:
+            digest = engine.fingerprint(type(self).__name__, self.get_params(), seed, x, labels, tr, va)
+            result = mm.fit_checkpointed(cfg, loop, jax.random.key(seed), x, labels, split, path=checkpoint,
+                                         every=checkpoint_every, fingerprint=digest)
+        self._store_fit(cfg, jax.device_get(result), classes)
+        if hasattr(self, "stream_info_"):
+            del self.stream_info_
+        return self
 
+    def _store_fit(self, cfg, result, classes):
+        n_epochs = int(result.n_epochs)
+        engine.check_history(result.history, n_epochs, model=type(self).__name__, hint=_DIVERGED_HINT)
+        _check_finite_fit(
+            type(self).__name__,
+            {"scores": result.scores, **{k: np.asarray(v)[:n_epochs] for k, v in result.history.items()}},
+            "X must be preprocessed expression (normalised, log1p and scaled per gene: "
+            "jaxsel.preprocessing.markermap_recipe); for such X, lower learning_rate or max_lr.",
+        )
         self.cfg_ = cfg
         self.result_ = result
         self.markers_ = np.asarray(result.markers).astype(np.intp)
@@ -390,6 +474,32 @@ class _NeuralSelector(SelectorMixin, BaseEstimator):
             self.classes_ = classes
         elif hasattr(self, "classes_"):
             del self.classes_
+
+    def _fit_stream(self, X, y):
+        """:meth:`fit` on a matrix streamed from disk (:mod:`jaxsel.streaming`)."""
+        chunk = check_int(self.chunk_size, "chunk_size", 1)
+        with streaming.open_source(X) as src:
+            n_cells, n_genes = src.shape
+            if isinstance(y, str):
+                y = src.obs_column(y)
+            cfg, loop, codes, classes, seed, vf = self._setup(n_cells, n_genes, y)
+            if chunk < loop.batch_size:
+                raise ValueError(f"chunk_size={chunk} must be at least batch_size={loop.batch_size}.")
+            tr, va = preprocessing.split_indices(
+                n_cells if codes is None else codes, (1.0 - vf, vf), random_state=seed, stratify=codes is not None,
+            )
+            tr, va = streaming.cap_validation(tr, va, chunk, seed)
+            labels = codes.astype(np.int32) if cfg.use_clf else np.zeros(n_cells, np.int32)
+
+            def read(rows):
+                return {"x": src.read_rows(rows), "y": labels[rows]}
+
+            result, info = mm.fit_stream(cfg, loop, jax.random.key(seed), read, tr, va, chunk_size=chunk)
+        self._store_fit(cfg, jax.device_get(result), classes)
+        self.n_features_in_ = n_genes
+        if hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        self.stream_info_ = info
         return self
 
     def _get_support_mask(self):
@@ -399,11 +509,46 @@ class _NeuralSelector(SelectorMixin, BaseEstimator):
         check_is_fitted(self, "markers_")
         return _check_X(self, X, reset=False)
 
+    def _infer(self, fn, X, width: int = 1):
+        """``fn(cfg, result, block, chunk=rows)`` over blocks of ``rows`` cells, ``rows``
+        chosen so that ``width`` float32 values per gene and cell fit ``memory_budget``.
+        The last block is padded to ``rows``, so an on-disk ``X`` and the same matrix in
+        memory run the same programs on the same blocks (identical results)."""
+        check_is_fitted(self, "markers_")
+        n_genes = self.n_features_in_
+        rows = streaming.budget_rows(self.memory_budget, 4 * n_genes * width)
+        if streaming.is_source(X):
+            with streaming.open_source(X) as src:
+                if src.n_vars != n_genes:
+                    raise ValueError(f"X has {src.n_vars} features, but {type(self).__name__} is expecting "
+                                     f"{n_genes} features as input.")
+                return _blocks(fn, self.cfg_, self.result_, src.n_obs, rows, src.read)
+        if _is_sparse(X):  # stream it too instead of densifying all of it
+            x = _check_X(self, X, reset=False, dense=False)
+            src = streaming.RowSource(x.tocsr())
+            return _blocks(fn, self.cfg_, self.result_, x.shape[0], rows, src.read)
+        x = self._fitted_x(X)
+        return _blocks(fn, self.cfg_, self.result_, x.shape[0], rows, lambda a, b: x[a:b])
+
+    def transform(self, X):
+        """``X`` restricted to the selected genes, [n_cells, n_markers] (columns in input
+        order). An on-disk ``X`` is read in chunks and the result returned dense."""
+        if streaming.is_source(X):
+            mask = self.get_support()
+            n_genes = self.n_features_in_
+            rows = streaming.budget_rows(self.memory_budget, 4 * n_genes)
+            with streaming.open_source(X) as src:
+                if src.n_vars != n_genes:
+                    raise ValueError(f"X has {src.n_vars} features, but {type(self).__name__} is expecting "
+                                     f"{n_genes} features as input.")
+                parts = [src.read(a, a + rows)[:, mask] for a in range(0, src.n_obs, rows)]
+            return np.concatenate(parts)
+        return super().transform(X)
+
     @available_if(_has_classifier)
     def decision_function(self, X):
         """Class logits from the markers only, [n_cells, n_classes] (order of ``classes_``)."""
-        x = self._fitted_x(X)
-        return np.asarray(mm.predict_logits(self.cfg_, self.result_, x))
+        return self._infer(mm.predict_logits, X)
 
     @available_if(_has_classifier)
     def predict_proba(self, X):
@@ -419,13 +564,11 @@ class _NeuralSelector(SelectorMixin, BaseEstimator):
     @available_if(_has_decoder)
     def reconstruct(self, X):
         """Decoder mean of all genes from the markers only, [n_cells, n_genes]."""
-        x = self._fitted_x(X)
-        return np.asarray(mm.reconstruct(self.cfg_, self.result_, x))
+        return self._infer(mm.reconstruct, X, width=3)
 
     def embed(self, X):
         """Latent means of the encoder from the markers only, [n_cells, latent_size]."""
-        x = self._fitted_x(X)
-        return np.asarray(mm.embed(self.cfg_, self.result_, x))
+        return self._infer(mm.embed, X)
 
     # -- cross-validation -----------------------------------------------------------
 
@@ -465,6 +608,9 @@ class _NeuralSelector(SelectorMixin, BaseEstimator):
             "average_misclassification_rate", "f1_macro", "f1_weighted"}}`` of float
             arrays [n_folds].
         """
+        if streaming.is_source(X):
+            raise TypeError("cross_validate needs X in memory (its folds share one compiled program over all "
+                            "cells); fit() streams an on-disk X.")
         x = _check_X(BaseEstimator(), X, reset=True)  # leaves self untouched
         n_cells, n_genes = x.shape
         n_folds = check_int(n_folds, "n_folds", 2)
@@ -492,6 +638,7 @@ class _NeuralSelector(SelectorMixin, BaseEstimator):
             cfg, loop, keys, x, codes if cfg.use_clf else None, splits, batch_size=batch_size
         )
         res = jax.device_get(res)
+        engine.check_history(res.history, res.n_epochs, model=type(self).__name__, hint=_DIVERGED_HINT)
         markers = np.asarray(res.markers).astype(np.intp)
         out = {
             "markers": markers,
@@ -569,6 +716,17 @@ _NEURAL_PARAMS_DOC = """
     max_lr : float, optional
         Upper end of the range test. ``None`` uses the reference package's benchmark
         settings: {max_lr_doc}. Ignored when ``learning_rate`` is given.
+    chunk_size : int, default 16384
+        Cells per chunk when ``X`` is streamed from disk (see Notes); also the largest
+        validation set of a streamed fit (a random subset of the
+        ``validation_fraction``).
+    memory_budget : int, default 2**28 (256 MiB)
+        Bytes of the largest per-chunk array of inference (``decision_function``,
+        ``predict``, ``embed``, ``reconstruct``, ``transform`` of an on-disk ``X``): the
+        cells are processed in chunks that fit it.
+    verbose : bool, default False
+        Print a progress line (epoch, training and validation loss, time) to stderr
+        from inside the compiled fit, at most once a second.
 
     Attributes
     ----------
@@ -589,6 +747,22 @@ _NEURAL_PARAMS_DOC = """
         When ``X`` was a DataFrame with string column names.
     cfg_ : :class:`jaxsel.methods.markermap.MarkerMapConfig`
     result_ : :class:`jaxsel.methods.markermap.MarkerMapResult`
+    stream_info_ : dict
+        After a streamed fit only: per-epoch wall, input-wait and read seconds, steps and
+        cells (:class:`jaxsel.engine.StreamFit`).
+
+    Notes
+    -----
+    Data larger than memory: ``fit`` accepts an ``.h5ad`` / ``.zarr`` path, a backed
+    AnnData, an h5py/zarr array or a :class:`jaxsel.streaming.RowSource`, and streams it
+    (:mod:`jaxsel.engine.stream`): a background thread reads chunks of ``chunk_size``
+    cells (8 random blocks of consecutive rows each) while the device trains on the
+    previous one, so host memory holds a few chunks whatever the number of cells. The
+    chunk program compiles once; minibatches are shuffled within a chunk, not across
+    the whole data, so a streamed fit differs from the in-memory one by the order of
+    the cells. The learning-rate range test runs on the first chunk. Validation uses at
+    most ``chunk_size`` cells, kept in memory. ``markers_`` index the columns
+    (``var_names``) of the source.
 """
 
 
@@ -660,7 +834,7 @@ ConcreteVAE.__doc__ += _NEURAL_PARAMS_DOC.format(
 # ------------------------------------------------------------------------ baselines
 
 
-class _BaselineSelector(SelectorMixin, BaseEstimator):
+class _BaselineSelector(PersistMixin, SelectorMixin, BaseEstimator):
     """Shared parts of the plain baselines (not public)."""
 
     def _get_support_mask(self):
@@ -836,16 +1010,24 @@ def _check_Y(Y, n_cells: int):
         arr = arr[:, None]
     if arr.ndim != 2:
         raise ValueError(f"Y must be 2-D [n_cells, n_features], got shape {arr.shape}.")
-    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise TypeError(f"Y must be numeric, got dtype {arr.dtype}.")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or arr.dtype.kind == "c":
+        raise TypeError(f"Y must hold real numbers, got dtype {arr.dtype}.")
     if arr.shape[0] != n_cells:
         raise ValueError(f"X and Y must have the same number of cells, got {n_cells} and {arr.shape[0]}.")
     if arr.shape[1] < 1:
         raise ValueError("Y has no features (columns).")
-    arr = arr.astype(np.float32)
-    if not np.all(np.isfinite(arr)):
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         raise ValueError("Y contains NaN or infinite values; impute or drop those cells first.")
+    check_cast_range(arr, np.float32, "Y")
+    arr = arr.astype(np.float32)
     return arr
+
+
+def _check_hidden(hidden) -> tuple:
+    """``hidden`` as a tuple (the config checks its entries); a clear error for a scalar."""
+    if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__iter__"):
+        raise TypeError(f"hidden must be a non-empty tuple of positive integers, got {hidden!r}.")
+    return tuple(hidden)
 
 
 def _paired_folds(n_cells: int, n_folds, seed: int):
@@ -873,7 +1055,7 @@ def _selection_stability(genes, n_genes: int):
     }
 
 
-class _PairedSelector(SelectorMixin, BaseEstimator):
+class _PairedSelector(PersistMixin, SelectorMixin, BaseEstimator):
     """Shared surface of the paired-modality selectors (``X -> Y`` with ``n_genes``).
 
     Subclasses set ``genes_``/``markers_``, ``scores_``, ``y_mean_`` (the training mean
@@ -886,6 +1068,10 @@ class _PairedSelector(SelectorMixin, BaseEstimator):
         return tags
 
     def _set_fit(self, genes, scores, y_mean, n_outputs: int):
+        _check_finite_fit(
+            type(self).__name__, {"gene scores": scores},
+            "X and Y must be preprocessed and standardised (jaxsel.preprocessing.sbnn_recipe).",
+        )
         self.genes_ = np.asarray(genes).astype(np.intp)
         self.markers_ = self.genes_  # the selectors' common attribute name
         self.scores_ = np.asarray(scores, dtype=np.float32)
@@ -983,11 +1169,11 @@ class SparseBottleneck(_PairedSelector):
     def _config(self, n_genes_in: int, n_outputs: int):
         from .methods import sbnn
 
-        n_sel = _n_markers(self.n_genes, n_genes_in)
+        n_sel = _n_markers(self.n_genes, n_genes_in, "n_genes")
         kw = dict(
             n_selected=n_sel,
             lasso=check_real(self.lasso, "lasso", low=0.0),
-            hidden=tuple(self.hidden),
+            hidden=_check_hidden(self.hidden),
             latent_size=check_int(self.latent_size, "latent_size", 1),
             learning_rate=check_real(self.learning_rate, "learning_rate", low=0.0, low_open=True),
             batch_size=check_int(self.batch_size, "batch_size", 1),
@@ -1156,7 +1342,7 @@ class SparseRRR(_PairedSelector):
         rank = check_int(self.rank, "rank", 1)
         if rank > min(p, q):
             raise ValueError(f"rank must be in [1, min(n_genes, n_outputs) = {min(p, q)}], got {rank}.")
-        n = _n_markers(self.n_genes, p)
+        n = _n_markers(self.n_genes, p, "n_genes")
         alpha = check_real(self.alpha, "alpha", low=0.0, high=1.0, low_open=True)
         if not isinstance(self.relaxed, (bool, np.bool_)):
             raise TypeError(f"relaxed must be a bool, got {self.relaxed!r}.")

@@ -19,7 +19,6 @@ module validates, converts and bookkeeps; the models live in :mod:`jaxsel.method
 from __future__ import annotations
 
 import dataclasses
-import json
 import numbers
 
 import jax
@@ -28,8 +27,9 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
-from . import datasets, engine, metrics, preprocessing
-from ._validation import check_int, check_labels, check_matrix, check_random_state, check_real, to_dense
+from . import datasets, engine, metrics, preprocessing, streaming
+from ._persist import PersistMixin
+from ._validation import _is_missing, check_int, check_labels, check_matrix, check_random_state, check_real, to_dense
 from .methods import gimvi as gv
 from .methods import stai as st
 
@@ -42,11 +42,15 @@ _LAMBDAS = ("recon", "mmd", "cos", "impute", "clf", "gene")
 def _check_gene_names(names, n: int, name: str) -> np.ndarray:
     if names is None:
         raise TypeError(f"{name} is required: genes are matched between the datasets by name.")
-    if isinstance(names, (str, bytes)):
-        raise TypeError(f"{name} must be a sequence of gene names, got a single string.")
+    if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of gene names (one per column), got {names!r}.")
     arr = np.asarray(list(names), dtype=object)
     if arr.ndim != 1 or arr.shape[0] != n:
         raise ValueError(f"{name} must hold one name per column ({n}), got {arr.shape[0] if arr.ndim else 0}.")
+    missing = _is_missing(arr) | np.array([isinstance(g, str) and not g.strip() for g in arr], dtype=bool)
+    if missing.any():
+        raise ValueError(f"{name} has {int(missing.sum())} missing or empty gene name(s) (None, NaN or ''), "
+                         f"at columns {np.flatnonzero(missing)[:10].tolist()}; name every gene.")
     arr = arr.astype(str)
     uniq, counts = np.unique(arr, return_counts=True)
     if (counts > 1).any():
@@ -141,7 +145,7 @@ class GeneCVResult:
         return {m: float(np.nanmedian(getattr(self, m))) for m in _SCORES}
 
 
-class StAI(BaseEstimator):
+class StAI(PersistMixin, BaseEstimator):
     """stAI: impute unmeasured genes of spatial cells from a reference, and annotate them.
 
     Parameters
@@ -259,9 +263,9 @@ class StAI(BaseEstimator):
                   n_inputs=(n_inputs or n_genes) - (n_inputs or n_genes) // int(self.n_calibration_folds))
         if self.epochs is not None:
             kw["epochs"] = check_int(self.epochs, "epochs", 1)
-        weights = dict(self.loss_weights or {})
-        if not isinstance(weights, dict):
+        if self.loss_weights is not None and not isinstance(self.loss_weights, dict):
             raise TypeError(f"loss_weights must be a dict, got {type(self.loss_weights).__name__}.")
+        weights = dict(self.loss_weights or {})
         for k, v in weights.items():
             if k not in _LAMBDAS:
                 raise ValueError(f"loss_weights keys must be among {_LAMBDAS}, got {k!r}.")
@@ -292,6 +296,12 @@ class StAI(BaseEstimator):
             raise TypeError(f"counts must be a bool, got {self.counts!r}.")
         xs = check_matrix(X_spatial, name="X_spatial", dtype=None)
         xr = check_matrix(X_ref, name="X_ref", dtype=None)
+        if self.counts:  # normalised per cell: counts must be non-negative
+            for name, m in (("X_spatial", xs), ("X_ref", xr)):
+                v = m.data if hasattr(m, "data") and not isinstance(m, np.ndarray) else m
+                if v.size and v.min() < 0:
+                    raise ValueError(f"{name} must be non-negative counts (counts=True), found minimum {v.min()}; "
+                                     "pass counts=False for log-normalised data.")
         sp_names = _check_gene_names(spatial_genes, xs.shape[1], "spatial_genes")
         ref_names = _check_gene_names(ref_genes, xr.shape[1], "ref_genes")
         ref_pos = {g: i for i, g in enumerate(ref_names)}
@@ -346,8 +356,11 @@ class StAI(BaseEstimator):
     def _fit_models(self, cfg, data, fit_masks, cal_masks, x1_index, seed):
         keys = jax.random.split(jax.random.key(seed), fit_masks.shape[0])
         idx = None if x1_index is None else jnp.asarray(x1_index, jnp.int32)
-        return st.fit(cfg, keys, data, jnp.asarray(fit_masks), jnp.asarray(cal_masks), idx,
-                      batch_size=self._batch_size(), mesh=engine.fold_mesh())
+        params, hist = st.fit(cfg, keys, data, jnp.asarray(fit_masks), jnp.asarray(cal_masks), idx,
+                              batch_size=self._batch_size(), mesh=engine.fold_mesh())
+        engine.check_history(jax.device_get(hist), model="StAI", hint="Lower learning_rate, or check that the "
+                             "inputs are expression on the scale the `counts` setting says.")
+        return params, hist
 
     # ------------------------------------------------------------------ fit
 
@@ -407,6 +420,8 @@ class StAI(BaseEstimator):
             if missing:
                 raise ValueError(f"genes were not kept at fit time: {missing[:10]}; pass them as fit(..., genes=).")
             cols = np.array([self._value_index[str(g)] for g in req], dtype=np.int64)
+            if cols.size == 0:
+                raise ValueError("genes must name at least one gene.")
         if cols.size == 0:
             raise ValueError("no genes to impute: the reference has no genes beyond the shared ones.")
         # pad the gene count to a power of two: a few compiled programs serve every request
@@ -462,6 +477,8 @@ class StAI(BaseEstimator):
             bad = sorted(set(y[~known].astype(str).tolist()))
             raise ValueError(f"y_true has cell types absent from the reference labels: {bad[:10]}; pass "
                              f"unknown='ignore' to leave those cells out.")
+        if not known.any():
+            raise ValueError("none of the cell types in y_true are reference labels; nothing to score.")
         pred = self.annotate()
         return metrics.annotation_scores(y[known], pred[known])
 
@@ -546,6 +563,22 @@ def _zero_library(x, name: str, what: str = "") -> None:
         )
 
 
+def _gimvi_genes(ref_genes, spatial_genes, n_ref_genes: int, n_sp_genes: int):
+    """Checked gene names of both datasets and each reference gene's column:
+    ``(ref_names, sp_names, {name: column})``; every spatial gene must be a reference gene."""
+    ref_names = _check_gene_names(ref_genes, n_ref_genes, "ref_genes")
+    sp_names = _check_gene_names(spatial_genes, n_sp_genes, "spatial_genes")
+    pos = {g: i for i, g in enumerate(ref_names)}
+    missing = [g for g in sp_names if g not in pos]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of the {sp_names.size} spatial genes are not in the reference (by name), e.g. "
+            f"{missing[:10]}; gimVI models the spatial genes as a subset of the reference's. Subset "
+            "X_spatial to the shared genes, and check both use the same naming (symbols vs ids, case)."
+        )
+    return ref_names, sp_names, pos
+
+
 def _train_val(n: int, train_size: float, rng) -> tuple[np.ndarray, np.ndarray]:
     """scvi-tools' split: ``ceil(train_size * n)`` training cells, the rest validation; with
     ``train_size=1`` the validation ELBO is taken on the training cells."""
@@ -556,7 +589,7 @@ def _train_val(n: int, train_size: float, rng) -> tuple[np.ndarray, np.ndarray]:
     return perm[:n_train], perm[n_train:]
 
 
-class GimVI(BaseEstimator):
+class GimVI(PersistMixin, BaseEstimator):
     """gimVI: a joint VAE of scRNA-seq and spatial counts that imputes genes the spatial
     assay did not measure, with a posterior uncertainty (Lopez et al. 2019).
 
@@ -567,7 +600,8 @@ class GimVI(BaseEstimator):
     hidden : int, default 64
         Width of the encoder layers.
     n_layers_individual, n_layers_shared : int, default 1, 1
-        Encoder layers per dataset, then shared.
+        Encoder layers per dataset (at least 1: they bring both datasets' genes to
+        ``hidden``), then shared (0 or more).
     decoder_layers : int, default 0
         Hidden decoder layers conditioned on the dataset (scvi-tools: 0; the paper's
         decoder is conditioned: 1).
@@ -595,6 +629,30 @@ class GimVI(BaseEstimator):
     chunk : int, default 512
         Spatial cells per inference chunk.
     random_state : int, default 0
+    chunk_size : int, default 16384
+        Reference cells per chunk when ``X_ref`` is streamed from disk (see Notes); also
+        the largest reference validation set of a streamed fit.
+    memory_budget : int or None, default 2**28 (256 MiB)
+        Bytes of the largest decoded intermediate of :meth:`impute` and :meth:`latent`:
+        the spatial cells are decoded in chunks of at most ``chunk`` cells that fit it,
+        and only the requested genes of each chunk are kept, so the decoded ``[cells,
+        genes]`` matrices never exceed it (the returned ``[cells, requested genes]``
+        arrays are the output). ``None``: one pass over all cells.
+    verbose : bool, default False
+        Print a progress line (epoch, training and validation loss, time) to stderr
+        from inside the compiled fit, at most once a second.
+
+    Notes
+    -----
+    A reference larger than memory: ``fit`` accepts for ``X_ref`` an ``.h5ad`` /
+    ``.zarr`` path, a backed AnnData, an h5py/zarr array or a
+    :class:`jaxsel.streaming.RowSource` of raw counts, and streams it
+    (:func:`jaxsel.methods.gimvi.fit_stream`): one pass checks the counts and computes
+    the library-size prior, then every epoch reads the reference in chunks of
+    ``chunk_size`` cells in a background thread while the device trains on the previous
+    chunk (minibatches shuffled within a chunk); the spatial cells stay in memory. The
+    fitted model keeps no reference cells (pass ``X`` to ``latent(modality="reference")``,
+    which streams an on-disk ``X`` too). :meth:`cross_validate_genes` needs both in memory.
 
     Attributes
     ----------
@@ -612,6 +670,9 @@ class GimVI(BaseEstimator):
     ...                                           spatial_genes=spatial_names)
     >>> mean, var = model.impute(["Gad2", "Plp1"], n_samples=50)
     """
+
+    # save() leaves out the reference counts kept for latent(modality="reference")
+    _persist_skip = {"_x_ref": None}
 
     def __init__(
         self,
@@ -636,6 +697,9 @@ class GimVI(BaseEstimator):
         model_batch_size="auto",
         chunk=512,
         random_state=0,
+        chunk_size=streaming.DEFAULT_CHUNK_SIZE,
+        memory_budget=streaming.DEFAULT_MEMORY_BUDGET,
+        verbose=False,
     ):
         self.n_latent = n_latent
         self.hidden = hidden
@@ -657,13 +721,17 @@ class GimVI(BaseEstimator):
         self.model_batch_size = model_batch_size
         self.chunk = chunk
         self.random_state = random_state
+        self.chunk_size = chunk_size
+        self.memory_budget = memory_budget
+        self.verbose = verbose
 
     # ------------------------------------------------------------------ configuration
 
     def _config(self, n_genes: int, n_spatial: int) -> gv.GimVIConfig:
         for name in ("n_latent", "hidden"):
             check_int(getattr(self, name), name, 1)
-        for name in ("n_layers_individual", "n_layers_shared", "decoder_layers"):
+        check_int(self.n_layers_individual, "n_layers_individual", 1)  # the heads map G and G' genes to `hidden`
+        for name in ("n_layers_shared", "decoder_layers"):
             check_int(getattr(self, name), name, 0)
         check_real(self.dropout, "dropout", low=0.0, high=1.0, high_open=True)
         if not isinstance(self.adversarial, (bool, np.bool_)):
@@ -685,7 +753,8 @@ class GimVI(BaseEstimator):
 
     def _loop(self) -> engine.LoopConfig:
         return engine.LoopConfig(max_epochs=check_int(self.max_epochs, "max_epochs", 1),
-                                 batch_size=check_int(self.batch_size, "batch_size", 1), min_epochs=0, patience=None)
+                                 batch_size=check_int(self.batch_size, "batch_size", 1), min_epochs=0, patience=None,
+                                 progress="GimVI" if self.verbose else None)
 
     def _model_batch_size(self):
         if isinstance(self.model_batch_size, str):
@@ -703,16 +772,7 @@ class GimVI(BaseEstimator):
         """Validated dense counts with the spatial genes located among the reference's."""
         xr = _counts_matrix(X_ref, "X_ref")
         xs = _counts_matrix(X_spatial, "X_spatial")
-        ref_names = _check_gene_names(ref_genes, xr.shape[1], "ref_genes")
-        sp_names = _check_gene_names(spatial_genes, xs.shape[1], "spatial_genes")
-        pos = {g: i for i, g in enumerate(ref_names)}
-        missing = [g for g in sp_names if g not in pos]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} of the {sp_names.size} spatial genes are not in the reference (by name), e.g. "
-                f"{missing[:10]}; gimVI models the spatial genes as a subset of the reference's. Subset "
-                "X_spatial to the shared genes, and check both use the same naming (symbols vs ids, case)."
-            )
+        ref_names, sp_names, pos = _gimvi_genes(ref_genes, spatial_genes, xr.shape[1], xs.shape[1])
         if xr.shape[0] < 2 or xs.shape[0] < 2:
             raise ValueError("X_ref and X_spatial need at least 2 cells each.")
         _zero_library(xr, "X_ref")
@@ -745,11 +805,13 @@ class GimVI(BaseEstimator):
         """Fit the models of :meth:`_program` in one compiled program."""
         cfg, models, loop, keys, data, splits = self._program(d, masks, seeds)
         res = gv.fit(models, loop, keys, data, splits, batch_size=self._model_batch_size(), mesh=mesh)
+        engine.check_history(jax.device_get(res.history), jax.device_get(res.n_epochs), model="GimVI",
+                             hint=_GIMVI_DIVERGED)
         return cfg, models, data, res
 
     # ------------------------------------------------------------------ fit
 
-    def fit(self, X_ref, X_spatial, *, ref_genes, spatial_genes):
+    def fit(self, X_ref, X_spatial, *, ref_genes, spatial_genes, checkpoint=None, checkpoint_every=10):
         """Fit gimVI on a scRNA-seq reference and spatial data (raw counts both).
 
         Parameters
@@ -758,17 +820,86 @@ class GimVI(BaseEstimator):
         X_spatial : [n_spatial, G'] spatial counts.
         ref_genes, spatial_genes : gene names of the columns; every spatial gene must be
             a reference gene.
+        checkpoint : path, optional
+            Train in segments of ``checkpoint_every`` epochs, writing the training state
+            to this ``.npz`` file after each, and go on from the file when it exists (an
+            interrupted fit); the result equals an uninterrupted fit's bit for bit. A
+            file written for other settings or data is a ``ValueError``. In-memory
+            ``X_ref`` only.
+        checkpoint_every : int
+            Epochs per segment (one compiled program serves all of them).
         """
         seed = check_random_state(self.random_state)
         check_int(self.chunk, "chunk", 1)
+        if streaming.is_source(X_ref):
+            if checkpoint is not None:
+                raise ValueError("checkpoint is supported for in-memory X_ref only, not for data streamed from disk.")
+            return self._fit_stream(X_ref, X_spatial, ref_genes, spatial_genes, seed)
         d = self._inputs(X_ref, X_spatial, ref_genes, spatial_genes)
         masks = np.ones((1, d["sp_names"].size), np.float32)
-        cfg, models, data, res = self._fit_models(d, masks, [seed], None)
+        if checkpoint is None:
+            cfg, models, data, res = self._fit_models(d, masks, [seed], None)
+        else:
+            cfg, models, loop, keys, data, splits = self._program(d, masks, [seed])
+            first = lambda t: jax.tree.map(lambda a: a[0], t)  # noqa: E731
+            digest = engine.fingerprint("GimVI", self.get_params(), seed, d["xr"], d["xs"], d["ref_names"].tolist(),
+                                        d["sp_names"].tolist(), splits)
+            res = engine.fit_checkpointed(first(models), loop, keys[0], data, first(splits), path=checkpoint,
+                                          every=checkpoint_every, fingerprint=digest)
+            res = jax.tree.map(lambda a: jnp.asarray(a)[None], res)
+            engine.check_history(jax.device_get(res.history), jax.device_get(res.n_epochs), model="GimVI",
+                                 hint=_GIMVI_DIVERGED)
         self.seed_ = seed
         first = lambda t: jax.tree.map(lambda a: a[0], t)  # noqa: E731
         self._set_fitted(cfg, first(models), first(res.params), first(res.model_state),
                          {k: np.asarray(v)[0] for k, v in res.history.items()}, d["ref_names"], d["sp_names"],
                          d["xs"], d["xr"])
+        if hasattr(self, "stream_info_"):
+            del self.stream_info_
+        return self
+
+    def _fit_stream(self, X_ref, X_spatial, ref_genes, spatial_genes, seed):
+        """:meth:`fit` with the reference streamed from disk (:mod:`jaxsel.streaming`)."""
+        chunk = check_int(self.chunk_size, "chunk_size", 1)
+        loop = self._loop()
+        if chunk < loop.batch_size:
+            raise ValueError(f"chunk_size={chunk} must be at least batch_size={loop.batch_size}.")
+        with streaming.open_source(X_ref, "X_ref") as src:
+            xs = _counts_matrix(X_spatial, "X_spatial")
+            ref_names, sp_names, pos = _gimvi_genes(ref_genes, spatial_genes, src.n_vars, xs.shape[1])
+            if src.n_obs < 2 or xs.shape[0] < 2:
+                raise ValueError("X_ref and X_spatial need at least 2 cells each.")
+            _zero_library(xs, "X_spatial", " in the spatial genes")
+            train_size = check_real(self.train_size, "train_size", low=0.0, high=1.0, low_open=True)
+            cfg = self._config(ref_names.size, sp_names.size)
+            stats = streaming.count_stats(src, name="X_ref")  # one pass: counts checked, library prior
+            rng = np.random.default_rng(seed)
+            tr0, va0 = _train_val(src.n_obs, train_size, rng)
+            tr1, va1 = _train_val(xs.shape[0], train_size, rng)
+            if va0 is tr0:  # train_size=1: validate on (at most chunk_size of) the training cells
+                va0 = np.sort(rng.choice(tr0, min(chunk, tr0.size), replace=False))
+                tr0 = np.sort(tr0)
+            else:
+                tr0, va0 = streaming.cap_validation(tr0, va0, chunk, seed)
+            model = gv.GimVIModel(cfg, jnp.ones(sp_names.size, jnp.float32),
+                                  jnp.asarray([pos[g] for g in sp_names], jnp.int32),
+                                  jnp.float32(stats["log_library_mean"]), jnp.float32(stats["log_library_var"]))
+            del stats
+            spatial = gv.stream_prepare({"x": jnp.asarray(xs)})
+            sp_split = engine.make_splits([tr1], [va1]).fold(0)
+
+            def read(rows):
+                return {"x": src.read_rows(rows)}
+
+            out = gv.fit_stream(model, loop, jax.random.key(seed), read, tr0, va0, spatial, sp_split,
+                                chunk_size=chunk)
+        res = out.result
+        engine.check_history(jax.device_get(res.history), jax.device_get(res.n_epochs), model="GimVI",
+                             hint=_GIMVI_DIVERGED)
+        self.seed_ = seed
+        self._set_fitted(cfg, model, res.params, res.model_state, {k: np.asarray(v) for k, v in res.history.items()},
+                         ref_names, sp_names, xs, None)
+        self.stream_info_ = out.info
         return self
 
     def _set_fitted(self, cfg, model, params, state, history, ref_names, sp_names, xs, xr=None):
@@ -800,7 +931,25 @@ class GimVI(BaseEstimator):
             raise ValueError("genes must name at least one gene.")
         return np.array([self._gene_index[g] for g in req])
 
-    def _posterior(self, X_spatial, n_samples, seed):
+    def _budget(self):
+        return None if self.memory_budget is None else check_int(self.memory_budget, "memory_budget", 1)
+
+    def _impute_rows(self, n: int):
+        """``(inner, block)``: cells per compiled inference chunk and per call. The
+        decoding of one chunk holds about 24 ``[cells, G]`` float32 arrays (centre, draw,
+        running sums, their offsets) and a call returns 6, so ``inner`` and ``block`` are
+        sized for those to fit ``memory_budget``."""
+        chunk = check_int(self.chunk, "chunk", 1)
+        budget = self._budget()
+        if budget is None:
+            return chunk, max(n, 1)
+        per_gene = 4 * self.cfg_.n_genes
+        inner = min(chunk, streaming.budget_rows(budget, 24 * per_gene))
+        return inner, inner * max(1, streaming.budget_rows(budget, 6 * per_gene) // inner)
+
+    def _posterior(self, X_spatial, n_samples, seed, cols, normalized):
+        """Posterior mean and variance of the genes ``cols`` (numpy), decoded block by
+        block (:meth:`_impute_rows`) with the draws of one pass over all cells."""
         check_is_fitted(self, "params_")
         n_samples = check_int(n_samples, "n_samples", 0)
         if X_spatial is None:
@@ -811,10 +960,24 @@ class GimVI(BaseEstimator):
                 raise ValueError(f"X_spatial must have the {self.spatial_genes_.size} spatial genes of fit as "
                                  f"columns, got {x.shape[1]}.")
             _zero_library(x, "X_spatial", " in the spatial genes")
-            xs = jnp.asarray(x)
+            xs = x
         key = jax.random.key(check_random_state(self.random_state if seed is None else seed))
-        return gv.impute(self.cfg_, self.params_, self.state_, self.model_, xs, key, n_samples=n_samples,
-                         chunk=check_int(self.chunk, "chunk", 1))
+        n = xs.shape[0]
+        inner, block = self._impute_rows(n)
+        cols = jnp.asarray(cols)
+        means, variances = [], []
+        for a in range(0, n, block):
+            part = jnp.asarray(xs[a:a + block])
+            m = part.shape[0]
+            if n > block and m < block:  # same shape as the other blocks: no recompilation
+                part = jnp.concatenate([part, jnp.ones((block - m, part.shape[1]), part.dtype)])
+            post = gv.impute(self.cfg_, self.params_, self.state_, self.model_, part, key, n_samples=n_samples,
+                             chunk=inner, row_offset=a)
+            mean, var = (post.normalized, post.normalized_var) if normalized else (post.counts, post.counts_var)
+            means.append(np.asarray(mean[:m, cols]))
+            variances.append(np.asarray(var[:m, cols]))
+            del post, mean, var
+        return np.concatenate(means), np.concatenate(variances)
 
     def impute(self, genes=None, *, n_samples=50, normalized=False, X_spatial=None, return_var=True,
                random_state=None):
@@ -840,31 +1003,52 @@ class GimVI(BaseEstimator):
         if not isinstance(normalized, (bool, np.bool_)):
             raise TypeError(f"normalized must be a bool, got {normalized!r}.")
         cols = self._gene_columns(genes)
-        post = self._posterior(X_spatial, n_samples, random_state)
-        mean, var = (post.normalized, post.normalized_var) if normalized else (post.counts, post.counts_var)
-        mean, var = np.asarray(mean)[:, cols], np.asarray(var)[:, cols]
+        mean, var = self._posterior(X_spatial, n_samples, random_state, cols, bool(normalized))
         return (mean, var) if return_var else mean
 
     def latent(self, X=None, *, modality="spatial"):
         """Posterior means of ``z`` [n_cells, n_latent] for ``modality`` ``"spatial"`` or
         ``"reference"`` cells (default: those of ``fit``, or counts ``X`` with the columns
-        of that modality's genes)."""
+        of that modality's genes; an on-disk ``X`` (path, backed AnnData, ...) is read in
+        chunks). Cells are encoded in chunks that fit ``memory_budget``."""
         check_is_fitted(self, "params_")
         if modality not in ("spatial", "reference"):
             raise ValueError(f"modality must be 'spatial' or 'reference', got {modality!r}.")
         mode = 1 if modality == "spatial" else 0
+        name = "X_spatial" if mode else "X_ref"
+        want = self.spatial_genes_.size if mode else self.genes_.size
+        if X is not None and streaming.is_source(X):
+            with streaming.open_source(X, name) as src:
+                if src.n_vars != want:
+                    raise ValueError(f"{name} must have {want} columns (the genes of fit), got {src.n_vars}.")
+                return self._latent_blocks(src.read, src.n_obs, want, mode)
         if X is None:
             x = self._x_spatial if mode else self._x_ref
             if x is None:
-                raise ValueError("this model keeps no reference cells (loaded from a file); pass X.")
+                raise ValueError("this model keeps no reference cells (loaded from a file, or fitted on a streamed "
+                                 "reference); pass X.")
         else:
-            name = "X_spatial" if mode else "X_ref"
             x = _counts_matrix(X, name)
-            want = self.spatial_genes_.size if mode else self.genes_.size
             if x.shape[1] != want:
                 raise ValueError(f"{name} must have {want} columns (the genes of fit), got {x.shape[1]}.")
-            x = jnp.asarray(x)
-        return np.asarray(gv.latent(self.cfg_, self.params_, self.state_, self.model_, x, mode))
+        return self._latent_blocks(lambda a, b: x[a:b], x.shape[0], want, mode)
+
+    def _latent_blocks(self, read, n: int, width: int, mode: int):
+        """:func:`jaxsel.methods.gimvi.latent` over blocks of cells that fit
+        ``memory_budget`` (the last block padded, so on-disk and in-memory inputs run the
+        same programs)."""
+        budget = self._budget()
+        rows = n if budget is None else streaming.budget_rows(budget, 3 * 4 * max(width, self.cfg_.hidden), cap=n)
+        out = []
+        for a in range(0, n, rows):
+            part = jnp.asarray(read(a, min(n, a + rows)), jnp.float32)
+            m = part.shape[0]
+            if n > rows and m < rows:
+                part = jnp.concatenate([part, jnp.zeros((rows - m, part.shape[1]), part.dtype)])
+            chunk = min(rows, 4096)
+            out.append(np.asarray(gv.latent(self.cfg_, self.params_, self.state_, self.model_, part, mode,
+                                            chunk=chunk))[:m])
+        return np.concatenate(out)
 
     # ------------------------------------------------------------------ evaluation protocol
 
@@ -894,6 +1078,9 @@ class GimVI(BaseEstimator):
         list of :class:`GeneCVResult`, one per seed (``genes`` are the spatial genes;
         ``history`` arrays [n_folds, epochs]).
         """
+        if streaming.is_source(X_ref) or streaming.is_source(X_spatial):
+            raise TypeError("cross_validate_genes needs X_ref and X_spatial in memory (all its models share one "
+                            "compiled program over all cells); fit() streams an on-disk X_ref.")
         seed = check_random_state(self.random_state)
         n_seeds = check_int(n_seeds, "n_seeds", 1)
         if seed + n_seeds > 2**32:
@@ -946,84 +1133,5 @@ class GimVI(BaseEstimator):
                                         fold_of_gene=fold_of_gene, history=hist, latent=latents))
         return results
 
-    # ------------------------------------------------------------------ persistence
 
-    def save(self, path):
-        """Write the fitted model to one portable ``.npz`` file: parameters, BatchNorm
-        statistics, history and the spatial counts of ``fit`` as arrays, and a JSON header
-        (format, jaxsel version, estimator parameters, model config, gene names). It reads
-        with numpy alone (no pickle); :meth:`load` restores the model exactly."""
-        check_is_fitted(self, "params_")
-        tree = {"params": self.params_, "state": self.state_}
-        arrays = {f"tree{jax.tree_util.keystr(k)}": np.asarray(v)
-                  for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-        arrays.update({f"history/{k}": np.asarray(v) for k, v in self.history_.items()})
-        arrays["model/mask"] = np.asarray(self.model_.mask)
-        arrays["model/lib"] = np.array([self.model_.lib_mean, self.model_.lib_var], np.float32)
-        arrays["x_spatial"] = np.asarray(self._x_spatial)
-        params = self.get_params()
-        params["random_state"] = self.seed_  # the seed fit resolved (random_state may be a Generator)
-        meta = {"format": _GIMVI_FORMAT, "jaxsel_version": _version(), "estimator": params,
-                "config": dataclasses.asdict(self.cfg_), "genes": self.genes_.tolist(),
-                "spatial_genes": self.spatial_genes_.tolist()}
-        arrays["meta"] = np.array(json.dumps(meta, default=_json_default))
-        path = str(path)
-        with open(path if path.endswith(".npz") else path + ".npz", "wb") as fh:
-            np.savez(fh, **arrays)
-
-    @classmethod
-    def load(cls, path) -> "GimVI":
-        """Read a model written by :meth:`save`. A file from another format, or from a
-        jaxsel release with a different major.minor version, is a clear error."""
-        with np.load(path, allow_pickle=False) as f:
-            if "meta" not in f.files:
-                raise ValueError(f"{path} is not a jaxsel GimVI file (no header).")
-            meta = json.loads(str(f["meta"]))
-            arrays = {k: f[k] for k in f.files}
-        if meta.get("format") != _GIMVI_FORMAT:
-            raise ValueError(f"{path} holds {meta.get('format')!r}, not a jaxsel GimVI model.")
-        saved, ours = meta.get("jaxsel_version", "?"), _version()
-        if saved.split(".")[:2] != ours.split(".")[:2]:
-            raise ValueError(f"{path} was written by jaxsel {saved}; this is jaxsel {ours}, whose GimVI format may "
-                             "differ: load it with the version that wrote it.")
-        est = cls(**meta["estimator"])
-        est.seed_ = int(meta["estimator"]["random_state"])
-        cfg = gv.GimVIConfig(**meta["config"])
-        sp_names, genes = np.array(meta["spatial_genes"]), np.array(meta["genes"])
-        pos = {g: i for i, g in enumerate(genes)}
-        lib = arrays["model/lib"]
-        model = gv.GimVIModel(cfg, jnp.asarray(arrays["model/mask"]), jnp.asarray([pos[g] for g in sp_names], jnp.int32),
-                              jnp.float32(lib[0]), jnp.float32(lib[1]))
-        p0, s0 = jax.eval_shape(lambda: gv.init_params(cfg, jax.random.key(0), model, jnp.zeros((2, cfg.n_genes)),
-                                                       jnp.zeros((2, cfg.n_spatial))))
-        template = {"params": p0, "state": s0}
-        paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-        leaves = []
-        for k, v in paths:
-            name = f"tree{jax.tree_util.keystr(k)}"
-            if name not in arrays or arrays[name].shape != np.shape(v):
-                raise ValueError(f"{path}: parameter {name} is missing or has the wrong shape.")
-            leaves.append(jnp.asarray(arrays[name]))
-        tree = jax.tree_util.tree_unflatten(treedef, leaves)
-        history = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("history/")}
-        est._set_fitted(cfg, model, tree["params"], tree["state"], history, genes, sp_names, arrays["x_spatial"])
-        return est
-
-
-_GIMVI_FORMAT = "jaxsel.GimVI/1"
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"cannot store {type(o).__name__} in the model header")
+_GIMVI_DIVERGED = "Lower learning_rate, or check that both inputs are raw counts."

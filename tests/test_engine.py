@@ -366,3 +366,25 @@ def test_two_datasets_need_matching_fold_counts_and_large_enough_sets():
     big = engine.LoopConfig(max_epochs=1, batch_size=17, min_epochs=0, patience=None)
     with pytest.raises(ValueError, match="batch_size"):
         engine.fit_folds(_TwoData(), big, engine.fold_keys(jax.random.key(0), 1), data, (one, one), mesh=None)
+
+
+def test_resuming_from_checkpoints_equals_one_uninterrupted_fit():
+    data, _ = _regression()
+    split = _folds(240, 4).fold(0)
+    script = jnp.asarray([5.0, 4, 3, 2, 2.5, 1.5, 1.6, 1.7, 1.8, 1, 1, 1], jnp.float32)  # stops after 9 epochs
+    method = _Linear(5, script=script)
+    loop = engine.LoopConfig(max_epochs=12, batch_size=16, min_epochs=1, patience=3)
+    key = jax.random.key(7)
+    whole = engine.fit(method, loop, key, data, split)
+    ck = jax.jit(engine.start, static_argnames="loop")(method, loop, key, data, split)
+    fit = jax.jit(engine.fit_one, static_argnames="loop")
+    n_segments, traces = 0, []
+    while not bool(engine.checkpoint_done(loop, ck)):
+        res = fit(method, loop, key, data, split, resume=ck, stop_after=ck.epoch + 3)
+        ck = res.checkpoint
+        n_segments += 1
+        traces.append(_Linear.traces[0])
+    assert n_segments == 3 and int(ck.epoch) == int(whole.n_epochs) == 9  # early-stopped in segment 3
+    assert traces[0] == traces[-1]  # every segment ran the same compiled program
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 res._replace(checkpoint=None), whole)

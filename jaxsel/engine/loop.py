@@ -32,6 +32,7 @@ smaller datasets cycle through their epoch permutation (as scvi-tools' ``TrainDL
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -77,6 +78,8 @@ class LoopConfig:
     steps_per_epoch : optimiser steps per epoch; ``None`` means
         ``n_train // batch_size`` of the padded index table. Fold-parallel fits set it
         from the smallest fold so every fold takes the same number of steps.
+    progress : a label to print a progress line under (epoch, losses, time) from inside
+        the compiled loop (:mod:`jaxsel.engine.progress`); ``None`` prints nothing.
     """
 
     max_epochs: int = 100
@@ -85,6 +88,7 @@ class LoopConfig:
     patience: int | None = 3
     steps_per_epoch: int | None = None
     lr_finder: "LRFinder | None" = None
+    progress: str | None = None
 
     def __post_init__(self):
         for name in ("max_epochs", "batch_size"):
@@ -170,6 +174,7 @@ class FitResult(NamedTuple):
     n_epochs: jax.Array
     best_val: jax.Array
     learning_rate: jax.Array
+    checkpoint: Any = None
 
 
 def _pad(rows, fill=0):
@@ -300,33 +305,22 @@ def steps_per_epoch(loop: LoopConfig, n_train_max: int) -> int:
     return steps
 
 
-def fit_one(method: Method, loop: LoopConfig, key, data, split: Splits, params=None) -> FitResult:
-    """Fit one model; traceable (wrap in ``jit``, ``vmap`` over folds).
+class Checkpoint(NamedTuple):
+    """Everything a fit needs to go on exactly where it stopped: the loop state
+    (parameters, BatchNorm statistics, optimiser state, best-so-far and patience), the
+    history so far, the next epoch to run and the learning rate. Per-epoch randomness is
+    ``fold_in(key, epoch)``, so a fit resumed from a checkpoint with the same key runs
+    the same epochs, bit for bit, as one that never stopped."""
 
-    Parameters
-    ----------
-    method : a :class:`Method` pytree.
-    loop : static :class:`LoopConfig`.
-    key : typed PRNG key for this fit (initialisation, permutations, noise).
-    data : pytree of arrays with a leading cell axis, shared by all folds (or a tuple of
-        such pytrees, one per dataset, with ``split`` a matching tuple).
-    split : single-fit :class:`Splits` (no fold axis), or a tuple of them.
-    params : optional ``(params, model_state)`` to start from instead of ``method.init``.
-    """
-    k_init, k_loop, k_lr = jax.random.split(key, 3)
-    if params is None:
-        params, model_state = method.init(k_init, data)
-    else:
-        params, model_state = params
+    state: Any
+    history: dict
+    epoch: jax.Array
+    learning_rate: jax.Array
+
+
+def _epoch_fn(method: Method, loop: LoopConfig, k_loop, data, split, tx):
+    """``run_epoch(state, epoch) -> (state, metrics)`` of one in-memory fit."""
     multi = is_multi(split)
-    learning_rate = jnp.asarray(method.learning_rate, jnp.float32)
-    if loop.lr_finder is not None:
-        if multi:
-            raise ValueError("the learning-rate range test supports single-dataset fits only")
-        from .lr_finder import lr_range_test
-
-        learning_rate, _, _ = lr_range_test(method, loop, loop.lr_finder, k_lr, data, split, params, model_state)
-    tx = method.optimizer(learning_rate)
     splits = tuple(split) if multi else (split,)
     n_steps = steps_per_epoch(loop, max(sp.train_idx.shape[0] for sp in splits))
     bs = loop.batch_size
@@ -335,8 +329,7 @@ def fit_one(method: Method, loop: LoopConfig, key, data, split: Splits, params=N
         val_w = tuple(_val_weights(sp) for sp in splits)
     else:
         val_batch, val_w = gather(data, split.val_idx), _val_weights(split)
-    custom_step = getattr(method, "train_step", None)
-    grad_fn = None if custom_step is not None else jax.value_and_grad(method.train_loss, has_aux=True)
+    train_step = make_train_step(method, tx)
 
     def run_epoch(state: _State, epoch):
         k_epoch = jax.random.fold_in(k_loop, epoch)
@@ -348,14 +341,7 @@ def fit_one(method: Method, loop: LoopConfig, key, data, split: Splits, params=N
             p, ms, os = carry
             idx, k = xs
             batch = _gather(data, idx, multi)
-            if custom_step is not None:
-                p, ms, os, loss, aux = custom_step(p, ms, os, tx, batch, k, ctx)
-                return (p, ms, os), (loss, aux)
-            (loss, (ms, aux)), grads = grad_fn(p, ms, batch, k, ctx)
-            updates, os = tx.update(grads, os, p)
-            if "lr_scale" in ctx:  # per-epoch learning-rate schedule from the method
-                updates = jax.tree.map(lambda u: u * ctx["lr_scale"], updates)
-            p = optax.apply_updates(p, updates)
+            p, ms, os, loss, aux = train_step(p, ms, os, batch, k, ctx)
             return (p, ms, os), (loss, aux)
 
         (p, ms, os), (losses, aux) = lax.scan(
@@ -364,48 +350,121 @@ def fit_one(method: Method, loop: LoopConfig, key, data, split: Splits, params=N
             (batches, jax.random.split(k_steps, n_steps)),
         )
         val, val_metrics = method.eval_loss(p, ms, val_batch, val_w, ctx)
-        # Patience follows Lightning: a strict improvement on the best loss so far resets it.
-        improved = val < state.patience_val
-        bad = jnp.where(improved, 0, state.bad_epochs + 1)
-        # The returned parameters are the best among epochs that may end the fit
-        # (epoch + 1 >= min_epochs): min_epochs is a floor for the parameters too, so a
-        # loss that rises while the Gumbel temperature is still high (the VAE variants
-        # at the paper's settings) cannot send back a barely-trained model.
-        eligible = epoch + 1 >= loop.min_epochs
-        better = eligible & (val < state.best_val)
-        pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(better, a, b), new, old)  # noqa: E731
-        stop = jnp.asarray(False)
-        if loop.patience is not None:
-            stop = (epoch + 1 >= loop.min_epochs) & (bad >= loop.patience)
-        new = _State(
-            params=p,
-            model_state=ms,
-            opt_state=os,
-            best_params=pick(p, state.best_params),
-            best_model_state=pick(ms, state.best_model_state),
-            best_val=jnp.where(better, val, state.best_val),
-            best_epoch=jnp.where(better, epoch, state.best_epoch),
-            patience_val=jnp.where(improved, val, state.patience_val),
-            bad_epochs=bad,
-            stopped=stop,
-            n_epochs=state.n_epochs + 1,
-        )
         metrics = {"train_loss": jnp.mean(losses), "val_loss": val}
         metrics.update({f"train_{k}": jnp.mean(v) for k, v in aux.items()})
+        new = epoch_update(loop, state, p, ms, os, val, epoch, finite=train_finite(metrics))
         metrics.update({f"val_{k}": v for k, v in val_metrics.items()})
         return new, metrics
+
+    return run_epoch
+
+
+def start(method: Method, loop: LoopConfig, key, data, split: Splits, params=None) -> Checkpoint:
+    """The :class:`Checkpoint` before epoch 0: initial parameters (``method.init``, or
+    ``params = (params, model_state)``), the learning rate (after the range test when
+    ``loop.lr_finder`` asks for one) and an empty history. Traceable."""
+    k_init, k_loop, k_lr = jax.random.split(key, 3)
+    if params is None:
+        params, model_state = method.init(k_init, data)
+    else:
+        params, model_state = params
+    learning_rate = jnp.asarray(method.learning_rate, jnp.float32)
+    if loop.lr_finder is not None:
+        if is_multi(split):
+            raise ValueError("the learning-rate range test supports single-dataset fits only")
+        from .lr_finder import lr_range_test
+
+        learning_rate, _, _ = lr_range_test(method, loop, loop.lr_finder, k_lr, data, split, params, model_state)
+    tx = method.optimizer(learning_rate)
+    init = init_state(params, model_state, tx)
+    _, shapes = jax.eval_shape(_epoch_fn(method, loop, k_loop, data, split, tx), init, jnp.int32(0))
+    history = jax.tree.map(lambda m: jnp.full((loop.max_epochs, *m.shape), jnp.nan, m.dtype), shapes)
+    return Checkpoint(init, history, jnp.int32(0), learning_rate)
+
+
+def checkpoint_done(loop: LoopConfig, checkpoint: Checkpoint):
+    """Whether the fit of ``checkpoint`` has ended (all epochs run, or stopped early)."""
+    return (checkpoint.epoch >= loop.max_epochs) | checkpoint.state.stopped
+
+
+def fit_one(method: Method, loop: LoopConfig, key, data, split: Splits, params=None, *, resume=None,
+            stop_after=None) -> FitResult:
+    """Fit one model; traceable (wrap in ``jit``, ``vmap`` over folds).
+
+    Parameters
+    ----------
+    method : a :class:`Method` pytree.
+    loop : static :class:`LoopConfig`.
+    key : typed PRNG key for this fit (initialisation, permutations, noise).
+    data : pytree of arrays with a leading cell axis, shared by all folds (or a tuple of
+        such pytrees, one per dataset, with ``split`` a matching tuple).
+    split : single-fit :class:`Splits` (no fold axis), or a tuple of them.
+    params : optional ``(params, model_state)`` to start from instead of ``method.init``.
+    resume : a :class:`Checkpoint` to go on from (:func:`start`, or the ``checkpoint`` of
+        an earlier result) instead of starting afresh; ``key`` must be the same.
+    stop_after : run no further than this epoch count (an int or int32 array: one
+        compiled program serves every segment) and return the :class:`Checkpoint` in the
+        result's ``checkpoint`` field (also returned when ``resume`` is given).
+    """
+    k_loop = jax.random.split(key, 3)[1]
+    with_checkpoint = resume is not None or stop_after is not None
+    if resume is None:
+        resume = start(method, loop, key, data, split, params)
+    learning_rate = resume.learning_rate
+    tx = method.optimizer(learning_rate)
+    run_epoch = _epoch_fn(method, loop, k_loop, data, split, tx)
+    end = loop.max_epochs if stop_after is None else jnp.minimum(loop.max_epochs, stop_after)
 
     def epoch_body(carry):
         state, history, epoch = carry
         state, metrics = run_epoch(state, epoch)
         history = jax.tree.map(lambda h, m: h.at[epoch].set(m), history, metrics)
+        if loop.progress is not None:
+            from .progress import report
+
+            jax.debug.callback(functools.partial(report, loop.progress, loop.max_epochs), epoch,
+                               metrics["train_loss"], metrics["val_loss"])
         return state, history, epoch + 1
 
     def keep_going(carry):
         state, _, epoch = carry
-        return (epoch < loop.max_epochs) & ~state.stopped
+        return (epoch < end) & ~state.stopped
 
-    init = _State(
+    final, history, epoch = lax.while_loop(keep_going, epoch_body, (resume.state, resume.history, resume.epoch))
+    out = finish(loop, final, history, learning_rate)
+    if with_checkpoint:
+        out = out._replace(checkpoint=Checkpoint(final, history, epoch, learning_rate))
+    return out
+
+
+# The pieces of an epoch that the in-memory loop above and the streaming loop
+# (:mod:`jaxsel.engine.stream`) share, so both train and stop by the same rules.
+
+
+def make_train_step(method: Method, tx):
+    """One optimiser step on a gathered minibatch:
+    ``step(params, model_state, opt_state, batch, key, ctx) -> (params, model_state,
+    opt_state, loss, metrics)``; the method's own ``train_step`` when it has one, else one
+    ``value_and_grad`` of ``train_loss`` and ``tx.update`` (scaled by ``ctx["lr_scale"]``
+    when the method's epoch context has one)."""
+    custom_step = getattr(method, "train_step", None)
+    if custom_step is not None:
+        return lambda p, ms, os, batch, k, ctx: custom_step(p, ms, os, tx, batch, k, ctx)  # noqa: E731
+    grad_fn = jax.value_and_grad(method.train_loss, has_aux=True)
+
+    def step(p, ms, os, batch, k, ctx):
+        (loss, (ms, aux)), grads = grad_fn(p, ms, batch, k, ctx)
+        updates, os = tx.update(grads, os, p)
+        if "lr_scale" in ctx:  # per-epoch learning-rate schedule from the method
+            updates = jax.tree.map(lambda u: u * ctx["lr_scale"], updates)
+        return optax.apply_updates(p, updates), ms, os, loss, aux
+
+    return step
+
+
+def init_state(params, model_state, tx) -> _State:
+    """The loop state before epoch 0."""
+    return _State(
         params=params,
         model_state=model_state,
         opt_state=tx.init(params),
@@ -418,9 +477,54 @@ def fit_one(method: Method, loop: LoopConfig, key, data, split: Splits, params=N
         stopped=jnp.asarray(False),
         n_epochs=jnp.asarray(0, jnp.int32),
     )
-    _, shapes = jax.eval_shape(run_epoch, init, jnp.int32(0))
-    history = jax.tree.map(lambda m: jnp.full((loop.max_epochs, *m.shape), jnp.nan, m.dtype), shapes)
-    final, history, _ = lax.while_loop(keep_going, epoch_body, (init, history, jnp.int32(0)))
+
+
+def train_finite(metrics: dict):
+    """Whether an epoch's training loss and every term of it are finite."""
+    ok = jnp.asarray(True)
+    for k, v in metrics.items():
+        if k.startswith("train"):
+            ok = ok & jnp.all(jnp.isfinite(v))
+    return ok
+
+
+def epoch_update(loop: LoopConfig, state: _State, p, ms, os, val, epoch, finite=True) -> _State:
+    """The state after ``epoch`` ended with parameters ``(p, ms, os)`` and validation
+    loss ``val``: best parameters, patience and the stop flag (masked early stopping).
+    ``finite=False`` (the epoch's training loss diverged, :func:`train_finite`) stops the
+    fit; :func:`jaxsel.engine.check_history` reports it."""
+    # Patience follows Lightning: a strict improvement on the best loss so far resets it.
+    improved = val < state.patience_val
+    bad = jnp.where(improved, 0, state.bad_epochs + 1)
+    # The returned parameters are the best among epochs that may end the fit
+    # (epoch + 1 >= min_epochs): min_epochs is a floor for the parameters too, so a
+    # loss that rises while the Gumbel temperature is still high (the VAE variants
+    # at the paper's settings) cannot send back a barely-trained model.
+    eligible = epoch + 1 >= loop.min_epochs
+    better = eligible & (val < state.best_val)
+    pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(better, a, b), new, old)  # noqa: E731
+    stop = jnp.asarray(False)
+    if loop.patience is not None:
+        stop = (epoch + 1 >= loop.min_epochs) & (bad >= loop.patience)
+    stop = stop | ~jnp.asarray(finite)
+    return _State(
+        params=p,
+        model_state=ms,
+        opt_state=os,
+        best_params=pick(p, state.best_params),
+        best_model_state=pick(ms, state.best_model_state),
+        best_val=jnp.where(better, val, state.best_val),
+        best_epoch=jnp.where(better, epoch, state.best_epoch),
+        patience_val=jnp.where(improved, val, state.patience_val),
+        bad_epochs=bad,
+        stopped=stop,
+        n_epochs=state.n_epochs + 1,
+    )
+
+
+def finish(loop: LoopConfig, final: _State, history, learning_rate) -> FitResult:
+    """The :class:`FitResult` of a finished loop: best-validation parameters (or the final
+    ones without early stopping, or when validation never improved)."""
     if loop.patience is None:
         out_p, out_ms = final.params, final.model_state
         best_epoch = final.n_epochs - 1

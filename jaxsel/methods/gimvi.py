@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import optax
 
 from .. import losses
-from ..engine import LoopConfig, chunk_map, fit_folds, stack_trees
+from ..engine import LoopConfig, chunk_map, fit_folds, fit_stream as _engine_fit_stream, stack_trees
 from ..nn.layers import TorchDense, hash_dropout, seed_from_key
 
 __all__ = [
@@ -71,6 +71,8 @@ __all__ = [
     "init_params",
     "dataset_terms",
     "fit",
+    "fit_stream",
+    "stream_prepare",
     "make_data",
     "make_models",
     "latent",
@@ -458,6 +460,31 @@ def fit(models: GimVIModel, loop: LoopConfig, keys, data, splits, *, batch_size=
                      lower=lower)
 
 
+def stream_prepare(chunk):
+    """A streamed chunk of counts ``{"x": [n, G]}`` as the model's data dict (adds
+    ``x_log = log1p(x)`` on the device)."""
+    return {"x": chunk["x"], "x_log": jnp.log1p(chunk["x"])}
+
+
+def fit_stream(model: GimVIModel, loop: LoopConfig, key, read, train_rows, val_rows, spatial, spatial_split, *,
+               chunk_size: int, block_size: int | None = None, prefetch: int = 2, callback=None):
+    """Fit one model with the scRNA-seq reference streamed from the host.
+
+    ``model`` a single :class:`GimVIModel` (no leading axis); ``read(rows)`` returns
+    ``{"x": float32 counts [len(rows), G]}`` of the reference rows ``rows`` (sorted);
+    ``train_rows`` / ``val_rows`` the reference rows to train and validate on (the latter
+    read once); ``spatial`` the spatial dataset on the device (``{"x", "x_log"}``, e.g.
+    ``stream_prepare({"x": x_sp})``) and ``spatial_split`` its single-fit
+    :class:`~jaxsel.engine.Splits`. Every step takes ``batch_size`` reference cells of
+    the current chunk and ``batch_size`` spatial cells (cycling through a per-epoch
+    permutation); an epoch is one pass over the reference
+    (:func:`jaxsel.engine.fit_stream`). Returns the engine's :class:`~jaxsel.engine.StreamFit`.
+    """
+    return _engine_fit_stream(model, loop, key, read, train_rows, val_rows, chunk_size=chunk_size,
+                              block_size=block_size, resident=(spatial,), resident_splits=(spatial_split,),
+                              prepare=stream_prepare, prefetch=prefetch, callback=callback)
+
+
 class Posterior(NamedTuple):
     """Posterior summaries of the spatial cells' genes, over ``n_samples`` draws of ``z``
     (all [n, G]; ``*_var`` the variances over the draws, zeros for the posterior mean):
@@ -512,13 +539,15 @@ def spatial_scale(rho, x_sp, mask, sp_index):
 
 @functools.partial(jax.jit, static_argnames=("n_samples", "chunk"))
 def impute(cfg: GimVIConfig, params, state, model: GimVIModel, x_sp, key, *, n_samples: int = 50,
-           chunk: int = 512) -> Posterior:
+           chunk: int = 512, row_offset=0) -> Posterior:
     """Decode the spatial cells' latent through the scRNA-seq branch (one model).
 
     ``n_samples = 0`` decodes the posterior mean (variances zero); otherwise ``z`` is drawn
     ``n_samples`` times per cell and the mean and variance over the draws returned. Each
-    cell has its own key (``key`` folded with the cell's row), so results do not depend on
-    ``chunk``. Chunked over cells with the draws accumulated (sum and sum of squares):
+    cell has its own key (``key`` folded with the cell's row, counted from
+    ``row_offset``: a caller imputing a large matrix block by block passes each block's
+    first row and gets the draws of one call on the whole matrix), so the draws do not
+    depend on ``chunk``. Chunked over cells with the draws accumulated (sum and sum of squares):
     memory is ``chunk x G`` per draw whatever ``n_samples`` is.
     """
     net = cfg.net
@@ -557,6 +586,6 @@ def impute(cfg: GimVIConfig, params, state, model: GimVIModel, x_sp, key, *, n_s
     pad = (-n) % size
     # padding rows get one count per gene (a positive library), and are dropped
     xp = jnp.concatenate([x_sp, jnp.ones((pad, x_sp.shape[1]), x_sp.dtype)]) if pad else x_sp
-    rows = jnp.arange(n + pad).reshape(-1, size)
+    rows = (jnp.arange(n + pad) + row_offset).reshape(-1, size)
     out = jax.lax.map(one_chunk, (xp.reshape(-1, size, x_sp.shape[1]), rows))
     return Posterior(*(a.reshape(-1, a.shape[-1])[:n] for a in out))

@@ -70,6 +70,7 @@ __all__ = [
     "default_hidden_size",
     "fit",
     "fit_folds",
+    "fit_stream",
     "make_data",
     "markers",
     "gene_scores",
@@ -453,6 +454,28 @@ def fit(cfg: MarkerMapConfig, loop: engine.LoopConfig, key, x, y, split: engine.
     return _fit_single.lower(*args) if lower else _fit_single(*args)
 
 
+_start = jax.jit(engine.start, static_argnames=("loop",))
+
+
+@functools.partial(jax.jit, static_argnames=("loop",))
+def _fit_segment(cfg, loop, key, data, split, checkpoint, stop_after):
+    fr = engine.fit_one(cfg, loop, key, data, split, resume=checkpoint, stop_after=stop_after)
+    return _result(cfg, fr), fr.checkpoint
+
+
+def fit_checkpointed(cfg: MarkerMapConfig, loop: engine.LoopConfig, key, x, y, split: engine.Splits, *,
+                     path, every: int, fingerprint: str) -> MarkerMapResult:
+    """:func:`fit` in segments of ``every`` epochs, checkpointed to ``path`` after each
+    and resumed from it when it exists (:func:`jaxsel.engine.run_checkpointed`; the file
+    must have been written for the same ``fingerprint``). Same result as :func:`fit`."""
+    data = _as_data(x, y)
+    return engine.run_checkpointed(
+        lambda: _start(cfg, loop, key, data, split),
+        lambda ck, stop_after: _fit_segment(cfg, loop, key, data, split, ck, stop_after),
+        loop, path, every, fingerprint,
+    )
+
+
 @functools.partial(jax.jit, static_argnames=("loop", "batch_size", "mesh", "cfg_batched"))
 def _fit_folds_program(cfg, loop, keys, data, splits, batch_size, mesh, cfg_batched):
     fr = engine.run_folds(cfg, loop, keys, data, splits, method_batched=cfg_batched, batch_size=batch_size, mesh=mesh)
@@ -484,6 +507,28 @@ def fit_folds(
     loop, mesh = engine.prepare_folds(loop, keys, splits, mesh)
     args = (cfg, loop, keys, _as_data(x, y), splits, batch_size, mesh, cfg_batched)
     return _fit_folds_program.lower(*args) if lower else _fit_folds_program(*args)
+
+
+_result_program = jax.jit(_result)
+
+
+def fit_stream(cfg: MarkerMapConfig, loop: engine.LoopConfig, key, read, train_rows, val_rows, *, chunk_size: int,
+               block_size: int | None = None, prefetch: int = 2, callback=None):
+    """Fit one model on cells streamed from the host (data larger than memory).
+
+    ``read(rows)`` returns the :func:`make_data` dict of the (sorted) rows ``rows`` as
+    numpy arrays, ``{"x": float32 [len(rows), n_genes], "y": int32 [len(rows)]}``;
+    ``train_rows`` / ``val_rows`` are the rows to train and validate on (the latter are
+    read once and kept on the device). Training runs chunk by chunk through
+    :func:`jaxsel.engine.fit_stream` (one compiled program per chunk shape, chunk-local
+    shuffling; see there). The learning-rate range test, when ``loop`` asks for it, runs
+    on the first chunk.
+
+    Returns ``(MarkerMapResult, info)`` with the engine's host-side timing ``info``.
+    """
+    out = engine.fit_stream(cfg, loop, key, read, train_rows, val_rows, chunk_size=chunk_size,
+                            block_size=block_size, prefetch=prefetch, callback=callback)
+    return _result_program(cfg, out.result), out.info
 
 
 @jax.jit

@@ -1,0 +1,121 @@
+"""Checkpoint files: a long fit that stops (a crash, a time limit) goes on where it was.
+
+:func:`run_checkpointed` runs a fit in segments of ``every`` epochs, one compiled
+program for all of them (:func:`jaxsel.engine.fit_one` with ``resume`` and
+``stop_after``), and writes the :class:`~jaxsel.engine.Checkpoint` after each segment
+to one ``.npz`` file (atomically: a crash while writing leaves the previous one). Run
+again with the same path, settings and data, it reads the file and continues; the
+result is bit for bit the one an uninterrupted fit gives. A file written for other
+settings or data, or by another jaxsel version, is an error rather than a silent restart.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from .loop import Checkpoint, LoopConfig, checkpoint_done, fit_one, start
+
+__all__ = ["fingerprint", "fit_checkpointed", "read_checkpoint", "run_checkpointed", "write_checkpoint"]
+
+_FORMAT = "jaxsel.checkpoint/1"
+
+
+def fingerprint(*items) -> str:
+    """A digest of JSON-able settings and arrays (their bytes, dtypes and shapes): what a
+    checkpoint must match to be resumed."""
+    h = hashlib.sha256()
+    for item in jax.tree.leaves(items):
+        if isinstance(item, (np.ndarray, jax.Array)):
+            a = np.ascontiguousarray(np.asarray(item))
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        else:
+            h.update(json.dumps(item, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def write_checkpoint(path, checkpoint: Checkpoint, key: str) -> None:
+    """Write ``checkpoint`` (its leaves, in order) and the ``key`` it is valid for."""
+    path = Path(path)
+    leaves = jax.tree.leaves(jax.device_get(checkpoint))
+    arrays = {f"leaf{i}": np.asarray(a) for i, a in enumerate(leaves)}
+    from .._persist import _version
+
+    meta = {"format": _FORMAT, "jaxsel_version": _version(), "key": key, "n_leaves": len(leaves)}
+    arrays["__header__"] = np.array(json.dumps(meta))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path, template, key: str) -> Checkpoint | None:
+    """The checkpoint at ``path`` (``None`` when there is no file), checked against
+    ``template`` (``jax.eval_shape`` of :func:`jaxsel.engine.start`) and ``key``."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    from .._persist import read_npz
+
+    meta, arrays = read_npz(path, _FORMAT, "checkpoint", "finish the fit with the version that started it, or "
+                            "delete the file to start again.")
+    if meta.get("key") != key:
+        raise ValueError(f"checkpoint {path} belongs to a fit with other settings or other data; delete it to "
+                         "start again, or pass another checkpoint path.")
+    leaves, treedef = jax.tree.flatten(template)
+    if meta.get("n_leaves") != len(leaves):
+        raise ValueError(f"checkpoint {path} does not match this model's structure.")
+    out = []
+    for i, t in enumerate(leaves):
+        a = arrays.get(f"leaf{i}")
+        if a is None or a.shape != t.shape or a.dtype != t.dtype:
+            raise ValueError(f"checkpoint {path}: entry {i} is missing or has the wrong shape or dtype.")
+        out.append(a)
+    return jax.tree.unflatten(treedef, out)
+
+
+def run_checkpointed(start_fn, segment_fn, loop: LoopConfig, path, every: int, key: str):
+    """Run a fit in segments of ``every`` epochs, checkpointing to ``path`` after each.
+
+    ``start_fn()`` returns the initial :class:`Checkpoint` (jitted
+    :func:`jaxsel.engine.start`); ``segment_fn(checkpoint, stop_after)`` runs
+    :func:`jaxsel.engine.fit_one` with ``resume`` and ``stop_after`` and returns
+    ``(result, checkpoint)``. Returns the last segment's result.
+    """
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise ValueError(f"checkpoint_every must be a positive int, got {every!r}.")
+    template = jax.eval_shape(start_fn)
+    ck = read_checkpoint(path, template, key)
+    if ck is None:
+        ck = start_fn()
+    res = None
+    while res is None or not bool(checkpoint_done(loop, ck)):
+        res, ck = segment_fn(ck, np.int32(min(int(ck.epoch) + every, loop.max_epochs)))
+        write_checkpoint(path, ck, key)
+    return res
+
+
+_start = jax.jit(start, static_argnames=("loop",))
+
+
+@functools.partial(jax.jit, static_argnames=("loop",))
+def _segment(method, loop, key, data, split, checkpoint, stop_after):
+    fr = fit_one(method, loop, key, data, split, resume=checkpoint, stop_after=stop_after)
+    return fr._replace(checkpoint=None), fr.checkpoint
+
+
+def fit_checkpointed(method, loop: LoopConfig, key, data, split, *, path, every: int, fingerprint: str):
+    """:func:`jaxsel.engine.fit` in segments of ``every`` epochs, checkpointed to
+    ``path`` (see :func:`run_checkpointed`). Returns the :class:`FitResult`."""
+    return run_checkpointed(
+        lambda: _start(method, loop, key, data, split),
+        lambda ck, stop_after: _segment(method, loop, key, data, split, ck, stop_after),
+        loop, path, every, fingerprint,
+    )

@@ -1,0 +1,481 @@
+"""Cells x genes matrices that stay on disk: row sources for streaming fits and inference.
+
+:class:`RowSource` reads rows of a matrix that need not fit in memory, as dense float32
+blocks: an ``.h5ad`` file or a ``.zarr`` store (AnnData's on-disk formats, ``X`` sparse
+CSR or dense), an AnnData opened in backed mode (``anndata.read_h5ad(path,
+backed="r")``), an h5py or zarr 2-D array, or an AnnData sparse dataset
+(``anndata.io.sparse_dataset``). Numpy arrays and scipy sparse matrices are accepted too
+(they are already in memory, but stream the same way).
+
+The estimators take any of these where they take a matrix: ``jaxsel.MarkerMap().fit(
+"cells.h5ad", "cell_type")`` streams the file chunk by chunk through one compiled
+program (:mod:`jaxsel.engine.stream`), and inference (``transform``, ``predict``,
+``embed``, gimVI's ``latent``) reads it in chunks sized by the estimator's
+``memory_budget``.
+
+Row reads are contiguous: a block of rows is one read of the CSR ``data``/``indices``
+slices (or of a dense hyperslab), so a chunk of a few random blocks costs a few reads.
+CSC matrices are refused (a row of CSC is a scan of the whole matrix): rewrite them as
+CSR (``adata.X = adata.X.tocsr()`` before ``write_h5ad``).
+
+:func:`markermap_recipe` is the MarkerMap paper's preprocessing (normalise to 1e4,
+``log1p``, scale every gene, clip at 10) as a row source over raw counts: one streaming
+pass computes the gene means and standard deviations, and the rows are transformed as
+they are read, so the preprocessed matrix never exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = [
+    "RowSource",
+    "open_source",
+    "is_source",
+    "markermap_recipe",
+    "count_stats",
+    "budget_rows",
+    "cap_validation",
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_MEMORY_BUDGET",
+]
+
+#: Cells per chunk of a streaming fit (about 130 MB of float32 at 2000 genes).
+DEFAULT_CHUNK_SIZE = 16384
+#: Bytes of the largest per-chunk intermediate of chunked inference (256 MiB).
+DEFAULT_MEMORY_BUDGET = 2**28
+
+
+def budget_rows(memory_budget, bytes_per_row: int, *, cap: int | None = None) -> int:
+    """Rows of a chunk whose largest intermediate, ``bytes_per_row`` per row, fits in
+    ``memory_budget`` bytes (at least 1; at most ``cap``)."""
+    from ._validation import check_int
+
+    budget = check_int(memory_budget, "memory_budget", 1)
+    rows = max(1, budget // max(1, int(bytes_per_row)))
+    return min(rows, cap) if cap is not None else rows
+
+
+def cap_validation(train, val, cap: int, seed: int):
+    """At most ``cap`` validation rows (a random subset; the others join the training
+    rows), both returned sorted: a streaming fit keeps its validation cells in memory."""
+    train, val = np.asarray(train, dtype=np.int64), np.asarray(val, dtype=np.int64)
+    if val.shape[0] > cap:
+        keep = np.zeros(val.shape[0], dtype=bool)
+        keep[np.random.default_rng(seed).choice(val.shape[0], cap, replace=False)] = True
+        train = np.concatenate([train, val[~keep]])
+        val = val[keep]
+    return np.sort(train), np.sort(val)
+
+
+def _is_backed_anndata(x) -> bool:
+    return hasattr(x, "obs") and hasattr(x, "var") and getattr(x, "isbacked", False)
+
+
+def _sparse_dataset_types():
+    try:
+        from anndata.abc import CSCDataset, CSRDataset
+
+        return CSRDataset, CSCDataset
+    except ImportError:  # pragma: no cover - older anndata
+        from anndata._core.sparse_dataset import BaseCompressedSparseDataset
+
+        return BaseCompressedSparseDataset, ()
+
+
+def _is_array_store(x) -> bool:
+    """An h5py or zarr 2-D array, or an anndata sparse dataset."""
+    mod = type(x).__module__
+    if mod.startswith("h5py") and hasattr(x, "shape") and hasattr(x, "dtype"):
+        return True
+    if mod.startswith("zarr") and hasattr(x, "shape") and hasattr(x, "dtype"):
+        return True
+    csr, csc = _sparse_dataset_types()
+    return isinstance(x, (csr, csc) if csc else csr)
+
+
+def _is_group(x) -> bool:
+    mod = type(x).__module__
+    return (mod.startswith("h5py") or mod.startswith("zarr")) and hasattr(x, "keys") and hasattr(x, "attrs")
+
+
+def is_source(x) -> bool:
+    """Whether ``x`` is something to stream rather than a matrix in memory: a path to an
+    ``.h5ad`` file or ``.zarr`` store, a backed AnnData, an h5py/zarr array or group, an
+    AnnData sparse dataset, or a :class:`RowSource`."""
+    if isinstance(x, RowSource):
+        return True
+    if isinstance(x, (str, os.PathLike)):
+        return str(x).rstrip("/").lower().endswith((".h5ad", ".zarr", ".h5"))
+    return _is_backed_anndata(x) or _is_array_store(x) or _is_group(x)
+
+
+def _open_path(path):
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no such file or store: {str(path)!r}")
+    name = str(p).rstrip("/").lower()
+    if name.endswith(".zarr"):
+        import zarr
+
+        return zarr.open_group(str(p), mode="r"), None
+    import h5py
+
+    try:
+        f = h5py.File(str(p), "r")
+    except OSError as err:
+        raise ValueError(f"{str(path)!r} is not a readable HDF5 (.h5ad) file: {err}") from err
+    return f, f
+
+
+def _x_element(group, layer=None):
+    """The matrix element of an AnnData group (``X`` or ``layers/<layer>``)."""
+    key = "X" if layer is None else f"layers/{layer}"
+    try:
+        elem = group[key]
+    except KeyError:
+        raise ValueError(f"the store has no {key!r} element (keys: {sorted(group.keys())})") from None
+    return elem
+
+
+def _wrap_element(elem):
+    """An anndata sparse dataset for a CSR/CSC group, the array itself otherwise."""
+    if _is_group(elem):
+        enc = elem.attrs.get("encoding-type", "")
+        if enc in ("csr_matrix", "csc_matrix"):
+            from anndata.io import sparse_dataset
+
+            return sparse_dataset(elem)
+        raise ValueError(f"cannot stream a store element of encoding {enc!r}; need a dense array or a CSR matrix")
+    return elem
+
+
+class RowSource:
+    """Rows of a cells x genes matrix, read block by block as dense float32.
+
+    Parameters
+    ----------
+    source : path (``.h5ad`` / ``.zarr``), backed AnnData, h5py/zarr array or AnnData
+        group, AnnData sparse dataset, numpy array or scipy sparse matrix.
+    layer : read ``layers[layer]`` instead of ``X`` (paths and AnnData only).
+    transform : optional host function applied to every block read, ``transform(block)
+        -> float32 [n_rows, n_vars]``, where ``block`` is a scipy CSR matrix (sparse
+        stores) or a numpy array (dense ones); default: densify.
+
+    Attributes
+    ----------
+    shape, n_obs, n_vars
+    var_names : gene names when the source carries them (AnnData, h5ad, zarr), else None.
+    """
+
+    def __init__(self, source, *, layer=None, transform=None):
+        self._file = None
+        self._group = None
+        self._adata = None
+        self.transform = transform
+        self.description = type(source).__name__
+        if isinstance(source, RowSource):
+            raise TypeError("use RowSource.with_transform to derive a source from another")
+        if isinstance(source, (str, os.PathLike)):
+            if not is_source(source):
+                raise ValueError(
+                    f"{str(source)!r}: a path to stream must be an .h5ad file or a .zarr store")
+            self._group, self._file = _open_path(source)
+            x = _wrap_element(_x_element(self._group, layer))
+            self.description = str(source)
+        elif hasattr(source, "obs") and hasattr(source, "var") and hasattr(source, "X"):
+            if not getattr(source, "isbacked", False):
+                raise TypeError(
+                    "an in-memory AnnData is not a stream source; pass adata.X (or a layer), or open "
+                    "the file with anndata.read_h5ad(path, backed='r')")
+            if getattr(source, "is_view", False):
+                raise ValueError("cannot stream a view of a backed AnnData; write the subset to its own file first")
+            self._adata = source
+            x = source.X if layer is None else source.layers[layer]
+            self.description = f"backed AnnData {getattr(source, 'filename', '')}"
+        elif _is_group(source):
+            enc = source.attrs.get("encoding-type", "")
+            if enc == "anndata":
+                self._group = source
+                x = _wrap_element(_x_element(source, layer))
+            else:
+                x = _wrap_element(source)
+        elif sp.issparse(source) or isinstance(source, np.ndarray) or _is_array_store(source):
+            x = source
+        else:
+            raise TypeError(
+                f"cannot stream a {type(source).__name__}: pass a path to an .h5ad file or .zarr store, a "
+                "backed AnnData, an h5py/zarr array, an AnnData sparse dataset, or an array")
+        if layer is not None and self._group is None and self._adata is None:
+            raise ValueError("layer= needs a path or an AnnData")
+        csr, csc = _sparse_dataset_types()
+        fmt = getattr(x, "format", None)
+        if (csc and isinstance(x, csc)) or (sp.issparse(x) and fmt == "csc") or fmt == "csc":
+            raise ValueError(
+                f"{self.description}: X is CSC; reading rows of a CSC matrix scans all of it. Store it as CSR "
+                "(adata.X = adata.X.tocsr() before writing) to stream it")
+        if sp.issparse(x) and fmt != "csr":
+            x = sp.csr_matrix(x)
+        shape = tuple(int(s) for s in x.shape)
+        if len(shape) != 2:
+            raise ValueError(f"{self.description}: expected a 2-D matrix [n_cells, n_genes], got shape {shape}")
+        if shape[0] < 1 or shape[1] < 1:
+            raise ValueError(f"{self.description}: the matrix is empty, shape {shape}")
+        dtype = np.dtype(getattr(x, "dtype", np.float32))
+        if dtype.kind not in "biuf":
+            raise TypeError(f"{self.description}: X must hold real numbers, got dtype {dtype}")
+        self._x = x
+        self.shape = shape
+        self.sparse = sp.issparse(x) or isinstance(x, csr)
+
+    # -- metadata -------------------------------------------------------------------
+
+    @property
+    def n_obs(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n_vars(self) -> int:
+        return self.shape[1]
+
+    @property
+    def var_names(self):
+        if self._adata is not None:
+            return np.asarray(self._adata.var_names).astype(str)
+        if self._group is not None and "var" in self._group:
+            from anndata.io import read_elem
+
+            var = self._group["var"]
+            index = var.attrs.get("_index", "_index")
+            return np.array([str(v) for v in read_elem(var[index])])
+        return None
+
+    def obs_column(self, key: str) -> np.ndarray:
+        """One ``obs`` column (e.g. the cell types) as a numpy array, read alone."""
+        if self._adata is not None:
+            if key not in self._adata.obs:
+                raise KeyError(f"obs has no column {key!r} (columns: {list(self._adata.obs.columns)})")
+            return np.asarray(self._adata.obs[key])
+        if self._group is None or "obs" not in self._group:
+            raise ValueError(f"{self.description} carries no obs table; pass the labels as an array")
+        obs = self._group["obs"]
+        if key not in obs:
+            cols = [k for k in obs.keys() if k != obs.attrs.get("_index", "_index")]
+            raise KeyError(f"obs has no column {key!r} (columns: {cols})")
+        from anndata.io import read_elem
+
+        return np.asarray(read_elem(obs[key]))
+
+    def with_transform(self, transform) -> "RowSource":
+        """The same rows with another host ``transform`` (shares the open file)."""
+        out = object.__new__(RowSource)
+        out.__dict__.update(self.__dict__)
+        out._file = None  # the original keeps ownership of the file handle
+        out.transform = transform
+        return out
+
+    # -- reading --------------------------------------------------------------------
+
+    def _raw(self, start: int, stop: int):
+        block = self._x[start:stop]
+        if sp.issparse(block) and block.format != "csr":
+            block = block.tocsr()
+        return block
+
+    def _finish(self, block) -> np.ndarray:
+        if self.transform is not None:
+            out = self.transform(block)
+        elif sp.issparse(block):
+            out = block.toarray()
+        else:
+            out = np.asarray(block)
+        out = np.asarray(out, dtype=np.float32)
+        return out
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` as dense float32 ``[stop - start, n_vars]``."""
+        start, stop = max(0, int(start)), min(self.n_obs, int(stop))
+        return self._finish(self._raw(start, stop))
+
+    def read_raw_rows(self, rows, max_gap: int = 64):
+        """Rows ``rows`` (sorted) before ``transform``: scipy CSR for sparse stores, numpy
+        otherwise. Runs of rows closer than ``max_gap`` are read as one contiguous range."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1:
+            raise ValueError("rows must be a 1-D array of row numbers")
+        if rows.size == 0:
+            return sp.csr_matrix((0, self.n_vars), dtype=np.float32) if self.sparse else np.zeros(
+                (0, self.n_vars), np.float32)
+        if rows[0] < 0 or rows[-1] >= self.n_obs:
+            raise IndexError(f"row numbers must be in [0, {self.n_obs}), got {rows[0]}..{rows[-1]}")
+        if np.any(np.diff(rows) < 0):
+            raise ValueError("rows must be sorted")
+        cuts = np.flatnonzero(np.diff(rows) > max_gap) + 1
+        parts = []
+        for run in np.split(rows, cuts):
+            a, b = int(run[0]), int(run[-1]) + 1
+            block = self._raw(a, b)
+            if b - a != run.size:
+                block = block[run - a]
+            parts.append(block)
+        if len(parts) == 1:
+            return parts[0]
+        return sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.concatenate(parts)
+
+    def read_rows(self, rows, max_gap: int = 64) -> np.ndarray:
+        """Rows ``rows`` (sorted) as dense float32 ``[len(rows), n_vars]``."""
+        return self._finish(self.read_raw_rows(rows, max_gap))
+
+    def iter_blocks(self, block_rows: int, *, raw: bool = False):
+        """``(start, stop, block)`` over the rows in order, ``block_rows`` at a time."""
+        for a in range(0, self.n_obs, int(block_rows)):
+            b = min(self.n_obs, a + int(block_rows))
+            blk = self._raw(a, b)
+            yield a, b, (blk if raw else self._finish(blk))
+
+    # -- lifetime -------------------------------------------------------------------
+
+    def close(self):
+        """Close the file this source opened (a path); sources over objects the caller
+        opened leave them open."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        kind = "sparse" if self.sparse else "dense"
+        extra = ", transformed" if self.transform is not None else ""
+        return f"RowSource({self.description}, {self.n_obs} x {self.n_vars}, {kind}{extra})"
+
+
+@contextlib.contextmanager
+def open_source(x, name: str = "X"):
+    """``with open_source(x) as src``: a :class:`RowSource` over ``x`` (returned as is
+    when it already is one), closed on exit when it was opened here."""
+    if isinstance(x, RowSource):
+        yield x
+        return
+    try:
+        src = RowSource(x)
+    except (TypeError, ValueError, FileNotFoundError, KeyError) as err:
+        raise type(err)(f"{name}: {err}") from err
+    try:
+        yield src
+    finally:
+        src.close()
+
+
+# ----------------------------------------------------------------------------- streamed statistics
+
+
+def count_stats(source: RowSource, *, block_rows: int = 16384, name: str = "X") -> dict:
+    """One pass over raw counts: checks every entry is a non-negative integer and every
+    cell has counts, and returns ``{"library": float64 [n_obs] totals, "log_library_mean",
+    "log_library_var"}`` (population variance, as gimVI's prior)."""
+    total = np.empty(source.n_obs, np.float64)
+    for a, b, blk in source.iter_blocks(block_rows, raw=True):
+        vals = blk.data if sp.issparse(blk) else np.asarray(blk)
+        if vals.size:
+            if vals.dtype.kind == "f" and not np.isfinite(vals).all():
+                raise ValueError(f"{name} contains NaN or infinite values (rows {a}..{b - 1}).")
+            if vals.min() < 0:
+                raise ValueError(f"{name} must hold non-negative counts, found {vals.min()} (rows {a}..{b - 1}).")
+            if vals.dtype.kind == "f" and not np.array_equal(vals, np.round(vals)):
+                raise ValueError(
+                    f"{name} must hold integer-valued counts (raw counts, not normalised or log-transformed "
+                    f"data); found non-integer values in rows {a}..{b - 1}.")
+        total[a:b] = np.asarray(blk.sum(axis=1, dtype=np.float64)).reshape(-1)
+    empty = np.flatnonzero(total <= 0)
+    if empty.size:
+        raise ValueError(
+            f"{name} has {empty.size} cell(s) with no counts (rows {empty[:10].tolist()}"
+            f"{' ...' if empty.size > 10 else ''}); filter them out first.")
+    log_lib = np.log(total)
+    return {"library": total, "log_library_mean": float(log_lib.mean()), "log_library_var": float(log_lib.var())}
+
+
+def _normalize_log1p(block, target_sum: float):
+    """``log1p`` of counts scaled to ``target_sum`` per cell (zero cells stay zero);
+    sparse in, sparse out."""
+    from . import preprocessing
+
+    return preprocessing.log1p(preprocessing.normalize_total(block, target_sum=target_sum))
+
+
+class _Recipe:
+    """Picklable row transform of :func:`markermap_recipe`."""
+
+    def __init__(self, target_sum, mean, std, max_value):
+        self.target_sum, self.mean, self.inv_std, self.max_value = target_sum, mean, 1.0 / std, max_value
+
+    def __call__(self, block):
+        x = _normalize_log1p(block, self.target_sum)
+        x = x.toarray() if sp.issparse(x) else np.asarray(x, np.float32)
+        x = x.astype(np.float32, copy=False)
+        x -= self.mean
+        x *= self.inv_std
+        if self.max_value is not None:
+            np.clip(x, -self.max_value, self.max_value, out=x)
+        return x
+
+
+def markermap_recipe(source, *, target_sum: float = 1e4, max_value: float | None = 10.0,
+                     block_rows: int = 16384) -> RowSource:
+    """The MarkerMap paper's preprocessing (:func:`jaxsel.preprocessing.markermap_recipe`
+    without its optional gene filter) as a :class:`RowSource` over raw counts.
+
+    One streaming pass computes every gene's mean and standard deviation (``ddof=1``,
+    zeros replaced by 1, as :func:`jaxsel.preprocessing.scale`) of ``log1p`` of the
+    counts normalised to ``target_sum``; the returned source applies ``normalise ->
+    log1p -> (x - mean) / std -> clip(max_value)`` to every block as it is read. Its
+    rows equal the in-memory recipe's up to float32 rounding.
+
+    ``source`` is anything :class:`RowSource` accepts; a path is opened here and stays
+    open as long as the returned source (close it, or use it in a ``with`` block).
+    """
+    from . import preprocessing
+    from ._validation import check_real
+
+    target_sum = check_real(target_sum, "target_sum", low=0.0, low_open=True)
+    if max_value is not None:
+        max_value = check_real(max_value, "max_value", low=0.0, low_open=True)
+    src = source if isinstance(source, RowSource) else RowSource(source)
+    n, g = src.shape
+    if n < 2:
+        raise ValueError("markermap_recipe needs at least 2 cells to estimate a standard deviation")
+    # per-block mean and sum of squared deviations (two passes within the block), merged
+    # across blocks by Chan et al.'s update: stable, unlike E[x^2] - E[x]^2
+    count, mean, m2 = 0, np.zeros(g, np.float64), np.zeros(g, np.float64)
+    for _, _, blk in src.iter_blocks(block_rows, raw=True):
+        x = _normalize_log1p(blk, target_sum)
+        nb = x.shape[0]
+        if sp.issparse(x):  # the stored values only; the zeros by count
+            mb, m2b = preprocessing.sparse_mean_ss(x)
+        else:
+            x = np.asarray(x, np.float64)
+            mb = x.mean(axis=0)
+            m2b = ((x - mb) ** 2).sum(axis=0)
+        delta = mb - mean
+        total = count + nb
+        mean = mean + delta * (nb / total)
+        m2 = m2 + m2b + delta**2 * (count * nb / total)
+        count = total
+    var = m2 / (n - 1)
+    std = np.sqrt(var)
+    std[std == 0] = 1.0
+    out = src.with_transform(_Recipe(target_sum, mean.astype(np.float32), std.astype(np.float32), max_value))
+    if src is not source:  # we opened it: the derived source owns the file
+        out._file, src._file = src._file, None
+    out.gene_mean, out.gene_std = mean.astype(np.float32), std.astype(np.float32)
+    return out

@@ -1,0 +1,193 @@
+"""Every estimator round-trips through save/load bit for bit; bad files are clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import jaxsel
+from jaxsel import datasets, preprocessing
+
+
+def _equal_trees(a, b, where="root"):
+    """Same containers, same types and the same bytes in every array."""
+    assert type(a) is type(b) or (isinstance(a, jax.Array) and isinstance(b, jax.Array)), (where, type(a), type(b))
+    if isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            _equal_trees(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _equal_trees(x, y, f"{where}[{i}]")
+    elif hasattr(a, "__dataclass_fields__"):
+        for f in a.__dataclass_fields__:
+            _equal_trees(getattr(a, f), getattr(b, f), f"{where}.{f}")
+    elif isinstance(a, (np.ndarray, jax.Array)):
+        x, y = np.asarray(a), np.asarray(b)
+        assert x.dtype == y.dtype and x.shape == y.shape, where
+        if x.dtype == object:
+            assert x.tolist() == y.tolist(), where
+        else:
+            assert x.tobytes() == y.tobytes(), where
+    elif isinstance(a, float) and np.isnan(a):
+        assert np.isnan(b), where
+    else:
+        assert a == b, where
+
+
+@pytest.fixture(scope="module")
+def marker_data():
+    counts, y, _ = datasets.make_markers(n_cells=200, n_genes=30, n_types=3, n_markers_per_type=2,
+                                         n_xor_genes=0, random_state=0)
+    x, _ = preprocessing.markermap_recipe(counts)
+    return counts, x, y
+
+
+@pytest.fixture(scope="module")
+def paired():
+    return datasets.make_paired(n_cells=200, n_genes=30, n_outputs=3, n_informative=3, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def spatial():
+    return datasets.make_spatial_pair(n_spatial=120, n_ref=120, n_genes=20, n_measured=10, n_types=3,
+                                      random_state=1)
+
+
+_SMALL = dict(n_markers=4, hidden_size=8, max_epochs=2, min_epochs=1, batch_size=32, random_state=0)
+
+
+def _fitted(name, marker_data, paired, spatial):
+    counts, x, y = marker_data
+    xp, yp, _ = paired
+    a, b, _ = spatial
+    if name == "MarkerMap":
+        return jaxsel.MarkerMap(objective="joint", **_SMALL).fit(x, y), lambda e: (e.transform(x), e.predict(x),
+                                                                                   e.reconstruct(x), e.embed(x))
+    if name == "ConcreteVAE":
+        return jaxsel.ConcreteVAE(**_SMALL).fit(x), lambda e: (e.transform(x), e.reconstruct(x))
+    if name == "GlobalGumbelVAE":
+        return jaxsel.GlobalGumbelVAE(**_SMALL).fit(x), lambda e: (e.transform(x),)
+    if name == "RandomMarkers":
+        return jaxsel.RandomMarkers(4, random_state=0).fit(x), lambda e: (e.transform(x),)
+    if name == "HVGMarkers":
+        return jaxsel.HVGMarkers(4).fit(counts), lambda e: (e.transform(counts),)
+    if name == "DEMarkers":
+        return jaxsel.DEMarkers(4).fit(x, y), lambda e: (e.transform(x),)
+    if name == "SparseBottleneck":
+        est = jaxsel.SparseBottleneck(n_genes=3, hidden=(8, 4), schedule="straight", random_state=0,
+                                      epochs={"unfrozen": 2, "finetune": 1, "ae": 1}).fit(xp, yp)
+        return est, lambda e: (e.predict(xp), e.latent(xp), e.transform(xp))
+    if name == "SparseRRR":
+        return jaxsel.SparseRRR(rank=2, n_genes=4).fit(xp, yp), lambda e: (e.predict(xp), e.latent(xp))
+    if name == "StAI":
+        est = jaxsel.StAI(n_calibration_folds=2, epochs=2, random_state=0).fit(
+            a.X, b.X, np.asarray(b.obs["cell_type"]), coords=a.obsm["spatial"], spatial_genes=a.var_names,
+            ref_genes=b.var_names)
+        return est, lambda e: (e.impute(return_std=True), e.annotate(return_proba=True), e.embed())
+    raise KeyError(name)
+
+
+ESTIMATORS = ["MarkerMap", "ConcreteVAE", "GlobalGumbelVAE", "RandomMarkers", "HVGMarkers", "DEMarkers",
+              "SparseBottleneck", "SparseRRR", "StAI"]  # GimVI: tests/test_gimvi.py
+
+
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_round_trip_is_exact_and_repeat_fits_are_identical(name, marker_data, paired, spatial, tmp_path):
+    est, outputs = _fitted(name, marker_data, paired, spatial)
+    again, _ = _fitted(name, marker_data, paired, spatial)  # same random_state, same compiled programs
+    _equal_trees(vars(again), vars(est))
+    _equal_trees(outputs(again), outputs(est))
+    path = est.save(tmp_path / "model")
+    assert path.endswith(".npz")
+    cls = type(est)
+    for loaded in (cls.load(path), jaxsel.load(path)):
+        assert type(loaded) is cls
+        assert loaded.get_params() == est.get_params()
+        _equal_trees({k: v for k, v in vars(loaded).items()}, {k: v for k, v in vars(est).items()})
+        _equal_trees(outputs(loaded), outputs(est))
+
+
+def test_load_refuses_other_classes_versions_and_damaged_files(marker_data, tmp_path):
+    counts, x, y = marker_data
+    est = jaxsel.DEMarkers(4).fit(x, y)
+    good = est.save(tmp_path / "de.npz")
+    with np.load(good) as f:
+        arrays = {k: f[k] for k in f.files}
+    header = json.loads(str(arrays["__header__"]))
+
+    def rewrite(name, **changes):
+        h = {**header, **changes}
+        np.savez(tmp_path / name, **{**arrays, "__header__": np.array(json.dumps(h))})
+        return tmp_path / name
+
+    with pytest.raises(ValueError, match="holds a DEMarkers, not a jaxsel MarkerMap"):
+        jaxsel.MarkerMap.load(good)
+    with pytest.raises(ValueError, match=r"written by jaxsel 9\.9\.0"):
+        jaxsel.load(rewrite("v.npz", jaxsel_version="9.9.0"))
+    with pytest.raises(ValueError, match="only jaxsel classes"):
+        jaxsel.load(rewrite("c.npz", **{"class": "os:system"}))
+    with pytest.raises(ValueError, match="not a jaxsel"):
+        jaxsel.load(rewrite("f.npz", format="something/1"))
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with pytest.raises(ValueError, match="not a jaxsel DEMarkers file"):
+        jaxsel.DEMarkers.load(tmp_path / "other.npz")
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(ValueError, match="not a jaxsel estimator file"):
+        jaxsel.load(tmp_path / "text.npz")
+    key = next(k for k in arrays if k != "__header__")
+    np.savez(tmp_path / "shape.npz", **{**arrays, key: np.zeros((1,), np.float32)})
+    with pytest.raises(ValueError, match="wrong shape"):
+        jaxsel.load(tmp_path / "shape.npz")
+    with pytest.raises(Exception, match="not fitted"):
+        jaxsel.DEMarkers(4).save(tmp_path / "unfitted")
+
+
+def test_interrupted_fit_resumes_from_its_checkpoint(marker_data, tmp_path, monkeypatch):
+    counts, x, y = marker_data
+    kw = dict(n_markers=4, hidden_size=8, max_epochs=7, min_epochs=7, batch_size=32, random_state=0)
+    whole = jaxsel.MarkerMap(**kw).fit(x, y)
+    path = tmp_path / "run.ckpt.npz"
+    from jaxsel.engine import checkpoint as ck_mod
+
+    calls = {"n": 0}
+    real = ck_mod.write_checkpoint
+
+    def crash_after_two(*a, **k):  # the job is killed after its second checkpoint
+        real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck_mod, "write_checkpoint", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        jaxsel.MarkerMap(**kw).fit(x, y, checkpoint=path, checkpoint_every=3)
+    monkeypatch.setattr(ck_mod, "write_checkpoint", real)
+    assert path.exists()
+    resumed = jaxsel.MarkerMap(**kw).fit(x, y, checkpoint=path, checkpoint_every=3)  # epochs 6 and 7 only
+    _equal_trees(vars(resumed), vars(whole))
+    with pytest.raises(ValueError, match="other settings or other data"):
+        jaxsel.MarkerMap(**{**kw, "hidden_size": 8, "random_state": 1}).fit(x, y, checkpoint=path)
+    with pytest.raises(ValueError, match="other settings or other data"):
+        jaxsel.MarkerMap(**kw).fit(x[::-1].copy(), y[::-1].copy(), checkpoint=path)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        jaxsel.MarkerMap(**kw).fit(x, y, checkpoint=tmp_path / "b.npz", checkpoint_every=0)
+
+
+def test_gimvi_checkpointed_fit_equals_the_plain_fit(tmp_path):
+    rng = np.random.default_rng(0)
+    rho = rng.dirichlet(np.ones(16), size=120)
+    xr, xs = rng.poisson(rho * 600), rng.poisson(rho[:, :8] / rho[:, :8].sum(1, keepdims=True) * 80)
+    genes = np.array([f"g{i}" for i in range(16)])
+    kw = dict(ref_genes=genes, spatial_genes=genes[:8])
+    est = dict(max_epochs=5, batch_size=32, hidden=16, random_state=0)
+    plain = jaxsel.GimVI(**est).fit(xr, xs, **kw)
+    path = tmp_path / "g.npz"
+    first = jaxsel.GimVI(**{**est, "max_epochs": 5}).fit(xr, xs, checkpoint=path, checkpoint_every=2, **kw)
+    again = jaxsel.GimVI(**est).fit(xr, xs, checkpoint=path, **kw)  # the file holds a finished fit
+    for m in (first, again):
+        _equal_trees((m.params_, m.state_, m.history_), (plain.params_, plain.state_, plain.history_))

@@ -1,0 +1,244 @@
+"""Streaming: on-disk sources, the streamed fit (one compiled chunk program, same step and
+early-stopping rule as the in-memory loop), estimators fitted from .h5ad / .zarr, chunked
+inference under a memory budget. Host memory staying bounded is measured by
+``benchmarks/bench_scale.py``, not tested here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import anndata
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import zarr
+
+import jaxsel
+from jaxsel import datasets, engine, streaming
+from jaxsel import preprocessing as pp
+from jaxsel.engine import stream as engine_stream
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_engine import _Linear, _regression  # noqa: E402
+
+N_CELLS, N_GENES, N_TYPES, PER_TYPE = 3000, 120, 4, 3
+MM = dict(n_markers=12, hidden_size=32, max_epochs=6, min_epochs=3, patience=2, learning_rate=2e-3,
+          random_state=0, chunk_size=1024)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stream")
+    kw = dict(n_types=N_TYPES, n_markers_per_type=PER_TYPE, chunk_cells=700, random_state=3)
+    info = datasets.write_synthetic_counts(d / "cells.h5ad", N_CELLS, N_GENES, **kw)
+    datasets.write_synthetic_counts(d / "cells.zarr", N_CELLS, N_GENES, **kw)
+    full = anndata.read_h5ad(d / "cells.h5ad")
+    return {"dir": d, "h5ad": d / "cells.h5ad", "zarr": d / "cells.zarr", "info": info,
+            "counts": full.X.toarray(), "labels": np.asarray(full.obs["cell_type"]),
+            "genes": np.asarray(full.var_names)}
+
+
+# ----------------------------------------------------------------------------- writing and reading
+
+
+def test_synthetic_counts_on_disk(files):
+    a = anndata.read_h5ad(files["h5ad"], backed="r")
+    assert a.shape == (N_CELLS, N_GENES) and a.isbacked
+    assert a.obs["cell_type"].nunique() == N_TYPES
+    planted = np.flatnonzero(a.var["planted_marker"].to_numpy())
+    np.testing.assert_array_equal(planted, np.sort(files["info"]["marker_genes"].ravel()))
+    z = anndata.read_zarr(files["zarr"])  # same seed and chunking: the same counts
+    np.testing.assert_array_equal(z.X.toarray(), files["counts"])
+    x = files["counts"]
+    assert np.array_equal(x, np.round(x)) and x.min() >= 0 and (x.sum(1) > 0).all()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        datasets.write_synthetic_counts(files["h5ad"], 10, 20, n_types=2, n_markers_per_type=1)
+    with pytest.raises(ValueError, match=r"\.h5ad or \.zarr"):
+        datasets.write_synthetic_counts(files["dir"] / "cells.csv", 10, 20, n_types=2, n_markers_per_type=1)
+
+
+def test_row_sources_agree(files):
+    x = files["counts"]
+    rows = np.array([0, 1, 2, 70, 71, 500, 2999])
+    dense_h5 = files["dir"] / "dense.h5"
+    with h5py.File(dense_h5, "w") as f:
+        f["X"] = x
+    zarr_dense = zarr.open_array(str(files["dir"] / "dense_array.zarr"), mode="w", shape=x.shape, chunks=(256, 64),
+                                 dtype="f4")
+    zarr_dense[:] = x
+    backed = anndata.read_h5ad(files["h5ad"], backed="r")
+    with h5py.File(dense_h5, "r") as f:
+        for source in (files["h5ad"], str(files["zarr"]), backed, f["X"], zarr_dense, sp.csr_matrix(x), x):
+            with streaming.open_source(source) as src:
+                assert src.shape == x.shape
+                np.testing.assert_array_equal(src.read(5, 905), x[5:905])
+                np.testing.assert_array_equal(src.read_rows(rows), x[rows])
+    with streaming.open_source(files["zarr"]) as src:
+        np.testing.assert_array_equal(src.var_names, files["genes"])
+        np.testing.assert_array_equal(src.obs_column("cell_type"), files["labels"])
+
+
+def test_bad_sources_are_clear_errors(files):
+    with pytest.raises(FileNotFoundError, match="no such"):
+        streaming.RowSource(files["dir"] / "missing.h5ad")
+    with pytest.raises(TypeError, match="backed"):
+        streaming.RowSource(anndata.AnnData(np.ones((3, 2), np.float32)))
+    with pytest.raises(ValueError, match="CSR"):
+        streaming.RowSource(sp.csc_matrix(np.eye(3, dtype=np.float32)))
+    with pytest.raises(ValueError, match="2-D"):
+        streaming.RowSource(np.ones(5, np.float32))
+    with pytest.raises(TypeError, match="cannot stream"):
+        streaming.RowSource({"X": 1})
+    with streaming.open_source(files["h5ad"]) as src:
+        with pytest.raises(ValueError, match="sorted"):
+            src.read_rows([3, 1])
+        with pytest.raises(KeyError, match="no column"):
+            src.obs_column("tissue")
+    bad = files["dir"] / "not_hdf5.h5ad"
+    bad.write_text("hello")
+    with pytest.raises(ValueError, match="HDF5"):
+        jaxsel.MarkerMap(**MM).fit(bad, np.zeros(3))
+    with pytest.raises(ValueError, match="non-integer"):
+        streaming.count_stats(streaming.RowSource(np.full((4, 3), 0.5, np.float32)))
+    with pytest.raises(ValueError, match="chunk_size"):
+        jaxsel.MarkerMap(**{**MM, "chunk_size": 10}).fit(files["h5ad"], "cell_type")
+    with pytest.raises(TypeError, match="in memory"):
+        jaxsel.MarkerMap(**MM).cross_validate(files["h5ad"], files["labels"])
+    with pytest.raises(TypeError, match="in memory"):
+        jaxsel.GimVI().cross_validate_genes(files["h5ad"], files["counts"][:, :5], ref_genes=files["genes"],
+                                            spatial_genes=files["genes"][:5])
+
+
+def test_markermap_recipe_streams_the_paper_preprocessing(files):
+    with streaming.markermap_recipe(files["zarr"], block_rows=500) as src:
+        got = src.read(0, N_CELLS)
+    want, _ = pp.markermap_recipe(files["counts"])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # genes constant after normalisation (here: all equal counts) get SD 1, not rounding noise
+    flat = streaming.markermap_recipe(np.full((50, 4), 3.0, np.float32), block_rows=7)
+    np.testing.assert_array_equal(flat.gene_std, np.ones(4, np.float32))
+    np.testing.assert_array_equal(flat.read(0, 50), np.zeros((50, 4), np.float32))
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+def _stream_linear(method, loop, n=1600, n_val=200, chunk=256, key=0):
+    data, _ = _regression(n=n)
+    host = {k: np.asarray(v) for k, v in data.items()}
+    return engine.fit_stream(method, loop, jax.random.key(key), lambda rows: {k: v[rows] for k, v in host.items()},
+                             np.arange(n_val, n), np.arange(n_val), chunk_size=chunk)
+
+
+def test_stream_engine_trains_and_compiles_the_chunk_program_once():
+    loop = engine.LoopConfig(max_epochs=8, batch_size=16, min_epochs=0, patience=None)
+    cache = engine_stream._chunk_program._cache_size()
+    traces = _Linear.traces[0]
+    out = _stream_linear(_Linear(5), loop)
+    np.testing.assert_allclose(out.result.params["w"], np.arange(1, 6), atol=2e-2)
+    assert int(out.result.n_epochs) == 8 and out.result.history["val_loss"].shape == (8,)
+    # 1400 training cells in blocks of 32 -> 44 blocks, 8 per chunk: 6 chunks, 87 steps per epoch
+    assert out.info["steps"] == [87] * 8 and out.info["chunks_per_epoch"] == 6
+    assert int(out.result.model_state["steps"]) == 8 * 87
+    assert engine_stream._chunk_program._cache_size() == cache + 1  # every chunk, every epoch: one program
+    first_traces = _Linear.traces[0] - traces
+    _stream_linear(_Linear(5), loop, n=2400, key=1)  # more cells, same chunk shape: no new program
+    assert engine_stream._chunk_program._cache_size() == cache + 1
+    assert _Linear.traces[0] - traces == first_traces
+
+
+def test_stream_engine_stops_by_the_in_memory_rule():
+    # scripted validation losses: the epoch of the best parameters and the stop are the loop's
+    script = jnp.asarray([5.0, 4.0, 3.0, 3.5, 2.5, 2.6, 2.7, 2.8, 1.0, 1.0], jnp.float32)
+    loop = engine.LoopConfig(max_epochs=10, batch_size=16, min_epochs=2, patience=3)
+    method = _Linear(5, script=script)
+    out = _stream_linear(method, loop)
+    data, _ = _regression(n=1600)
+    split = engine.make_splits([np.arange(200, 1600)], [np.arange(200)]).fold(0)
+    ref = engine.fit(method, loop, jax.random.key(0), data, split)
+    assert int(out.result.n_epochs) == int(ref.n_epochs) == 8
+    assert int(out.result.best_epoch) == int(ref.best_epoch) == 4
+    np.testing.assert_array_equal(np.isnan(out.result.history["val_loss"]), np.isnan(ref.history["val_loss"]))
+
+
+def test_stream_engine_runs_the_range_test_on_the_first_chunk():
+    finder = engine.LRFinder(max_lr=0.5, min_lr=1e-4, n_steps=40)
+    loop = engine.LoopConfig(max_epochs=2, batch_size=16, min_epochs=0, patience=None, lr_finder=finder)
+    out = _stream_linear(_Linear(5, learning_rate=-1.0), loop)  # the rate given is never used
+    lr = float(out.result.learning_rate)
+    assert 1e-4 < lr <= 0.5 and np.isfinite(out.result.history["val_loss"]).all()
+    assert float(out.result.history["val_loss"][-1]) < float(out.result.history["val_loss"][0])
+
+
+# ----------------------------------------------------------------------------- estimators
+
+
+@pytest.fixture(scope="module")
+def streamed(files):
+    with streaming.markermap_recipe(files["h5ad"]) as src:
+        sel = jaxsel.MarkerMap(**MM).fit(src, "cell_type")
+        x = src.read(0, N_CELLS)
+    return sel, x
+
+
+def test_markermap_streamed_from_disk_finds_the_planted_markers(files, streamed):
+    sel, x = streamed
+    planted = set(files["info"]["marker_genes"].ravel().tolist())
+    assert len(planted & set(sel.markers_.tolist())) >= 0.9 * len(planted)
+    assert sel.stream_info_["chunks_per_epoch"] == 3 and sel.n_features_in_ == N_GENES
+    # as good as the in-memory fit on such data (tests/test_estimators.py), not the same
+    # numbers: minibatches are shuffled within chunks
+    assert sel.history_["val_accuracy"].max() > 0.95
+    # the same algorithm from a zarr store: the same fit, bit for bit
+    with streaming.markermap_recipe(files["zarr"]) as src:
+        again = jaxsel.MarkerMap(**MM).fit(src, "cell_type")
+    np.testing.assert_array_equal(again.markers_, sel.markers_)
+    np.testing.assert_array_equal(again.history_["val_loss"], sel.history_["val_loss"])
+
+
+def test_markermap_chunked_inference_equals_unchunked(files, streamed):
+    sel, x = streamed
+    with streaming.markermap_recipe(files["h5ad"]) as src:
+        whole = {m: getattr(sel, m)(x) for m in ("decision_function", "embed", "transform")}
+        for m in whole:  # on disk, same default budget: the same programs on the same blocks
+            np.testing.assert_array_equal(getattr(sel, m)(src), whole[m])
+        sel.memory_budget = 4 * N_GENES * 700  # 700 cells per chunk: 5 chunks, the last padded
+        try:
+            for m in whole:
+                np.testing.assert_array_equal(getattr(sel, m)(src), whole[m])
+                np.testing.assert_array_equal(getattr(sel, m)(x), whole[m])
+            np.testing.assert_array_equal(sel.embed(sp.csr_matrix(x)), whole["embed"])
+        finally:
+            sel.memory_budget = streaming.DEFAULT_MEMORY_BUDGET
+    assert (sel.predict(x) == files["labels"]).mean() > 0.95
+
+
+def test_gimvi_streams_the_reference_and_imputes_within_a_budget(files):
+    genes = files["genes"]
+    panel = genes[np.sort(np.random.default_rng(0).choice(N_GENES, 30, replace=False))]
+    xs = anndata.read_h5ad(files["h5ad"])[:400, panel].X.toarray()
+    # a small model (compilation is the cost here): the streaming mechanics are the same
+    model = jaxsel.GimVI(hidden=16, n_latent=4, n_layers_shared=0, dropout=0.0, seq_likelihood="nb",
+                         dispersion="gene", adversarial=False, max_epochs=3, chunk_size=1024, random_state=0)
+    backed = anndata.read_h5ad(files["h5ad"], backed="r")
+    model.fit(backed, xs, ref_genes=genes, spatial_genes=panel)
+    assert model.history_["val_loss"].shape == (3,) and np.isfinite(model.history_["val_loss"]).all()
+    assert model.stream_info_["cells"][0] >= 0.85 * 0.9 * N_CELLS  # one pass over the reference
+    # a budget of 50 cells x 24 decoded [cells, genes] arrays: blocks of 200 cells decoded 50 at
+    # a time, and only the requested genes kept; the same numbers as one call on all cells
+    model.memory_budget = 4 * N_GENES * 24 * 50
+    assert model._impute_rows(400) == (50, 200)
+    mean, var = model.impute(n_samples=2)
+    assert mean.shape == (400, N_GENES - 30) and (var >= 0).all() and np.isfinite(mean).all()
+    model.memory_budget, model.chunk = None, 50
+    one = model.impute(n_samples=2)
+    np.testing.assert_array_equal(mean, one[0])
+    np.testing.assert_array_equal(var, one[1])
+    z_disk = model.latent(files["zarr"], modality="reference")
+    np.testing.assert_array_equal(z_disk, model.latent(files["counts"], modality="reference"))
+    with pytest.raises(ValueError, match="pass X"):
+        model.latent(modality="reference")
