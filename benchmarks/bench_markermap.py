@@ -1,7 +1,7 @@
 """jaxsel's MarkerMap family next to the reference package, in one run.
 
     python benchmarks/bench_markermap.py                 # everything (about an hour on 2 cores)
-    python benchmarks/bench_markermap.py --quick         # Paul15, supervised, 1 seed: a smoke run
+    python benchmarks/bench_markermap.py --quick         # Paul15, supervised, 1 seed, 3 folds: a smoke run
     python benchmarks/bench_markermap.py --no-reference  # jaxsel only (no torch needed)
     python benchmarks/bench_markermap.py --report benchmarks/results/markermap.json  # re-render
 
@@ -19,7 +19,13 @@ preprocessing (per-cell total 1e4, log1p, per-gene scale clipped at 10), archite
 3. quality with the paper's whole protocol (learning-rate range test, linear mode over
    500 steps, early stopping with the paper script's patience), ``--seeds`` seeds each:
    wall time, epochs, peak memory, kNN and random-forest accuracy and weighted F1 on the
-   test split; random markers as the floor.
+   test split; random markers as the floor;
+4. ``ksweep``: accuracy against the number of markers k (``--ksweep-ks``, default
+   5, 10, 25, 50, 100) for every jaxsel selector (``--ksweep-models``) and the plain
+   baselines (random, Seurat HVG on the log-normalised counts, t-test and Wilcoxon DE on
+   the training split), on ``--ksweep-datasets`` with ``--ksweep-seeds`` seeds; the paper's
+   protocol by default (the k = 50 rows of the quality phase are reused), or
+   ``--ksweep-epochs N`` fixed epochs at the paper's learning rate (a cheap form).
 
 Results go to ``benchmarks/results/markermap.json`` (written after every fit, so a
 partial run keeps what it did) and ``benchmarks/results/markermap.md``.
@@ -33,7 +39,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import threading
@@ -217,21 +222,22 @@ def load(name: str):
     xp, _ = pp.markermap_recipe(x)
     classes, yc = np.unique(y, return_inverse=True)
     tr, va, te = pp.split_indices(len(yc), (0.7, 0.1, 0.2), random_state=0)
-    return dict(name=name, x=np.asarray(xp, np.float32), y=yc.astype(np.int32), classes=classes, tr=tr, va=va, te=te)
+    return dict(name=name, x=np.asarray(xp, np.float32), y=yc.astype(np.int32), classes=classes, tr=tr, va=va, te=te,
+                counts=x)
 
 
-def jax_config(model: str, d) -> mm.MarkerMapConfig:
+def jax_config(model: str, d, k: int = K) -> mm.MarkerMapConfig:
     s = SETTINGS[model]
     return mm.MarkerMapConfig.create(
-        d["x"].shape[1], K, alpha=s["alpha"], n_classes=len(d["classes"]), selector=s["selector"],
+        d["x"].shape[1], k, alpha=s["alpha"], n_classes=len(d["classes"]), selector=s["selector"],
         hidden_size=HIDDEN, latent_size=LATENT, encoder_layers=3, temperature=3.0,
         temperature_decay=s["temperature_decay"], min_temperature=s["min_temperature"], learning_rate=s["max_lr"],
     )
 
 
-def jax_fit(model, d, *, seed, fixed_epochs=None):
+def jax_fit(model, d, *, seed, fixed_epochs=None, k=K):
     """One jaxsel fit; compile timed separately (ahead of time), then the run."""
-    cfg = jax_config(model, d)
+    cfg = jax_config(model, d, k)
     s = SETTINGS[model]
     if fixed_epochs:
         loop = engine.LoopConfig(max_epochs=fixed_epochs, batch_size=BATCH, min_epochs=0, patience=None)
@@ -253,7 +259,7 @@ def jax_fit(model, d, *, seed, fixed_epochs=None):
     n_epochs = int(res.n_epochs)
     steps = len(d["tr"]) // BATCH
     out = dict(
-        impl="jaxsel", model=model, seed=seed, markers=markers.tolist(), compile_s=t1 - t0, run_s=t2 - t1,
+        impl="jaxsel", model=model, seed=seed, k=k, markers=markers.tolist(), compile_s=t1 - t0, run_s=t2 - t1,
         wall_s=t2 - t1, epochs=n_epochs, best_epoch=int(res.best_epoch), lr=float(res.learning_rate),
         steps_per_epoch=steps, peak_rss_delta_mb=mem.delta_mb, peak_rss_mb=mem.peak_mb,
     )
@@ -296,7 +302,7 @@ def evaluate(d, markers, seed=0) -> dict:
 
 
 def folds_phase(d, n_folds=10, seed=0) -> dict:
-    """10 folds of supervised MarkerMap in one vmapped program vs a loop of single fits."""
+    """``n_folds`` folds of supervised MarkerMap in one vmapped program vs a loop of single fits."""
     cfg = jax_config("supervised", d)
     loop = engine.LoopConfig(max_epochs=MAX_EPOCHS, batch_size=BATCH, min_epochs=MIN_EPOCHS, patience=3)
     idx = np.concatenate([d["tr"], d["va"], d["te"]])
@@ -326,6 +332,63 @@ def folds_phase(d, n_folds=10, seed=0) -> dict:
         n_folds=n_folds, vmapped_compile_s=t1 - t0, vmapped_run_s=t2 - t1, loop_compile_s=t3 - t2,
         loop_run_s=t4 - t3, epochs=np.asarray(fr.n_epochs).tolist(), same_markers_as_loop=same,
     )
+
+
+BASELINES = ("random", "hvg", "ttest", "wilcoxon")
+
+
+def baseline_markers(name: str, d, k: int, seed: int) -> np.ndarray:
+    """The paper's plain baselines, fitted on the training split."""
+    tr = d["tr"]
+    if name == "random":
+        return jaxsel.RandomMarkers(k, random_state=seed).fit(d["x"][tr]).markers_
+    if name == "hvg":  # Seurat flavour on log-normalised (not scaled) counts
+        if "xlog" not in d:
+            d["xlog"] = np.asarray(pp.log1p(pp.normalize_total(d["counts"], target_sum=1e4)), np.float32)
+        return jaxsel.HVGMarkers(k).fit(d["xlog"][tr]).markers_
+    method = {"ttest": "t-test", "wilcoxon": "wilcoxon"}[name]
+    key = f"de_{name}"
+    if key not in d:  # the round-robin order is the same for every k: score once, take prefixes
+        d[key] = jaxsel.DEMarkers(max(K, k), method=method).fit(d["x"][tr], d["y"][tr])
+    est = d[key]
+    if est.n_markers < k:
+        est = d[key] = jaxsel.DEMarkers(k, method=method).fit(d["x"][tr], d["y"][tr])
+    return est.markers_[:k]
+
+
+def ksweep_phase(res, data, ks, models, baselines_, seeds, epochs, save) -> None:
+    """Accuracy against the number of markers; rows appended to ``res["ksweep"]``."""
+    quality = {(r["data"], r["model"], r["seed"]): r for r in res.get("quality", []) if r.get("impl") == "jaxsel"}
+    done = {(r["data"], r["model"], r["k"], r["seed"]) for r in res["ksweep"]}
+    for name, d in data.items():
+        for k in ks:
+            for s in range(seeds):
+                for b in baselines_:
+                    if (name, b, k, s) in done or (b != "random" and s > 0):
+                        continue  # hvg and DE are deterministic: one seed
+                    t = time.perf_counter()
+                    markers = baseline_markers(b, d, k, s)
+                    row = dict(data=name, model=b, impl="baseline", k=k, seed=s, wall_s=time.perf_counter() - t,
+                               **evaluate(d, markers, s))
+                    res["ksweep"].append(row)
+                    print(f"[ksweep] {name} {b} k={k} seed {s}: knn {row['knn_acc']:.3f} rf {row['rf_acc']:.3f}",
+                          flush=True)
+                for model in models:
+                    if (name, model, k, s) in done:
+                        continue
+                    q = quality.get((name, model, s))
+                    if not epochs and k == K and q is not None:  # the quality phase's fit: same protocol
+                        row = {key: q.get(key) for key in ("knn_acc", "rf_acc", "knn_f1w", "rf_f1w", "wall_s",
+                                                           "compile_s", "epochs")}
+                        row.update(data=name, model=model, impl="jaxsel", k=k, seed=s, from_quality=True)
+                    else:
+                        j = jax_fit(model, d, seed=s, fixed_epochs=epochs or None, k=k)
+                        row = dict(data=name, model=model, impl="jaxsel", k=k, seed=s, wall_s=j["wall_s"],
+                                   compile_s=j["compile_s"], epochs=j["epochs"], **evaluate(d, j["markers"], s))
+                    res["ksweep"].append(row)
+                    print(f"[ksweep] {name} {model} k={k} seed {s}: knn {row['knn_acc']:.3f} rf {row['rf_acc']:.3f}",
+                          flush=True)
+                    save()
 
 
 # ---------------------------------------------------------------------------- report
@@ -384,7 +447,8 @@ def render(res: dict) -> str:
     fo = res.get("folds")
     if fo:
         lines += [
-            "## 10 folds in one vmapped program vs 10 fits in a loop (supervised MarkerMap, Paul15)",
+            f"## {fo['n_folds']} folds in one vmapped program vs {fo['n_folds']} fits in a loop "
+            "(supervised MarkerMap, Paul15)",
             "",
             "| | compile s | run s |",
             "|---|---|---|",
@@ -414,6 +478,28 @@ def render(res: dict) -> str:
                 f"{_ms([r.get('compile_s') for r in rows]) if impl == 'jaxsel' else '-'} | {_ms([r.get('peak_rss_delta_mb') for r in rows])} |"
             )
         lines.append("")
+    ksw = res.get("ksweep", [])
+    if ksw:
+        st = res.get("ksweep_settings", {})
+        ks = sorted({r["k"] for r in ksw})
+        proto = (f"{st['epochs']} fixed epochs at the paper's learning rate" if st.get("epochs")
+                 else "the paper's protocol (LR range test, early stopping)")
+        lines += [
+            f"## Accuracy against the number of markers (kNN / RF accuracy on the test split; jaxsel selectors: {proto})",
+            "",
+            "| data | selector | " + " | ".join(f"k={k}" for k in ks) + " |",
+            "|---|---|" + "---|" * len(ks),
+        ]
+        groups = {}
+        for r in ksw:
+            groups.setdefault((r["data"], r["model"]), {}).setdefault(r["k"], []).append(r)
+        for (data, model), by_k in groups.items():
+            cells = []
+            for k in ks:
+                rows = by_k.get(k, [])
+                cells.append(f"{_ms([r['knn_acc'] for r in rows])} / {_ms([r['rf_acc'] for r in rows])}" if rows else "")
+            lines.append(f"| {data} | {model} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -425,7 +511,15 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=5, help="epochs of the equal-epoch speed phase")
     ap.add_argument("--no-reference", action="store_true")
-    ap.add_argument("--skip", default="", help="comma list of phases to skip: speed,folds,quality")
+    ap.add_argument("--skip", default="", help="comma list of phases to skip: speed,folds,quality,ksweep")
+    ap.add_argument("--n-folds", type=int, default=10, help="folds of the vmapped-vs-loop phase")
+    ap.add_argument("--ksweep-ks", default="5,10,25,50,100", help="k values of the accuracy-vs-markers phase")
+    ap.add_argument("--ksweep-datasets", default="paul15", help="datasets of the k sweep (a subset of --datasets)")
+    ap.add_argument("--ksweep-models", default=",".join(MODELS), help="jaxsel selectors of the k sweep")
+    ap.add_argument("--ksweep-baselines", default=",".join(BASELINES), help="plain baselines of the k sweep")
+    ap.add_argument("--ksweep-seeds", type=int, default=1)
+    ap.add_argument("--ksweep-epochs", type=int, default=0,
+                    help="0: the paper's protocol; N: N fixed epochs at the paper's learning rate (cheap)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results" / "markermap.json"))
     ap.add_argument("--report", default=None, help="only re-render the markdown of an existing JSON")
@@ -439,7 +533,8 @@ def main(argv=None):
         print(render(res))
         return
     if args.quick:
-        args.datasets, args.models, args.seeds, args.epochs = "paul15", "supervised", 1, 3
+        args.datasets, args.models, args.seeds, args.epochs, args.n_folds = "paul15", "supervised", 1, 3, 3
+        args.ksweep_ks, args.ksweep_models, args.ksweep_epochs = "5,10,25,50", "supervised", 10
     if datasets.shared_data_dir() is None:
         print("SKIP: ../shared/data not found (set JAXSEL_DATA_DIR); nothing to benchmark")
         return
@@ -454,7 +549,7 @@ def main(argv=None):
     models = args.models.split(",")
     qmodels = (args.quality_models or args.models).split(",")
     res = dict(machine=machine_info(), command="python " + " ".join([sys.argv[0]] + sys.argv[1:]),
-               speed_epochs=args.epochs, speed=[], quality=[], notes=[])
+               speed_epochs=args.epochs, speed=[], quality=[], ksweep=[], notes=[])
     res["notes"].append(
         "jaxsel drops the last incomplete minibatch of an epoch (static shapes); the reference keeps it, "
         "so its epochs have one more (smaller) step."
@@ -475,6 +570,8 @@ def main(argv=None):
             res["speed"] = old.get("speed", [])
         if "folds" in skip and "folds" in old:
             res["folds"] = old["folds"]
+        if "ksweep" in skip and old.get("ksweep"):
+            res["ksweep"], res["ksweep_settings"] = old["ksweep"], old.get("ksweep_settings", {})
         res["resumed_from"] = dict(file=args.resume, date=old["machine"]["date"], command=old.get("command"))
     save = lambda: out.write_text(json.dumps(res, indent=1, default=float))  # noqa: E731
     data = {name: load(name) for name in args.datasets.split(",")}
@@ -495,7 +592,7 @@ def main(argv=None):
                       + (f", reference {r['s_per_epoch']:.3f} s/epoch" if r else ""), flush=True)
                 save()
     if "folds" not in skip and "paul15" in data:
-        res["folds"] = folds_phase(data["paul15"])
+        res["folds"] = folds_phase(data["paul15"], n_folds=args.n_folds)
         print("[folds]", res["folds"], flush=True)
         save()
     if "quality" not in skip:
@@ -518,6 +615,14 @@ def main(argv=None):
                         print(f"[quality] {name} {model} {impl} seed {s}: knn {row['knn_acc']:.3f} rf {row['rf_acc']:.3f} "
                               f"wall {row['wall_s']:.1f}s epochs {row['epochs']} lr {row['lr']:.2e}", flush=True)
                         save()
+    if "ksweep" not in skip:
+        kdata = {n: data[n] for n in args.ksweep_datasets.split(",") if n in data}
+        ks = [int(k) for k in args.ksweep_ks.split(",") if k]
+        kmodels = [m for m in args.ksweep_models.split(",") if m]
+        kbase = [b for b in args.ksweep_baselines.split(",") if b]
+        res["ksweep_settings"] = dict(datasets=list(kdata), ks=ks, models=kmodels, baselines=kbase,
+                                      seeds=args.ksweep_seeds, epochs=args.ksweep_epochs)
+        ksweep_phase(res, kdata, ks, kmodels, kbase, args.ksweep_seeds, args.ksweep_epochs, save)
     save()
     md = render(res)
     out.with_suffix(".md").write_text(md)

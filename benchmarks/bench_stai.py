@@ -64,6 +64,9 @@ from jaxsel.methods import stai as st  # noqa: E402
 
 OUT = HERE / "results"
 K = 5
+# jaxsel's speed runs: (name, submodels per device at once (None: all vmapped), CPU devices)
+SPEED_MODES = (("vmapped", None, 1), ("looped", 1, 1), ("sharded_2_cpu_devices", None, 2),
+               ("sharded_2_cpu_devices_looped", 1, 2))
 
 
 # ----------------------------------------------------------------------------- data
@@ -176,8 +179,7 @@ def speed(args, d) -> dict:
     e1, e2 = args.speed_epochs
     out = {"held_out": [str(g) for g in d["genes"][held]], "epochs": [e1, e2], "n_spatial": int(inp["x1"].shape[0]),
            "n_ref": int(inp["x2"].shape[0]), "n_genes_in": int(inp["x1"].shape[1])}
-    modes = (("vmapped", None, 1), ("looped", 1, 1), ("sharded_2_cpu_devices", None, 2),
-             ("sharded_2_cpu_devices_looped", 1, 2))
+    modes = tuple(m for m in SPEED_MODES if m[0] in args.speed_modes.split(","))
     for mode, bs, dev in modes:
         runs = []
         for e in (e1, e2):
@@ -205,9 +207,9 @@ def speed(args, d) -> dict:
             j = out[f"jaxsel_{mode}"]
             j["speedup_per_epoch"] = per / j["per_submodel_epoch_s"]
             j["speedup_5x500"] = ref["projected_5x500_s"] / (j["projected_5x500_s"] + j["compile_s"])
+        ups = ", ".join(f"{out[f'jaxsel_{m}']['speedup_per_epoch']:.1f}x {m}" for m, _, _ in modes)
         print(f"reference: {per:.3f} s per submodel-epoch (fixed {fixed:.1f} s), {ref['peak_rss_mb']:.0f} MB; "
-              f"speed-up {out['jaxsel_vmapped']['speedup_per_epoch']:.1f}x vmapped, "
-              f"{out['jaxsel_sharded_2_cpu_devices']['speedup_per_epoch']:.1f}x on 2 CPU devices", flush=True)
+              f"speed-up {ups}", flush=True)
     return out
 
 
@@ -345,6 +347,8 @@ def main(argv=None):
     ap.add_argument("--only", default=None, help="comma list of phases: speed,quality,annotation")
     ap.add_argument("--datasets", default="osmfish,starmap,merfish")
     ap.add_argument("--speed-epochs", type=int, nargs=2, default=[10, 30])
+    ap.add_argument("--speed-modes", default=",".join(m[0] for m in SPEED_MODES),
+                    help="jaxsel runs of the speed phase (comma list)")
     ap.add_argument("--epochs", type=int, default=500)
     ap.add_argument("--annotation-epochs", type=int, default=300)
     ap.add_argument("--gene-folds", type=int, default=None, help="default: LOO for osmFISH, 10 for STARmap")
