@@ -358,8 +358,8 @@ class StAI(PersistMixin, BaseEstimator):
         idx = None if x1_index is None else jnp.asarray(x1_index, jnp.int32)
         params, hist = st.fit(cfg, keys, data, jnp.asarray(fit_masks), jnp.asarray(cal_masks), idx,
                               batch_size=self._batch_size(), mesh=engine.fold_mesh())
-        engine.check_history(jax.device_get(hist), model="StAI", hint="Lower learning_rate, or check that the "
-                             "inputs are expression on the scale the `counts` setting says.")
+        engine.check_history(jax.device_get(hist), model="StAI", stopped=False, hint="Lower learning_rate, or check "
+                             "that the inputs are expression on the scale the `counts` setting says.")
         return params, hist
 
     # ------------------------------------------------------------------ fit

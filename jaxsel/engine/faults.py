@@ -49,8 +49,10 @@ def first_divergence(history: dict, n_epochs=None):
     return (fold if fold else None), epoch, terms
 
 
-def check_history(history: dict, n_epochs=None, *, model: str = "the model", hint: str = "") -> None:
-    """Raise :class:`DivergenceError` if the fit diverged (see :func:`first_divergence`)."""
+def check_history(history: dict, n_epochs=None, *, model: str = "the model", hint: str = "",
+                  stopped: bool = True) -> None:
+    """Raise :class:`DivergenceError` if the fit diverged (see :func:`first_divergence`).
+    ``stopped=False`` for loops without an early exit (they ran on to the last epoch)."""
     found = first_divergence(history, n_epochs)
     if found is None:
         return
@@ -58,5 +60,5 @@ def check_history(history: dict, n_epochs=None, *, model: str = "the model", hin
     where = "" if fold is None else f" (fold/model {fold[0] if len(fold) == 1 else fold})"
     raise DivergenceError(
         f"Training of {model} diverged at epoch {epoch}{where}: {', '.join(terms)} became non-finite "
-        f"(NaN or inf), and the fit stopped there. {hint}".rstrip()
+        f"(NaN or inf){', and the fit stopped there' if stopped else ''}. {hint}".rstrip()
     )
