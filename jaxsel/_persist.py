@@ -19,6 +19,8 @@ import dataclasses
 import importlib
 import json
 import numbers
+import os
+import zipfile
 from pathlib import Path
 
 import jax
@@ -148,9 +150,13 @@ def read_npz(path, fmt: str, what: str, advice: str):
     """``(header, arrays)`` of an ``.npz`` written with a JSON ``__header__`` of format
     ``fmt`` by this jaxsel major.minor version; a clear ``ValueError`` (naming ``what``
     the file should hold, and ``advice`` for another version) otherwise."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path (str or os.PathLike), got {path!r}.")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no jaxsel {what} file at {path}.")
     try:
         f = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise ValueError(f"{path} is not a jaxsel {what} file ({err}).") from None
     with f:
         if "__header__" not in f.files:

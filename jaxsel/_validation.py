@@ -124,20 +124,8 @@ def check_matrix(
         out_dtype = np.dtype(dtype)
 
     values = x.data if sp.issparse(x) else x
-    if kind == "f" and values.size and not np.isfinite(values).all():
-        n_bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
-        raise ValueError(f"{name} contains {n_bad} NaN or infinite value(s).")
+    check_values(values, name, require_counts=require_counts)
     check_cast_range(values, out_dtype, name)
-    if require_counts and values.size:
-        if kind in "iuf" and values.min() < 0:
-            raise ValueError(
-                f"{name} must hold non-negative counts, found minimum {values.min()}."
-            )
-        if kind == "f" and not np.array_equal(values, np.round(values)):
-            raise ValueError(
-                f"{name} must hold integer-valued counts (raw counts, not normalised or "
-                f"log-transformed data); found non-integer values."
-            )
 
     if sp.issparse(x):
         if x.dtype != out_dtype:
@@ -148,6 +136,27 @@ def check_matrix(
     if x.dtype != out_dtype:
         x = x.astype(out_dtype)
     return x
+
+
+def check_values(values, name: str, *, require_counts: bool = False, where: str = "") -> None:
+    """``ValueError`` for NaN or infinite entries of the numeric array ``values`` and,
+    with ``require_counts``, for negative or non-integer ones; ``where`` (e.g. ``" in
+    rows 0..99"``) says which part of ``name`` a block of it is."""
+    values = np.asarray(values)
+    kind = values.dtype.kind
+    if not values.size:
+        return
+    if kind == "f" and not np.isfinite(values).all():
+        n_bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+        raise ValueError(f"{name} contains {n_bad} NaN or infinite value(s){where}.")
+    if require_counts:
+        if kind in "iuf" and values.min() < 0:
+            raise ValueError(f"{name} must hold non-negative counts, found minimum {values.min()}{where}.")
+        if kind == "f" and not np.array_equal(values, np.round(values)):
+            raise ValueError(
+                f"{name} must hold integer-valued counts (raw counts, not normalised or "
+                f"log-transformed data); found non-integer values{where}."
+            )
 
 
 def check_cast_range(values, dtype, name: str = "x") -> None:
@@ -315,6 +324,13 @@ def check_real(value, name: str, *, low=None, high=None, low_open=False, high_op
         br = ("(" if low_open or low is None else "[", ")" if high_open or high is None else "]")
         raise ValueError(f"{name} must be in {br[0]}{lo}, {hi}{br[1]}, got {value}.")
     return value
+
+
+def check_bool(value, name: str) -> bool:
+    """``value`` as a bool; a ``TypeError`` naming ``name`` for anything but a bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}.")
+    return bool(value)
 
 
 def check_int(value, name: str, low: int):

@@ -29,6 +29,7 @@ import re
 
 import jax
 import numpy as np
+import scipy.sparse as sp
 from sklearn.base import BaseEstimator
 from sklearn.feature_selection import SelectorMixin
 from sklearn.utils.metaestimators import available_if
@@ -38,6 +39,7 @@ from . import engine, metrics, preprocessing, streaming
 from ._persist import PersistMixin
 from ._validation import (
     _DEFAULT_MAX_DENSE_BYTES,
+    check_bool,
     check_cast_range,
     check_int,
     check_labels,
@@ -170,25 +172,6 @@ def _rank_scores(markers, n_genes: int):
     scores = np.zeros(n_genes, dtype=np.float32)
     scores[markers] = np.arange(markers.shape[0], 0, -1, dtype=np.float32)
     return scores
-
-
-def _is_sparse(X) -> bool:
-    import scipy.sparse as sp
-
-    return sp.issparse(X)
-
-
-def _blocks(fn, cfg, result, n: int, rows: int, read):
-    """``fn`` over row blocks of ``rows`` cells read by ``read(start, stop)``; blocks
-    padded to ``rows`` when there are several, numpy out."""
-    out = []
-    for a in range(0, n, rows):
-        block = np.asarray(read(a, min(n, a + rows)), dtype=np.float32)
-        m = block.shape[0]
-        if n > rows and m < rows:
-            block = np.concatenate([block, np.zeros((rows - m, block.shape[1]), np.float32)])
-        out.append(np.asarray(fn(cfg, result, block, chunk=rows))[:m])
-    return np.concatenate(out)
 
 
 # ----------------------------------------------------------------- neural selectors
@@ -391,7 +374,7 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
             min_epochs=int(self.min_epochs),
             patience=None if self.patience is None else int(self.patience),
             lr_finder=finder,
-            progress=type(self).__name__ if self.verbose else None,
+            progress=type(self).__name__ if check_bool(self.verbose, "verbose") else None,
         )
         return cfg, loop, codes, classes, seed, vf
 
@@ -455,13 +438,9 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
 
     def _store_fit(self, cfg, result, classes):
         n_epochs = int(result.n_epochs)
+        # the history (every loss term, epoch by epoch) first, then what fit returns
         engine.check_history(result.history, n_epochs, model=type(self).__name__, hint=_DIVERGED_HINT)
-        _check_finite_fit(
-            type(self).__name__,
-            {"scores": result.scores, **{k: np.asarray(v)[:n_epochs] for k, v in result.history.items()}},
-            "X must be preprocessed expression (normalised, log1p and scaled per gene: "
-            "jaxsel.preprocessing.markermap_recipe); for such X, lower learning_rate or max_lr.",
-        )
+        _check_finite_fit(type(self).__name__, {"scores": result.scores}, _DIVERGED_HINT)
         self.cfg_ = cfg
         self.result_ = result
         self.markers_ = np.asarray(result.markers).astype(np.intp)
@@ -510,39 +489,35 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
         return _check_X(self, X, reset=False)
 
     def _infer(self, fn, X, width: int = 1):
-        """``fn(cfg, result, block, chunk=rows)`` over blocks of ``rows`` cells, ``rows``
-        chosen so that ``width`` float32 values per gene and cell fit ``memory_budget``.
-        The last block is padded to ``rows``, so an on-disk ``X`` and the same matrix in
-        memory run the same programs on the same blocks (identical results)."""
+        """``fn(cfg, result, block, chunk=rows)`` over blocks of ``rows`` cells
+        (:func:`jaxsel.streaming.map_row_blocks`), ``rows`` chosen so that ``width``
+        float32 values per gene and cell fit ``memory_budget``."""
         check_is_fitted(self, "markers_")
         n_genes = self.n_features_in_
         rows = streaming.budget_rows(self.memory_budget, 4 * n_genes * width)
+
+        def run(read, n):
+            return streaming.map_row_blocks(lambda block, _: fn(self.cfg_, self.result_, block, chunk=rows),
+                                            read, n, rows)
+
         if streaming.is_source(X):
             with streaming.open_source(X) as src:
                 if src.n_vars != n_genes:
                     raise ValueError(f"X has {src.n_vars} features, but {type(self).__name__} is expecting "
                                      f"{n_genes} features as input.")
-                return _blocks(fn, self.cfg_, self.result_, src.n_obs, rows, src.read)
-        if _is_sparse(X):  # stream it too instead of densifying all of it
+                return run(src.read, src.n_obs)
+        if sp.issparse(X):  # read it by rows too instead of densifying all of it
             x = _check_X(self, X, reset=False, dense=False)
-            src = streaming.RowSource(x.tocsr())
-            return _blocks(fn, self.cfg_, self.result_, x.shape[0], rows, src.read)
+            return run(streaming.RowSource(x.tocsr()).read, x.shape[0])
         x = self._fitted_x(X)
-        return _blocks(fn, self.cfg_, self.result_, x.shape[0], rows, lambda a, b: x[a:b])
+        return run(lambda a, b: x[a:b], x.shape[0])
 
     def transform(self, X):
         """``X`` restricted to the selected genes, [n_cells, n_markers] (columns in input
         order). An on-disk ``X`` is read in chunks and the result returned dense."""
         if streaming.is_source(X):
             mask = self.get_support()
-            n_genes = self.n_features_in_
-            rows = streaming.budget_rows(self.memory_budget, 4 * n_genes)
-            with streaming.open_source(X) as src:
-                if src.n_vars != n_genes:
-                    raise ValueError(f"X has {src.n_vars} features, but {type(self).__name__} is expecting "
-                                     f"{n_genes} features as input.")
-                parts = [src.read(a, a + rows)[:, mask] for a in range(0, src.n_obs, rows)]
-            return np.concatenate(parts)
+            return self._infer(lambda cfg, result, block, chunk: block[:, mask], X)
         return super().transform(X)
 
     @available_if(_has_classifier)
@@ -1344,8 +1319,7 @@ class SparseRRR(_PairedSelector):
             raise ValueError(f"rank must be in [1, min(n_genes, n_outputs) = {min(p, q)}], got {rank}.")
         n = _n_markers(self.n_genes, p, "n_genes")
         alpha = check_real(self.alpha, "alpha", low=0.0, high=1.0, low_open=True)
-        if not isinstance(self.relaxed, (bool, np.bool_)):
-            raise TypeError(f"relaxed must be a bool, got {self.relaxed!r}.")
+        check_bool(self.relaxed, "relaxed")
         return rank, n, alpha, bool(self.relaxed)
 
     def fit(self, X, Y):

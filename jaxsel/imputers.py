@@ -29,7 +29,16 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import datasets, engine, metrics, preprocessing, streaming
 from ._persist import PersistMixin
-from ._validation import _is_missing, check_int, check_labels, check_matrix, check_random_state, check_real, to_dense
+from ._validation import (
+    _is_missing,
+    check_bool,
+    check_int,
+    check_labels,
+    check_matrix,
+    check_random_state,
+    check_real,
+    to_dense,
+)
 from .methods import gimvi as gv
 from .methods import stai as st
 
@@ -292,8 +301,7 @@ class StAI(PersistMixin, BaseEstimator):
         """Validated, preprocessed arrays (host side); nothing of the caller's is modified."""
         k = check_int(self.n_calibration_folds, "n_calibration_folds", 2)
         check_int(self.n_neighbors, "n_neighbors", 1)
-        if not isinstance(self.counts, (bool, np.bool_)):
-            raise TypeError(f"counts must be a bool, got {self.counts!r}.")
+        check_bool(self.counts, "counts")
         xs = check_matrix(X_spatial, name="X_spatial", dtype=None)
         xr = check_matrix(X_ref, name="X_ref", dtype=None)
         if self.counts:  # normalised per cell: counts must be non-negative
@@ -734,8 +742,7 @@ class GimVI(PersistMixin, BaseEstimator):
         for name in ("n_layers_shared", "decoder_layers"):
             check_int(getattr(self, name), name, 0)
         check_real(self.dropout, "dropout", low=0.0, high=1.0, high_open=True)
-        if not isinstance(self.adversarial, (bool, np.bool_)):
-            raise TypeError(f"adversarial must be a bool, got {self.adversarial!r}.")
+        check_bool(self.adversarial, "adversarial")
         kw = dict(n_latent=int(self.n_latent), hidden=int(self.hidden),
                   n_layers_individual=int(self.n_layers_individual), n_layers_shared=int(self.n_layers_shared),
                   decoder_layers=int(self.decoder_layers), dropout=float(self.dropout),
@@ -754,7 +761,7 @@ class GimVI(PersistMixin, BaseEstimator):
     def _loop(self) -> engine.LoopConfig:
         return engine.LoopConfig(max_epochs=check_int(self.max_epochs, "max_epochs", 1),
                                  batch_size=check_int(self.batch_size, "batch_size", 1), min_epochs=0, patience=None,
-                                 progress="GimVI" if self.verbose else None)
+                                 progress="GimVI" if check_bool(self.verbose, "verbose") else None)
 
     def _model_batch_size(self):
         if isinstance(self.model_batch_size, str):
@@ -805,8 +812,7 @@ class GimVI(PersistMixin, BaseEstimator):
         """Fit the models of :meth:`_program` in one compiled program."""
         cfg, models, loop, keys, data, splits = self._program(d, masks, seeds)
         res = gv.fit(models, loop, keys, data, splits, batch_size=self._model_batch_size(), mesh=mesh)
-        engine.check_history(jax.device_get(res.history), jax.device_get(res.n_epochs), model="GimVI",
-                             hint=_GIMVI_DIVERGED)
+        _check_diverged(res)
         return cfg, models, data, res
 
     # ------------------------------------------------------------------ fit
@@ -837,23 +843,21 @@ class GimVI(PersistMixin, BaseEstimator):
             return self._fit_stream(X_ref, X_spatial, ref_genes, spatial_genes, seed)
         d = self._inputs(X_ref, X_spatial, ref_genes, spatial_genes)
         masks = np.ones((1, d["sp_names"].size), np.float32)
+        first = lambda t: jax.tree.map(lambda a: a[0], t)  # noqa: E731  (the one model of the leading axis)
         if checkpoint is None:
             cfg, models, data, res = self._fit_models(d, masks, [seed], None)
+            model, res = first(models), first(res)
         else:
             cfg, models, loop, keys, data, splits = self._program(d, masks, [seed])
-            first = lambda t: jax.tree.map(lambda a: a[0], t)  # noqa: E731
+            model = first(models)
             digest = engine.fingerprint("GimVI", self.get_params(), seed, d["xr"], d["xs"], d["ref_names"].tolist(),
                                         d["sp_names"].tolist(), splits)
-            res = engine.fit_checkpointed(first(models), loop, keys[0], data, first(splits), path=checkpoint,
+            res = engine.fit_checkpointed(model, loop, keys[0], data, first(splits), path=checkpoint,
                                           every=checkpoint_every, fingerprint=digest)
-            res = jax.tree.map(lambda a: jnp.asarray(a)[None], res)
-            engine.check_history(jax.device_get(res.history), jax.device_get(res.n_epochs), model="GimVI",
-                                 hint=_GIMVI_DIVERGED)
+            _check_diverged(res)
         self.seed_ = seed
-        first = lambda t: jax.tree.map(lambda a: a[0], t)  # noqa: E731
-        self._set_fitted(cfg, first(models), first(res.params), first(res.model_state),
-                         {k: np.asarray(v)[0] for k, v in res.history.items()}, d["ref_names"], d["sp_names"],
-                         d["xs"], d["xr"])
+        self._set_fitted(cfg, model, res.params, res.model_state, {k: np.asarray(v) for k, v in res.history.items()},
+                         d["ref_names"], d["sp_names"], d["xs"], d["xr"])
         if hasattr(self, "stream_info_"):
             del self.stream_info_
         return self
@@ -894,8 +898,7 @@ class GimVI(PersistMixin, BaseEstimator):
             out = gv.fit_stream(model, loop, jax.random.key(seed), read, tr0, va0, spatial, sp_split,
                                 chunk_size=chunk)
         res = out.result
-        engine.check_history(jax.device_get(res.history), jax.device_get(res.n_epochs), model="GimVI",
-                             hint=_GIMVI_DIVERGED)
+        _check_diverged(res)
         self.seed_ = seed
         self._set_fitted(cfg, model, res.params, res.model_state, {k: np.asarray(v) for k, v in res.history.items()},
                          ref_names, sp_names, xs, None)
@@ -965,19 +968,15 @@ class GimVI(PersistMixin, BaseEstimator):
         n = xs.shape[0]
         inner, block = self._impute_rows(n)
         cols = jnp.asarray(cols)
-        means, variances = [], []
-        for a in range(0, n, block):
-            part = jnp.asarray(xs[a:a + block])
-            m = part.shape[0]
-            if n > block and m < block:  # same shape as the other blocks: no recompilation
-                part = jnp.concatenate([part, jnp.ones((block - m, part.shape[1]), part.dtype)])
-            post = gv.impute(self.cfg_, self.params_, self.state_, self.model_, part, key, n_samples=n_samples,
-                             chunk=inner, row_offset=a)
+
+        def decode(part, start):
+            post = gv.impute(self.cfg_, self.params_, self.state_, self.model_, jnp.asarray(part), key,
+                             n_samples=n_samples, chunk=inner, row_offset=start)
             mean, var = (post.normalized, post.normalized_var) if normalized else (post.counts, post.counts_var)
-            means.append(np.asarray(mean[:m, cols]))
-            variances.append(np.asarray(var[:m, cols]))
-            del post, mean, var
-        return np.concatenate(means), np.concatenate(variances)
+            return mean[:, cols], var[:, cols]
+
+        # padding rows get one count per gene (a positive library)
+        return streaming.map_row_blocks(decode, lambda a, b: xs[a:b], n, block, fill=1.0)
 
     def impute(self, genes=None, *, n_samples=50, normalized=False, X_spatial=None, return_var=True,
                random_state=None):
@@ -1000,8 +999,7 @@ class GimVI(PersistMixin, BaseEstimator):
         mean [n_spatial, n_genes] (and variance, same shape), numpy float32.
         """
         check_is_fitted(self, "params_")
-        if not isinstance(normalized, (bool, np.bool_)):
-            raise TypeError(f"normalized must be a bool, got {normalized!r}.")
+        check_bool(normalized, "normalized")
         cols = self._gene_columns(genes)
         mean, var = self._posterior(X_spatial, n_samples, random_state, cols, bool(normalized))
         return (mean, var) if return_var else mean
@@ -1039,16 +1037,10 @@ class GimVI(PersistMixin, BaseEstimator):
         same programs)."""
         budget = self._budget()
         rows = n if budget is None else streaming.budget_rows(budget, 3 * 4 * max(width, self.cfg_.hidden), cap=n)
-        out = []
-        for a in range(0, n, rows):
-            part = jnp.asarray(read(a, min(n, a + rows)), jnp.float32)
-            m = part.shape[0]
-            if n > rows and m < rows:
-                part = jnp.concatenate([part, jnp.zeros((rows - m, part.shape[1]), part.dtype)])
-            chunk = min(rows, 4096)
-            out.append(np.asarray(gv.latent(self.cfg_, self.params_, self.state_, self.model_, part, mode,
-                                            chunk=chunk))[:m])
-        return np.concatenate(out)
+        return streaming.map_row_blocks(
+            lambda part, _: gv.latent(self.cfg_, self.params_, self.state_, self.model_, jnp.asarray(part), mode,
+                                      chunk=min(rows, 4096)),
+            read, n, rows)
 
     # ------------------------------------------------------------------ evaluation protocol
 
@@ -1134,4 +1126,7 @@ class GimVI(PersistMixin, BaseEstimator):
         return results
 
 
-_GIMVI_DIVERGED = "Lower learning_rate, or check that both inputs are raw counts."
+def _check_diverged(res) -> None:
+    """:func:`jaxsel.engine.check_history` of a gimVI fit (one model or a model axis)."""
+    engine.check_history(jax.device_get(res.history), jax.device_get(res.n_epochs), model="GimVI",
+                         hint="Lower learning_rate, or check that both inputs are raw counts.")

@@ -40,6 +40,7 @@ __all__ = [
     "markermap_recipe",
     "count_stats",
     "budget_rows",
+    "map_row_blocks",
     "cap_validation",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_MEMORY_BUDGET",
@@ -59,6 +60,25 @@ def budget_rows(memory_budget, bytes_per_row: int, *, cap: int | None = None) ->
     budget = check_int(memory_budget, "memory_budget", 1)
     rows = max(1, budget // max(1, int(bytes_per_row)))
     return min(rows, cap) if cap is not None else rows
+
+
+def map_row_blocks(fn, read, n: int, rows: int, *, fill: float = 0.0):
+    """``fn(block, start)`` over the blocks of ``rows`` rows that ``read(start, stop)``
+    returns (as float32 numpy), outputs (a pytree of arrays with a leading row axis)
+    trimmed to the real rows and concatenated, as numpy. With several blocks the last is
+    padded to ``rows`` with ``fill``: every block has one shape (one compiled program),
+    and a matrix on disk and the same matrix in memory run the same programs on the same
+    blocks, so they give identical results."""
+    import jax
+
+    parts = []
+    for a in range(0, n, rows):
+        block = np.asarray(read(a, min(n, a + rows)), dtype=np.float32)
+        m = block.shape[0]
+        if n > rows and m < rows:
+            block = np.concatenate([block, np.full((rows - m, *block.shape[1:]), fill, np.float32)])
+        parts.append(jax.tree.map(lambda o, m=m: np.asarray(o)[:m], fn(block, a)))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
 def cap_validation(train, val, cap: int, seed: int):
@@ -383,18 +403,11 @@ def count_stats(source: RowSource, *, block_rows: int = 16384, name: str = "X") 
     """One pass over raw counts: checks every entry is a non-negative integer and every
     cell has counts, and returns ``{"library": float64 [n_obs] totals, "log_library_mean",
     "log_library_var"}`` (population variance, as gimVI's prior)."""
+    from ._validation import check_values
+
     total = np.empty(source.n_obs, np.float64)
     for a, b, blk in source.iter_blocks(block_rows, raw=True):
-        vals = blk.data if sp.issparse(blk) else np.asarray(blk)
-        if vals.size:
-            if vals.dtype.kind == "f" and not np.isfinite(vals).all():
-                raise ValueError(f"{name} contains NaN or infinite values (rows {a}..{b - 1}).")
-            if vals.min() < 0:
-                raise ValueError(f"{name} must hold non-negative counts, found {vals.min()} (rows {a}..{b - 1}).")
-            if vals.dtype.kind == "f" and not np.array_equal(vals, np.round(vals)):
-                raise ValueError(
-                    f"{name} must hold integer-valued counts (raw counts, not normalised or log-transformed "
-                    f"data); found non-integer values in rows {a}..{b - 1}.")
+        check_values(blk.data if sp.issparse(blk) else blk, name, require_counts=True, where=f" in rows {a}..{b - 1}")
         total[a:b] = np.asarray(blk.sum(axis=1, dtype=np.float64)).reshape(-1)
     empty = np.flatnonzero(total <= 0)
     if empty.size:

@@ -33,7 +33,7 @@ import numbers
 import numpy as np
 
 from . import estimators, imputers
-from ._validation import check_labels
+from ._validation import check_bool, check_labels
 
 __all__ = [
     "markermap",
@@ -457,8 +457,7 @@ def stai(
     if spatial_key not in adata_spatial.obsm:
         raise KeyError(f"spatial_key={spatial_key!r} is not in adata_spatial.obsm (available: "
                        f"{sorted(adata_spatial.obsm.keys())}); the coordinates are required.")
-    if not isinstance(annotate, (bool, np.bool_)):
-        raise TypeError(f"annotate must be a bool, got {annotate!r}.")
+    check_bool(annotate, "annotate")
     labels = _get_labels(adata_ref, labels_key, required=bool(annotate), why="annotate=True needs reference labels.")
     coords = adata_spatial.obsm[spatial_key]
     coords = coords.to_numpy() if hasattr(coords, "to_numpy") else coords

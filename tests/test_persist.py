@@ -191,3 +191,19 @@ def test_gimvi_checkpointed_fit_equals_the_plain_fit(tmp_path):
     again = jaxsel.GimVI(**est).fit(xr, xs, checkpoint=path, **kw)  # the file holds a finished fit
     for m in (first, again):
         _equal_trees((m.params_, m.state_, m.history_), (plain.params_, plain.state_, plain.history_))
+
+
+def test_paths_and_flags_are_checked(marker_data, tmp_path):
+    counts, x, y = marker_data
+    with pytest.raises(FileNotFoundError, match="no jaxsel estimator file"):
+        jaxsel.load(tmp_path / "absent.npz")
+    with pytest.raises(TypeError, match="path must be a file path"):
+        jaxsel.load(3)
+    est = jaxsel.MarkerMap(**_SMALL)
+    with pytest.raises(TypeError, match="checkpoint must be a file path"):
+        est.fit(x, y, checkpoint=7)
+    with pytest.raises(TypeError, match="verbose must be a bool"):
+        jaxsel.MarkerMap(**{**_SMALL, "verbose": "yes"}).fit(x, y)
+    with pytest.raises(TypeError, match="verbose must be a bool"):
+        jaxsel.GimVI(verbose=1).fit(counts[:, :10] + 1, counts[:, :5] + 1, ref_genes=[f"g{i}" for i in range(10)],
+                                    spatial_genes=[f"g{i}" for i in range(5)])

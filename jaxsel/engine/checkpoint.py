@@ -89,6 +89,8 @@ def run_checkpointed(start_fn, segment_fn, loop: LoopConfig, path, every: int, k
     :func:`jaxsel.engine.fit_one` with ``resume`` and ``stop_after`` and returns
     ``(result, checkpoint)``. Returns the last segment's result.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a file path (str or os.PathLike), got {path!r}.")
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise ValueError(f"checkpoint_every must be a positive int, got {every!r}.")
     template = jax.eval_shape(start_fn)

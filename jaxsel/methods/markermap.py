@@ -454,26 +454,14 @@ def fit(cfg: MarkerMapConfig, loop: engine.LoopConfig, key, x, y, split: engine.
     return _fit_single.lower(*args) if lower else _fit_single(*args)
 
 
-_start = jax.jit(engine.start, static_argnames=("loop",))
-
-
-@functools.partial(jax.jit, static_argnames=("loop",))
-def _fit_segment(cfg, loop, key, data, split, checkpoint, stop_after):
-    fr = engine.fit_one(cfg, loop, key, data, split, resume=checkpoint, stop_after=stop_after)
-    return _result(cfg, fr), fr.checkpoint
-
-
 def fit_checkpointed(cfg: MarkerMapConfig, loop: engine.LoopConfig, key, x, y, split: engine.Splits, *,
                      path, every: int, fingerprint: str) -> MarkerMapResult:
     """:func:`fit` in segments of ``every`` epochs, checkpointed to ``path`` after each
-    and resumed from it when it exists (:func:`jaxsel.engine.run_checkpointed`; the file
+    and resumed from it when it exists (:func:`jaxsel.engine.fit_checkpointed`; the file
     must have been written for the same ``fingerprint``). Same result as :func:`fit`."""
-    data = _as_data(x, y)
-    return engine.run_checkpointed(
-        lambda: _start(cfg, loop, key, data, split),
-        lambda ck, stop_after: _fit_segment(cfg, loop, key, data, split, ck, stop_after),
-        loop, path, every, fingerprint,
-    )
+    fr = engine.fit_checkpointed(cfg, loop, key, _as_data(x, y), split, path=path, every=every,
+                                 fingerprint=fingerprint)
+    return _result_program(cfg, fr)
 
 
 @functools.partial(jax.jit, static_argnames=("loop", "batch_size", "mesh", "cfg_batched"))
