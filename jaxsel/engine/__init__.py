@@ -2,6 +2,7 @@
 
 from .checkpoint import fingerprint, fit_checkpointed, read_checkpoint, run_checkpointed, write_checkpoint
 from .faults import DivergenceError, check_history, first_divergence
+from . import linalg
 from .folds import fit_folds, fold_keys, fold_mesh, map_folds, prepare_folds, run_folds, stack_trees, use_devices
 from .loop import (
     Checkpoint,
@@ -55,5 +56,6 @@ __all__ = [
     "stack_trees",
     "suggest_lr",
     "use_devices",
+    "linalg",
     "valid_mean",
 ]

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ..engine import chunk_map
+from ..engine import chunk_map, linalg
 
 __all__ = [
     "DE_METHODS",
@@ -488,7 +488,7 @@ def knn_pca_impute(x_spatial, x_ref, values, n_components: int = 30, n_neighbors
     values = jnp.asarray(values, jnp.float32)
     z = jnp.concatenate([x_spatial, x_ref])
     mu = jnp.mean(z, 0)
-    _, _, vt = jnp.linalg.svd(z - mu, full_matrices=False)
+    _, _, vt = linalg.svd(z - mu, full_matrices=False)
     basis = vt[: min(n_components, vt.shape[0])].T
     p1, p2 = (x_spatial - mu) @ basis, (x_ref - mu) @ basis
     def rows(pc):

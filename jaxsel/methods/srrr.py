@@ -77,6 +77,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import engine
+from ..engine import linalg
 from ..losses import group_lasso, prox_group_lasso
 
 __all__ = [
@@ -222,13 +223,13 @@ def _problem(x, y, n=None) -> _Problem:
     g = x.T @ x / n
     g = 0.5 * (g + g.T)  # exactly symmetric for eigvalsh
     c = x.T @ y / n
-    lmax = jnp.maximum(jnp.linalg.eigvalsh(g)[-1], 0.0)
+    lmax = jnp.maximum(linalg.eigvalsh(g)[-1], 0.0)
     return _Problem(x, y, n, g, c, lmax)
 
 
 def _pls_directions(c, rank: int):
     """Top-``rank`` right singular vectors of ``C`` (the PLS directions), [q, rank]."""
-    _, _, vt = jnp.linalg.svd(c, full_matrices=False)
+    _, _, vt = linalg.svd(c, full_matrices=False)
     return vt[:rank].T
 
 
@@ -335,7 +336,7 @@ def _w_step(prob: _Problem, v, w0, lam, alpha, cfg: SolverConfig, working_set: i
 
 def _v_step(prob: _Problem, w):
     """Orthogonal Procrustes ``V`` for fixed ``W``, with the reference's sign convention."""
-    u, _, vt = jnp.linalg.svd(prob.c.T @ w, full_matrices=False)
+    u, _, vt = linalg.svd(prob.c.T @ w, full_matrices=False)
     return _fix_signs(w, u @ vt)
 
 
@@ -374,13 +375,13 @@ def _ridge_rrr(g, c, lam, rank: int):
     than ``rank`` genes, or no signal) get zero columns in ``W`` and ``V``.
     """
     k, q = c.shape
-    d, qm = jnp.linalg.eigh(0.5 * (g + g.T))
+    d, qm = linalg.eigh(0.5 * (g + g.T))
     d = jnp.maximum(d, 0.0)
     qc = qm.T @ c
     den = d + lam
     inv = jnp.where(den > _TINY, 1.0 / jnp.where(den > _TINY, den, 1.0), 0.0)
     b = qm @ (inv[:, None] * qc)
-    _, s, vt = jnp.linalg.svd((jnp.sqrt(d) * inv)[:, None] * qc, full_matrices=False)
+    _, s, vt = linalg.svd((jnp.sqrt(d) * inv)[:, None] * qc, full_matrices=False)
     m = min(k, q, rank)
     v = vt[:m].T
     s = s[:m]
