@@ -19,10 +19,13 @@ from .loop import (
     start,
     valid_mean,
 )
+from .optim import AdamState, adam
 from .lr_finder import LRFinder, lr_range_test, suggest_lr
 from .stream import StreamFit, fit_stream
 
 __all__ = [
+    "AdamState",
+    "adam",
     "fingerprint",
     "fit_checkpointed",
     "read_checkpoint",

@@ -246,7 +246,9 @@ def valid_mean(rows, n_valid):
     """Mean over the first ``n_valid`` rows of ``rows`` (rows gathered with a padded
     index table of :class:`Splits`; the padding rows are ignored)."""
     w = (jnp.arange(rows.shape[0]) < n_valid).astype(rows.dtype)
-    return jnp.tensordot(w, rows, axes=1) / jnp.maximum(n_valid, 1).astype(rows.dtype)
+    # times the reciprocal rather than divided: see ``srrr._problem`` (XLA's rewrite of
+    # ``a / broadcast(b)`` is program-dependent, a multiply is left alone)
+    return jnp.tensordot(w, rows, axes=1) * (1.0 / jnp.maximum(n_valid, 1).astype(rows.dtype))
 
 
 def chunked(fn, x, chunk: int):

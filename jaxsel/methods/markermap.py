@@ -55,7 +55,6 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 from .. import engine, losses
 from ..nn.layers import Block, MaskedDense, TorchDense
@@ -213,7 +212,7 @@ class MarkerMapConfig:
         return variables["params"], state
 
     def optimizer(self, learning_rate):
-        return optax.adam(learning_rate)
+        return engine.adam(learning_rate)
 
     def epoch_context(self, epoch):
         t = self.temperature * self.temperature_decay ** epoch.astype(jnp.float32)

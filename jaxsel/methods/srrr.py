@@ -220,9 +220,13 @@ def _problem(x, y, n=None) -> _Problem:
     then be zero)."""
     n = x.shape[0] if n is None else n
     n = jnp.asarray(n, x.dtype)
-    g = x.T @ x / n
+    # times 1/n, not divided by n: XLA rewrites ``a / broadcast(n)`` into a reciprocal
+    # multiply in some programs and not others (one device vs a device's slice of the
+    # folds), which changed the last bit of fold results across device counts
+    inv_n = 1.0 / n
+    g = (x.T @ x) * inv_n
     g = 0.5 * (g + g.T)  # exactly symmetric for eigvalsh
-    c = x.T @ y / n
+    c = (x.T @ y) * inv_n
     lmax = jnp.maximum(linalg.eigvalsh(g)[-1], 0.0)
     return _Problem(x, y, n, g, c, lmax)
 

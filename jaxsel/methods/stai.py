@@ -56,10 +56,10 @@ import jax.numpy as jnp
 import optax
 
 from .. import losses
-from ..engine import chunk_map, map_folds
+from ..engine import adam, chunk_map, map_folds
 from .baselines import nearest_indices
 from ..nn.gat import GATConv
-from ..nn.layers import TorchDense, torch_bias_init
+from ..nn.layers import TorchDense, softmax, torch_bias_init
 
 __all__ = [
     "StAIConfig",
@@ -241,7 +241,7 @@ def topk_attention(z_query, z_ref, top_k: int):
     # [n_query, k] gather, never a dense [n_query, n_ref] scatter
     diff = z_query[:, None, :] - jnp.take(z_ref, idx, axis=0)
     neg = -jnp.sqrt(jnp.maximum(jnp.sum(diff * diff, -1), 1e-12))
-    return jax.nn.softmax(neg, axis=1), idx
+    return softmax(neg, axis=1), idx
 
 
 def attention_weights(z_query, z_ref, top_k: int):
@@ -257,7 +257,7 @@ def _weighted_values(net: StAINet, params, z_query, z_ref, values, top_k: int):
         w, idx = topk_attention(z_query, z_ref, top_k)
         return jnp.einsum("nk,nkm->nm", w, jnp.take(values, idx, axis=0))
     s = net.apply({"params": params}, z_query, z_ref, method=StAINet.scores)
-    return jax.nn.softmax(s, axis=1) @ values
+    return softmax(s, axis=1) @ values
 
 
 def _correlation(a, b, eps: float = 1e-6):
@@ -343,7 +343,7 @@ def init_params(cfg: StAIConfig, key, data: StAIData):
 
 def _fit_one(cfg: StAIConfig, key, data: StAIData, fit_mask, cal_mask):
     params = init_params(cfg, key, data)
-    tx = optax.adam(cfg.learning_rate)
+    tx = adam(cfg.learning_rate)
     grad = jax.value_and_grad(functools.partial(loss_fn, cfg), has_aux=True)
 
     def step(carry, _):

@@ -1,7 +1,7 @@
 """Flax Linen building blocks and differentiable selectors."""
 
 from .layers import (Block, MaskedDense, TorchDense, hash_dropout, hash_uniform, masked_matmul, seed_from_key,
-                     torch_bias_init, torch_kernel_init)
+                     softmax, torch_bias_init, torch_kernel_init)
 from .selectors import concrete_weights, continuous_topk, gumbel_noise, hard_topk, khot
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "khot",
     "masked_matmul",
     "seed_from_key",
+    "softmax",
     "torch_bias_init",
     "torch_kernel_init",
 ]

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .layers import softmax
+
 __all__ = ["GATConv", "gat_attention"]
 
 
@@ -35,7 +37,7 @@ def gat_attention(h, neighbours, a_src, a_dst, negative_slope: float = 0.2):
     s_dst = h @ a_dst  # [n]
     e = jax.nn.leaky_relu(s_dst[:, None] + jnp.take(s_src, idx), negative_slope)
     e = jnp.where(valid, e, -jnp.inf)
-    return jax.nn.softmax(e, axis=1, where=valid)
+    return softmax(e, axis=1, where=valid)
 
 
 class GATConv(nn.Module):

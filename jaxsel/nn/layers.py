@@ -183,3 +183,20 @@ def hash_dropout(x, rate: float, seed, salt: int = 0):
         return x
     keep = hash_uniform(seed, x.shape, salt) >= rate
     return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def softmax(x, axis: int = -1, where=None):
+    """``jax.nn.softmax`` normalised by a multiply with ``1 / sum`` instead of a divide.
+
+    ``exp(x - max) / sum`` divides by a broadcast, which XLA rewrites into a reciprocal
+    multiply in some programs and not others (a one-device fold program vs a device's
+    slice of a sharded one); this form rounds the same everywhere, so a fold's result
+    does not depend on the device count (see :mod:`jaxsel.engine.optim`). ``where``
+    masks entries out (they get 0), as in ``jax.nn.softmax``.
+    """
+    m = jnp.max(x, axis=axis, keepdims=True, where=where, initial=-jnp.inf)
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+    u = jnp.exp(x - m)
+    if where is not None:
+        u = jnp.where(where, u, 0.0)
+    return u * (1.0 / jnp.sum(u, axis=axis, keepdims=True))
