@@ -1348,8 +1348,13 @@ class SparseRRR(_PairedSelector):
         """Predicted ``Y``, [n_cells, n_outputs]."""
         return self.latent(X) @ self.coef_v_.T + self.y_mean_
 
-    def cross_validate(self, X, Y, n_folds=10, random_state=0, batch_size=None):
+    def cross_validate(self, X, Y, n_folds=10, random_state=0, batch_size=1):
         """K-fold CV, every fold (centring, lambda search, relaxed refit) in one program.
+
+        ``batch_size`` folds are solved at a time per device (``None``: all, vmapped). The
+        default 1 loops over folds inside the program: the solver's while loops then stop
+        per fold, and each fold's result is bit for bit the same on any number of devices
+        (vmapped folds agree to float32 rounding only; see :func:`jaxsel.methods.srrr.cross_validate`).
 
         Returns
         -------

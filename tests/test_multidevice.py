@@ -13,7 +13,7 @@ result is identical bit for bit, floats included, except sRRR's vmapped folds
 (``batch_size=None``): there the genes are identical and the floats agree to float32
 rounding, because XLA:CPU rounds sRRR's small batched matmuls differently for a batch
 of five folds (one device) and of two (a device's slice); its looped folds
-(``batch_size=1``) are identical.
+(``batch_size=1``, the default) are identical.
 """
 
 from __future__ import annotations

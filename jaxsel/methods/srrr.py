@@ -736,7 +736,7 @@ def cross_validate(
     alpha: float = 1.0,
     relaxed: bool = True,
     config: SolverConfig = SolverConfig(),
-    batch_size: int | None = None,
+    batch_size: int | None = 1,
     mesh="auto",
     lower: bool = False,
 ) -> CVResult:
@@ -747,7 +747,12 @@ def cross_validate(
     training cells (true ``n_train`` in the ``1/n``) and scored on the validation cells.
     ``batch_size`` and ``mesh`` are passed to :func:`jaxsel.engine.map_folds` (``None``:
     vmap over folds; an int: ``lax.map`` that many folds at a time; ``mesh="auto"``
-    shards the folds over :func:`jaxsel.engine.fold_mesh`, ``None`` keeps one device). ``lower=True``
+    shards the folds over :func:`jaxsel.engine.fold_mesh`, ``None`` keeps one device).
+    The default ``batch_size=1`` gives every fold the same bits on any number of
+    devices; vmapped folds run each while loop until the slowest fold converges and
+    XLA:CPU rounds their small batched matmuls differently for different numbers of
+    folds per device (float32 rounding). On CBMC (8617 x 500, rank 13, 25 genes, 10 folds,
+    2-core CPU) both take under 2 s: 1.81 s looped, 1.67 s vmapped. ``lower=True``
     returns the lowered program (``.compile()`` it, then call it with
     ``(x, y, splits)``).
     """
