@@ -197,6 +197,9 @@ class StAI(PersistMixin, BaseEstimator):
         full-batch step already fills the cores (osmFISH split, 5 submodels: 0.091 s per
         submodel-epoch one at a time against 0.127 s vmapped), and ``None`` on GPU/TPU.
     random_state : int, default 0
+    verbose : bool, default False
+        Print a progress line (epoch, training loss over the models, time) from inside the
+        compiled fit, at most once a second (:mod:`jaxsel.engine.progress`).
 
     Notes
     -----
@@ -205,7 +208,7 @@ class StAI(PersistMixin, BaseEstimator):
     ``jax.shard_map``. On a multi-core CPU, exposing the cores as devices
     (``JAX_NUM_CPU_DEVICES=2`` before JAX starts) lets one device's single-threaded steps
     (the top-k neighbour search) overlap the other's work; results do not depend on the
-    device count beyond float rounding. Known problem: on 2 CPU devices the process's
+    device count (bit for bit, ``tests/test_multidevice.py``). Known problem: on 2 CPU devices the process's
     resident memory grows with the number of epochs (osmFISH protocol, 55 models: +2 GB
     after 20 epochs, 24 GB after about 35 minutes at 500 epochs), while on one device it
     stays flat (+0.7 GB at 20 and at 60 epochs); keep long CPU runs on one device.
@@ -240,6 +243,7 @@ class StAI(PersistMixin, BaseEstimator):
         chunk=1024,
         batch_size="auto",
         random_state=0,
+        verbose=False,
     ):
         self.n_calibration_folds = n_calibration_folds
         self.task = task
@@ -258,6 +262,7 @@ class StAI(PersistMixin, BaseEstimator):
         self.chunk = chunk
         self.batch_size = batch_size
         self.random_state = random_state
+        self.verbose = verbose
 
     # ------------------------------------------------------------------ configuration
 
@@ -272,6 +277,8 @@ class StAI(PersistMixin, BaseEstimator):
                   n_inputs=(n_inputs or n_genes) - (n_inputs or n_genes) // int(self.n_calibration_folds))
         if self.epochs is not None:
             kw["epochs"] = check_int(self.epochs, "epochs", 1)
+        if check_bool(self.verbose, "verbose"):
+            kw["progress"] = "StAI"
         if self.loss_weights is not None and not isinstance(self.loss_weights, dict):
             raise TypeError(f"loss_weights must be a dict, got {type(self.loss_weights).__name__}.")
         weights = dict(self.loss_weights or {})

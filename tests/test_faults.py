@@ -85,3 +85,26 @@ def test_progress_lines_come_from_inside_the_compiled_loop(capsys):
     quiet = engine.fit_folds(_Linear(5), dataclasses.replace(loop, progress=None), engine.fold_keys(jax.random.key(0), 3),
                              data, _folds(240, 3), mesh=None)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), res, quiet)
+
+
+def test_stai_progress_lines_and_identical_results(capsys):
+    from jaxsel.engine import progress
+
+    a, b, _ = datasets.make_spatial_pair(n_spatial=80, n_ref=80, n_genes=20, n_measured=12, n_types=3, random_state=2)
+    kw = dict(coords=a.obsm["spatial"], spatial_genes=a.var_names, ref_genes=b.var_names)
+    est = dict(n_calibration_folds=2, epochs=4, random_state=0, batch_size=1)
+    old, progress.interval = progress.interval, 0.0
+    try:
+        loud = jaxsel.StAI(**est, verbose=True).fit(a.X, b.X, **kw)
+        jax.effects_barrier()
+    finally:
+        progress.interval = old
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("StAI")]
+    assert len(lines) == 2 * 4, lines  # once per submodel and epoch (looped submodels)
+    assert lines[0].startswith("StAI: epoch 1/4  train ") and " val " not in lines[0], lines
+    assert lines[-1].startswith("StAI: epoch 4/4"), lines
+    quiet = jaxsel.StAI(**est).fit(a.X, b.X, **kw)
+    jax.tree.map(lambda u, v: np.testing.assert_array_equal(np.asarray(u), np.asarray(v)), loud.history_, quiet.history_)
+    np.testing.assert_array_equal(loud.impute(), quiet.impute())
+    with pytest.raises(TypeError, match="verbose must be a bool"):
+        jaxsel.StAI(verbose="yes").fit(a.X, b.X, **kw)

@@ -27,15 +27,17 @@ def _fmt(v) -> str:
     return f"{np.nanmin(v):.4g}..{np.nanmax(v):.4g}"
 
 
-def report(label: str, max_epochs: int, epoch, train_loss, val_loss) -> None:
-    """Print ``label: epoch e/max  train ..  val ..  t s`` (host side)."""
+def report(label: str, max_epochs: int, epoch, train_loss, val_loss=None) -> None:
+    """Print ``label: epoch e/max  train ..  val ..  t s`` (host side; no ``val`` part
+    when ``val_loss`` is not given, as for full-batch methods without a validation set)."""
     e = int(np.max(np.asarray(epoch)))
     now = time.perf_counter()
     start, last = _last.get(label, (now, -np.inf))
     if e == 0:
         start = now
     if e == 0 or e + 1 >= max_epochs or now - last >= interval:
-        print(f"{label}: epoch {e + 1}/{max_epochs}  train {_fmt(train_loss)}  val {_fmt(val_loss)}  "
-              f"{now - start:.1f} s", file=sys.stderr, flush=True)
+        val = "" if val_loss is None else f"  val {_fmt(val_loss)}"
+        print(f"{label}: epoch {e + 1}/{max_epochs}  train {_fmt(train_loss)}{val}  {now - start:.1f} s",
+              file=sys.stderr, flush=True)
         last = now
     _last[label] = (start, last)

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import optax
 
 from .. import losses
-from ..engine import adam, chunk_map, map_folds
+from ..engine import adam, chunk_map, map_folds, progress
 from .baselines import nearest_indices
 from ..nn.gat import GATConv
 from ..nn.layers import TorchDense, softmax, torch_bias_init
@@ -76,7 +76,7 @@ __all__ = [
 ]
 
 _STATIC = ("n_genes", "n_classes", "hidden", "latent", "top_k", "epochs", "gat_heads", "attention", "gene_loss",
-           "n_inputs")
+           "n_inputs", "progress")
 _LEAVES = ("lam_recon", "lam_mmd", "lam_cos", "lam_impute", "lam_clf", "lam_gene", "learning_rate")
 ATTENTIONS = ("euclidean", "dot")
 GENE_LOSSES = ("cosine", "frobenius")
@@ -93,6 +93,8 @@ class StAIConfig:
     cos 1, impute 1, clf 0.1, gene 0. :meth:`annotation` gives their annotation
     configuration. ``n_inputs`` (default ``n_genes``) is the number of input genes a
     submodel sees, used only as the fan-in of the PyTorch-style initialisation.
+    ``progress``: a label to print a progress line under (epoch, loss, time; one host
+    callback per epoch and model, :mod:`jaxsel.engine.progress`), ``None`` for none.
     """
 
     n_genes: int
@@ -112,6 +114,7 @@ class StAIConfig:
     lam_clf: float = 0.1
     lam_gene: float = 0.0
     learning_rate: float = 0.002
+    progress: str | None = None
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
@@ -346,13 +349,15 @@ def _fit_one(cfg: StAIConfig, key, data: StAIData, fit_mask, cal_mask):
     tx = adam(cfg.learning_rate)
     grad = jax.value_and_grad(functools.partial(loss_fn, cfg), has_aux=True)
 
-    def step(carry, _):
+    def step(carry, epoch):
         p, s = carry
         (loss, terms), g = grad(p, data, fit_mask, cal_mask)
         upd, s = tx.update(g, s, p)
+        if cfg.progress is not None:
+            jax.debug.callback(functools.partial(progress.report, cfg.progress, cfg.epochs), epoch, loss)
         return (optax.apply_updates(p, upd), s), {"loss": loss, **terms}
 
-    (params, _), hist = jax.lax.scan(step, (params, tx.init(params)), None, length=cfg.epochs)
+    (params, _), hist = jax.lax.scan(step, (params, tx.init(params)), jnp.arange(cfg.epochs))
     return params, hist
 
 
