@@ -1106,6 +1106,9 @@ class SparseBottleneck(_PairedSelector):
     n_clusters : int, default 20
         k-means clusters of ``Y`` for pre-training.
     random_state : int, optional
+    verbose : bool, default False
+        Print a progress line (stage, epoch, losses, time) from inside the compiled fit,
+        at most once a second (:mod:`jaxsel.engine.progress`).
 
     Attributes
     ----------
@@ -1129,6 +1132,7 @@ class SparseBottleneck(_PairedSelector):
         epochs=None,
         n_clusters=20,
         random_state=None,
+        verbose=False,
     ):
         self.n_genes = n_genes
         self.schedule = schedule
@@ -1140,6 +1144,10 @@ class SparseBottleneck(_PairedSelector):
         self.epochs = epochs
         self.n_clusters = n_clusters
         self.random_state = random_state
+        self.verbose = verbose
+
+    def _progress(self):
+        return "SparseBottleneck" if check_bool(self.verbose, "verbose") else None
 
     def _config(self, n_genes_in: int, n_outputs: int):
         from .methods import sbnn
@@ -1190,7 +1198,8 @@ class SparseBottleneck(_PairedSelector):
         split = engine.make_splits([everyone], [everyone])
         clusters, pre = self._pretraining(cfg, y, [everyone], seed)
         data = sbnn.make_data(x, y, None if clusters is None else clusters[0])
-        res = sbnn.fit(cfg, jax.random.key(seed), data, split.fold(0), None if pre is None else pre.fold(0))
+        res = sbnn.fit(cfg, jax.random.key(seed), data, split.fold(0), None if pre is None else pre.fold(0),
+                       progress=self._progress())
         res = jax.device_get(res)
         self.cfg_ = cfg
         self.result_ = res
@@ -1244,7 +1253,8 @@ class SparseBottleneck(_PairedSelector):
         splits = engine.make_splits(train_sets, [f[2] for f in folds])
         clusters, pre = self._pretraining(cfg, y, train_sets, seed)
         keys = engine.fold_keys(jax.random.key(seed), len(folds))
-        res = sbnn.fit_folds(cfg, keys, sbnn.make_data(x, y), splits, clusters, pre, batch_size=batch_size)
+        res = sbnn.fit_folds(cfg, keys, sbnn.make_data(x, y), splits, clusters, pre, batch_size=batch_size,
+                             progress=self._progress())
         res = jax.device_get(res)
         hist = {k: np.asarray(v) for k, v in res.history.items()}
         return {
@@ -1278,7 +1288,8 @@ class SparseBottleneck(_PairedSelector):
         splits = engine.make_splits(sets, sets)
         clusters, pre = self._pretraining(cfg, y, sets, seed)
         keys = engine.fold_keys(jax.random.key(seed), n_restarts)
-        res = sbnn.fit_folds(cfg, keys, sbnn.make_data(x, y), splits, clusters, pre, batch_size=batch_size)
+        res = sbnn.fit_folds(cfg, keys, sbnn.make_data(x, y), splits, clusters, pre, batch_size=batch_size,
+                             progress=self._progress())
         return _selection_stability(np.asarray(res.genes), x.shape[1])
 
 

@@ -108,3 +108,25 @@ def test_stai_progress_lines_and_identical_results(capsys):
     np.testing.assert_array_equal(loud.impute(), quiet.impute())
     with pytest.raises(TypeError, match="verbose must be a bool"):
         jaxsel.StAI(verbose="yes").fit(a.X, b.X, **kw)
+
+
+def test_sparse_bottleneck_progress_names_its_stages(capsys):
+    from jaxsel.engine import progress
+
+    x, y, _ = datasets.make_paired(n_cells=120, n_genes=20, n_outputs=3, n_informative=3, random_state=0)
+    est = dict(n_genes=3, hidden=(8, 4), schedule="straight", batch_size=16,
+               epochs={"unfrozen": 2, "finetune": 2, "ae": 1}, random_state=0)
+    old, progress.interval = progress.interval, 0.0
+    try:
+        loud = jaxsel.SparseBottleneck(**est, verbose=True).fit(x, y)
+        jax.effects_barrier()
+    finally:
+        progress.interval = old
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("SparseBottleneck")]
+    stages = [ln.split(":")[0].split()[1] for ln in lines]
+    assert stages == ["unfrozen"] * 2 + ["finetune"] * 2 + ["ae"], lines
+    quiet = jaxsel.SparseBottleneck(**est).fit(x, y)
+    np.testing.assert_array_equal(loud.genes_, quiet.genes_)
+    jax.tree.map(lambda u, v: np.testing.assert_array_equal(np.asarray(u), np.asarray(v)), loud.history_, quiet.history_)
+    with pytest.raises(TypeError, match="verbose must be a bool"):
+        jaxsel.SparseBottleneck(**{**est, "verbose": 2}).fit(x, y)

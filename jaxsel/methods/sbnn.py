@@ -400,9 +400,10 @@ class _Stage:
         }
 
 
-def _loop(epochs: int, batch_size: int, steps: int, patience=None) -> engine.LoopConfig:
+def _loop(epochs: int, batch_size: int, steps: int, patience=None, progress=None) -> engine.LoopConfig:
     return engine.LoopConfig(
-        max_epochs=epochs, batch_size=batch_size, min_epochs=1, patience=patience, steps_per_epoch=steps
+        max_epochs=epochs, batch_size=batch_size, min_epochs=1, patience=patience, steps_per_epoch=steps,
+        progress=progress,
     )
 
 
@@ -416,8 +417,10 @@ class _Loops(NamedTuple):
     ae: engine.LoopConfig | None
 
 
-def _make_loops(cfg: SparseBottleneckConfig, n_train_min: int, n_pretrain_min: int) -> _Loops:
+def _make_loops(cfg: SparseBottleneckConfig, n_train_min: int, n_pretrain_min: int, progress=None) -> _Loops:
+    """Per-stage loops; ``progress``: a label, printed with each stage's name."""
     bs = cfg.batch_size
+    label = lambda stage: None if progress is None else f"{progress} {stage}"  # noqa: E731
     if n_train_min < bs:
         raise ValueError(
             f"batch_size ({bs}) is larger than the smallest training set ({n_train_min} cells); lower batch_size"
@@ -430,9 +433,11 @@ def _make_loops(cfg: SparseBottleneckConfig, n_train_min: int, n_pretrain_min: i
                 f"the pre-training set ({n_pretrain_min} cells) is smaller than batch_size ({bs}); "
                 "lower batch_size or use schedule='straight'"
             )
-        pre = _loop(cfg.pretrain_epochs, bs, n_pretrain_min // bs, patience=cfg.pretrain_patience)
-    mk = lambda e: _loop(e, bs, steps) if e else None  # noqa: E731
-    return _Loops(pre, mk(cfg.frozen_epochs), mk(cfg.unfrozen_epochs), mk(cfg.finetune_epochs), mk(cfg.ae_epochs))
+        pre = _loop(cfg.pretrain_epochs, bs, n_pretrain_min // bs, patience=cfg.pretrain_patience,
+                    progress=label("pretrain"))
+    mk = lambda e, stage: _loop(e, bs, steps, progress=label(stage)) if e else None  # noqa: E731
+    return _Loops(pre, mk(cfg.frozen_epochs, "frozen"), mk(cfg.unfrozen_epochs, "unfrozen"),
+                  mk(cfg.finetune_epochs, "finetune"), mk(cfg.ae_epochs, "ae"))
 
 
 # ------------------------------------------------------------------- fit and results
@@ -556,7 +561,7 @@ def _fit_single(cfg, loops, key, data, split, pre_split):
 
 
 def fit(cfg: SparseBottleneckConfig, key, data: dict, split: engine.Splits, pre_split: engine.Splits | None = None,
-        *, lower: bool = False) -> SparseBottleneckResult:
+        *, lower: bool = False, progress: str | None = None) -> SparseBottleneckResult:
     """Fit the whole schedule for one split in one compiled program.
 
     Parameters
@@ -569,11 +574,13 @@ def fit(cfg: SparseBottleneckConfig, key, data: dict, split: engine.Splits, pre_
     pre_split : pre-training train / held-out cells (required when
         ``cfg.pretrain_epochs > 0``).
     lower : return the lowered program instead (``.compile()`` to time compilation).
+    progress : a label to print a progress line under, per stage and epoch
+        (:mod:`jaxsel.engine.progress`); ``None`` prints nothing.
     """
     if cfg.pretrain_epochs and pre_split is None:
         raise ValueError("cfg.pretrain_epochs > 0 needs pre_split (the pre-training train / held-out cells)")
     pre_split = split if pre_split is None else pre_split
-    loops = _make_loops(cfg, int(split.n_train), int(pre_split.n_train))
+    loops = _make_loops(cfg, int(split.n_train), int(pre_split.n_train), progress)
     args = (cfg, loops, key, data, split, pre_split)
     return _fit_single.lower(*args) if lower else _fit_single(*args)
 
@@ -601,13 +608,15 @@ def fit_folds(
     batch_size: int | None = None,
     mesh="auto",
     lower: bool = False,
+    progress: str | None = None,
 ) -> SparseBottleneckResult:
     """Every fold of the whole schedule in one compiled program.
 
     ``keys`` [n_folds] PRNG keys; ``splits`` with a leading fold axis; ``clusters``
     [n_folds, n_cells] per-fold pre-training labels and ``pre_splits`` the per-fold
     pre-training train / held-out cells (both required when pre-training).
-    ``batch_size`` and ``mesh`` as in :func:`jaxsel.engine.fit_folds`. Returns a
+    ``batch_size`` and ``mesh`` as in :func:`jaxsel.engine.fit_folds`; ``progress`` as in
+    :func:`fit` (one line per fold, stage and epoch, at most once a second). Returns a
     :class:`SparseBottleneckResult` whose leaves have a leading [n_folds] axis.
     """
     n_folds = splits.n_folds
@@ -622,7 +631,7 @@ def fit_folds(
     clusters = jnp.maximum(jnp.asarray(clusters, jnp.int32), 0)  # -1: outside the fold, never read
     if mesh == "auto":
         mesh = engine.fold_mesh()
-    loops = _make_loops(cfg, int(jnp.min(splits.n_train)), int(jnp.min(pre_splits.n_train)))
+    loops = _make_loops(cfg, int(jnp.min(splits.n_train)), int(jnp.min(pre_splits.n_train)), progress)
     args = (cfg, loops, keys, data, clusters, splits, pre_splits, batch_size, mesh)
     return _fit_folds_program.lower(*args) if lower else _fit_folds_program(*args)
 
