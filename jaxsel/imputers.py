@@ -368,18 +368,32 @@ class StAI(PersistMixin, BaseEstimator):
             return None
         return check_int(self.batch_size, "batch_size", 1)
 
-    def _fit_models(self, cfg, data, fit_masks, cal_masks, x1_index, seed):
+    def _fit_models(self, cfg, data, fit_masks, cal_masks, x1_index, seed, checkpoint=None, every=None):
         keys = jax.random.split(jax.random.key(seed), fit_masks.shape[0])
         idx = None if x1_index is None else jnp.asarray(x1_index, jnp.int32)
-        params, hist = st.fit(cfg, keys, data, jnp.asarray(fit_masks), jnp.asarray(cal_masks), idx,
-                              batch_size=self._batch_size(), mesh=engine.fold_mesh())
+        fm, cm = jnp.asarray(fit_masks), jnp.asarray(cal_masks)
+        kw = dict(batch_size=self._batch_size(), mesh=engine.fold_mesh())
+        if checkpoint is None:
+            params, hist = st.fit(cfg, keys, data, fm, cm, idx, **kw)
+        else:
+            settings = {k: v for k, v in self.get_params().items() if k not in ("verbose", "chunk")}
+            digest = engine.fingerprint("StAI", settings, seed, data, fm, cm, idx)
+            epoch_of = lambda ck: int(np.max(np.asarray(ck.epoch)))  # noqa: E731
+            state = engine.run_checkpointed(
+                lambda: st.start(cfg, keys, data, idx, **kw),
+                lambda ck, stop: (lambda new: (new, new))(st.resume(cfg, data, fm, cm, ck, stop, idx, **kw)),
+                None, checkpoint, every, digest,
+                max_epochs=cfg.epochs, epoch_of=epoch_of, done=lambda ck: epoch_of(ck) >= cfg.epochs,
+            )
+            params, hist = state.params, state.history
         engine.check_history(jax.device_get(hist), model="StAI", stopped=False, hint="Lower learning_rate, or check "
                              "that the inputs are expression on the scale the `counts` setting says.")
         return params, hist
 
     # ------------------------------------------------------------------ fit
 
-    def fit(self, X_spatial, X_ref, labels=None, *, coords, spatial_genes, ref_genes, genes=None):
+    def fit(self, X_spatial, X_ref, labels=None, *, coords, spatial_genes, ref_genes, genes=None, checkpoint=None,
+            checkpoint_every=50):
         """Fit the ``k`` calibration submodels (one compiled program).
 
         Parameters
@@ -393,8 +407,18 @@ class StAI(PersistMixin, BaseEstimator):
             genes found in the reference.
         genes : reference genes :meth:`impute` will be asked for (default: every
             reference gene the spatial data lacks); only these are kept after ``fit``.
+        checkpoint : path, optional
+            Train in segments of ``checkpoint_every`` epochs, writing every submodel's
+            state (parameters, Adam state, loss history, next epoch) to this ``.npz``
+            after each; called again with the same path, settings and data, ``fit``
+            continues from the file, and the result equals an uninterrupted fit bit for
+            bit. A file written for other settings or data is a ``ValueError``.
+        checkpoint_every : int, default 50
+            Epochs per segment (one compiled program serves all of them).
         """
         seed = check_random_state(self.random_state)
+        if checkpoint is not None:
+            check_int(checkpoint_every, "checkpoint_every", 1)
         d = self._inputs(X_spatial, X_ref, labels, coords, spatial_genes, ref_genes, genes)
         n_classes = 1 if d["classes"] is None else len(d["classes"])
         G, k = d["shared"].size, d["k"]
@@ -404,7 +428,7 @@ class StAI(PersistMixin, BaseEstimator):
         folds = datasets.gene_folds(G, k, random_state=seed)
         fit_masks, cal_masks = _gene_masks(G, folds)
         data = self._data(x1, x2, d["codes"], n_classes, neighbours)
-        params, hist = self._fit_models(cfg, data, fit_masks, cal_masks, None, seed)
+        params, hist = self._fit_models(cfg, data, fit_masks, cal_masks, None, seed, checkpoint, checkpoint_every)
         self.cfg_ = cfg
         self.params_ = params
         self.history_ = {name: np.asarray(v) for name, v in hist.items()}

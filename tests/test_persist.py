@@ -193,6 +193,38 @@ def test_gimvi_checkpointed_fit_equals_the_plain_fit(tmp_path):
         _equal_trees((m.params_, m.state_, m.history_), (plain.params_, plain.state_, plain.history_))
 
 
+def test_stai_interrupted_fit_resumes_and_equals_the_plain_fit(tmp_path, monkeypatch):
+    a, b, _ = datasets.make_spatial_pair(n_spatial=80, n_ref=80, n_genes=20, n_measured=12, n_types=3, random_state=3)
+    labels = np.asarray(b.obs["cell_type"])
+    kw = dict(coords=a.obsm["spatial"], spatial_genes=a.var_names, ref_genes=b.var_names)
+    est = dict(n_calibration_folds=2, epochs=7, random_state=0)
+    plain = jaxsel.StAI(**est).fit(a.X, b.X, labels, **kw)
+    path = tmp_path / "stai.npz"
+    from jaxsel.engine import checkpoint as ck_mod
+
+    calls = {"n": 0}
+    real = ck_mod.write_checkpoint
+
+    def crash_after_two(*args, **kwargs):  # killed after its second checkpoint (epoch 6)
+        real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck_mod, "write_checkpoint", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        jaxsel.StAI(**est).fit(a.X, b.X, labels, checkpoint=path, checkpoint_every=3, **kw)
+    monkeypatch.setattr(ck_mod, "write_checkpoint", real)
+    resumed = jaxsel.StAI(**est, verbose=False).fit(a.X, b.X, labels, checkpoint=path, checkpoint_every=3, **kw)
+    _equal_trees((resumed.params_, resumed.history_), (plain.params_, plain.history_))
+    np.testing.assert_array_equal(resumed.impute(), plain.impute())
+    assert np.all(np.isfinite(resumed.history_["loss"]))
+    with pytest.raises(ValueError, match="other settings or other data"):
+        jaxsel.StAI(**{**est, "learning_rate": 0.01}).fit(a.X, b.X, labels, checkpoint=path, **kw)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        jaxsel.StAI(**est).fit(a.X, b.X, labels, checkpoint=tmp_path / "c.npz", checkpoint_every=0, **kw)
+
+
 def test_paths_and_flags_are_checked(marker_data, tmp_path):
     counts, x, y = marker_data
     with pytest.raises(FileNotFoundError, match="no jaxsel estimator file"):

@@ -81,14 +81,25 @@ def read_checkpoint(path, template, key: str) -> Checkpoint | None:
     return jax.tree.unflatten(treedef, out)
 
 
-def run_checkpointed(start_fn, segment_fn, loop: LoopConfig, path, every: int, key: str):
+def run_checkpointed(start_fn, segment_fn, loop: LoopConfig | None, path, every: int, key: str, *,
+                     max_epochs: int | None = None, epoch_of=None, done=None):
     """Run a fit in segments of ``every`` epochs, checkpointing to ``path`` after each.
 
     ``start_fn()`` returns the initial :class:`Checkpoint` (jitted
     :func:`jaxsel.engine.start`); ``segment_fn(checkpoint, stop_after)`` runs
     :func:`jaxsel.engine.fit_one` with ``resume`` and ``stop_after`` and returns
     ``(result, checkpoint)``. Returns the last segment's result.
+
+    Methods with their own fit state (stAI's :class:`~jaxsel.methods.stai.FitState`)
+    pass ``loop=None`` with ``max_epochs``, ``epoch_of(checkpoint) -> int`` (the next
+    epoch) and ``done(checkpoint) -> bool``.
     """
+    if loop is not None:
+        max_epochs = loop.max_epochs
+        epoch_of = epoch_of or (lambda ck: int(ck.epoch))
+        done = done or (lambda ck: bool(checkpoint_done(loop, ck)))
+    elif max_epochs is None or epoch_of is None or done is None:
+        raise ValueError("run_checkpointed without a loop needs max_epochs, epoch_of and done")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"checkpoint must be a file path (str or os.PathLike), got {path!r}.")
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
@@ -98,8 +109,8 @@ def run_checkpointed(start_fn, segment_fn, loop: LoopConfig, path, every: int, k
     if ck is None:
         ck = start_fn()
     res = None
-    while res is None or not bool(checkpoint_done(loop, ck)):
-        res, ck = segment_fn(ck, np.int32(min(int(ck.epoch) + every, loop.max_epochs)))
+    while res is None or not done(ck):
+        res, ck = segment_fn(ck, np.int32(min(epoch_of(ck) + every, max_epochs)))
         write_checkpoint(path, ck, key)
     return res
 

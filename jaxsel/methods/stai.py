@@ -31,7 +31,8 @@ the other folds' genes as input and learns to impute fold ``j``. A submodel's ge
 and consistence terms masked), so every submodel has the same shapes and the ``k``
 submodels, and the held-out gene folds of an evaluation protocol, are one vmapped
 program (:func:`fit`). Training is full batch for ``epochs`` Adam steps (the authors'
-setting), one ``lax.scan``.
+setting), one ``lax.fori_loop`` from a :class:`FitState` (:func:`start`,
+:func:`resume`), so a fit can stop after any epoch, be checkpointed and go on bit for bit.
 
 The hot loop (one full-batch step per submodel) is the MMD over all cell pairs and the
 top-k neighbour search; neither materialises an ``[n1, n2]`` matrix beyond a row tile:
@@ -48,7 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -66,6 +67,9 @@ __all__ = [
     "StAINet",
     "StAIData",
     "fit",
+    "start",
+    "resume",
+    "FitState",
     "attention_weights",
     "topk_attention",
     "gene_consistence",
@@ -344,27 +348,78 @@ def init_params(cfg: StAIConfig, key, data: StAIData):
     return cfg.net.init(key, x1[:2], data.neighbours[:2] * 0, data.x2[:2])["params"]
 
 
-def _fit_one(cfg: StAIConfig, key, data: StAIData, fit_mask, cal_mask):
+_TERMS = ("recon", "mmd", "cos", "impute", "clf", "gene")
+
+
+class FitState(NamedTuple):
+    """Where a fit stands (per model; a leading [M] axis from :func:`start`): parameters,
+    Adam state, the per-epoch loss terms so far (NaN for epochs not run) and the next
+    epoch. :func:`resume` goes on from it, so a fit cut into segments (checkpointed
+    between them) equals one run straight through, bit for bit."""
+
+    params: Any
+    opt_state: Any
+    history: dict
+    epoch: jax.Array
+
+
+def _start_one(cfg: StAIConfig, key, data: StAIData):
     params = init_params(cfg, key, data)
+    nan = jnp.full((cfg.epochs,), jnp.nan, jnp.float32)
+    history = {name: nan for name in ("loss",) + _TERMS}
+    return FitState(params, adam(cfg.learning_rate).init(params), history, jnp.int32(0))
+
+
+def _resume_one(cfg: StAIConfig, data: StAIData, fit_mask, cal_mask, state: FitState, stop_after):
+    """Full-batch Adam epochs ``state.epoch .. stop_after - 1`` of one model."""
     tx = adam(cfg.learning_rate)
     grad = jax.value_and_grad(functools.partial(loss_fn, cfg), has_aux=True)
 
-    def step(carry, epoch):
-        p, s = carry
-        (loss, terms), g = grad(p, data, fit_mask, cal_mask)
-        upd, s = tx.update(g, s, p)
+    def body(epoch, st):
+        (loss, terms), g = grad(st.params, data, fit_mask, cal_mask)
+        upd, opt = tx.update(g, st.opt_state, st.params)
         if cfg.progress is not None:
             jax.debug.callback(functools.partial(progress.report, cfg.progress, cfg.epochs), epoch, loss)
-        return (optax.apply_updates(p, upd), s), {"loss": loss, **terms}
+        hist = {k: h.at[epoch].set(loss if k == "loss" else terms[k]) for k, h in st.history.items()}
+        return FitState(optax.apply_updates(st.params, upd), opt, hist, epoch + 1)
 
-    (params, _), hist = jax.lax.scan(step, (params, tx.init(params)), jnp.arange(cfg.epochs))
-    return params, hist
+    stop = jnp.minimum(jnp.asarray(stop_after, jnp.int32), cfg.epochs)
+    return jax.lax.fori_loop(state.epoch, jnp.maximum(stop, state.epoch), body, state)
 
 
-def _fit_model(per_model, shared):
+def _fit_one(cfg: StAIConfig, key, data: StAIData, fit_mask, cal_mask):
+    """One model straight through: ``(params, history)``."""
+    st = _resume_one(cfg, data, fit_mask, cal_mask, _start_one(cfg, key, data), cfg.epochs)
+    return st.params, st.history
+
+
+def _start_model(per_model, shared):
     cfg, data = shared
-    key, fit_mask, cal_mask, x1_index = per_model
-    return _fit_one(cfg, key, _select_x1(data, x1_index), fit_mask, cal_mask)
+    key, x1_index = per_model
+    return _start_one(cfg, key, _select_x1(data, x1_index))
+
+
+def _resume_model(per_model, shared):
+    cfg, data, stop_after = shared
+    fit_mask, cal_mask, x1_index, state = per_model
+    return _resume_one(cfg, _select_x1(data, x1_index), fit_mask, cal_mask, state, stop_after)
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size", "mesh"))
+def start(cfg: StAIConfig, keys, data: StAIData, x1_index=None, *, batch_size=None, mesh=None) -> FitState:
+    """The initial :class:`FitState` of ``M = len(keys)`` models (see :func:`fit`)."""
+    data, x1_index = _stacked_x1(data, x1_index, keys.shape[0])
+    return map_folds(_start_model, (keys, x1_index), (cfg, data), batch_size=batch_size, mesh=mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size", "mesh"))
+def resume(cfg: StAIConfig, data: StAIData, fit_masks, cal_masks, state: FitState, stop_after, x1_index=None, *,
+           batch_size=None, mesh=None) -> FitState:
+    """Run every model of ``state`` up to epoch ``stop_after`` (at most ``cfg.epochs``);
+    one compiled program serves every segment."""
+    data, x1_index = _stacked_x1(data, x1_index, fit_masks.shape[0])
+    per_model = (fit_masks, cal_masks, x1_index, state)
+    return map_folds(_resume_model, per_model, (cfg, data, stop_after), batch_size=batch_size, mesh=mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "mesh"))
@@ -378,9 +433,9 @@ def fit(cfg: StAIConfig, keys, data: StAIData, fit_masks, cal_masks, x1_index=No
     ``mesh`` (see :func:`jaxsel.engine.map_folds`). Returns per-model parameters and the
     per-epoch loss terms (leading [M] axis).
     """
-    data, x1_index = _stacked_x1(data, x1_index, fit_masks.shape[0])
-    per_model = (keys, fit_masks, cal_masks, x1_index)
-    return map_folds(_fit_model, per_model, (cfg, data), batch_size=batch_size, mesh=mesh)
+    st = start(cfg, keys, data, x1_index, batch_size=batch_size, mesh=mesh)
+    st = resume(cfg, data, fit_masks, cal_masks, st, cfg.epochs, x1_index, batch_size=batch_size, mesh=mesh)
+    return st.params, st.history
 
 
 def _encode(cfg: StAIConfig, params, data: StAIData, fit_mask):
