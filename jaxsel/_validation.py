@@ -333,6 +333,23 @@ def check_bool(value, name: str) -> bool:
     return bool(value)
 
 
+def progress_label(est):
+    """The progress-line label of an estimator: its class name when ``est.verbose`` is
+    True, ``None`` when False; a ``TypeError`` for a non-bool ``verbose``."""
+    return type(est).__name__ if check_bool(est.verbose, "verbose") else None
+
+
+# constructor parameters that change neither training nor its result: a checkpoint stays
+# valid when only these differ (resume a quiet fit with ``verbose=True``, say)
+_NOT_TRAINING = ("verbose", "chunk", "memory_budget")
+
+
+def fit_settings(est) -> dict:
+    """``est.get_params()`` without the parameters that only affect printing or inference
+    (what a checkpoint's fingerprint must match)."""
+    return {k: v for k, v in est.get_params().items() if k not in _NOT_TRAINING}
+
+
 def check_int(value, name: str, low: int):
     """An integer ``>= low`` (``bool`` rejected), as an int; errors name ``name``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):

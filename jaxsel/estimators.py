@@ -45,6 +45,8 @@ from ._validation import (
     check_labels,
     check_n_markers,
     check_real,
+    fit_settings,
+    progress_label,
     check_random_state,
     to_dense,
 )
@@ -374,7 +376,7 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
             min_epochs=int(self.min_epochs),
             patience=None if self.patience is None else int(self.patience),
             lr_finder=finder,
-            progress=type(self).__name__ if check_bool(self.verbose, "verbose") else None,
+            progress=progress_label(self),
         )
         return cfg, loop, codes, classes, seed, vf
 
@@ -428,7 +430,7 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
         if checkpoint is None:
             result = mm.fit(cfg, loop, jax.random.key(seed), x, labels, split)
         else:
-            digest = engine.fingerprint(type(self).__name__, self.get_params(), seed, x, labels, tr, va)
+            digest = engine.fingerprint(type(self).__name__, fit_settings(self), seed, x, labels, tr, va)
             result = mm.fit_checkpointed(cfg, loop, jax.random.key(seed), x, labels, split, path=checkpoint,
                                          every=checkpoint_every, fingerprint=digest)
         self._store_fit(cfg, jax.device_get(result), classes)
@@ -1146,9 +1148,6 @@ class SparseBottleneck(_PairedSelector):
         self.random_state = random_state
         self.verbose = verbose
 
-    def _progress(self):
-        return "SparseBottleneck" if check_bool(self.verbose, "verbose") else None
-
     def _config(self, n_genes_in: int, n_outputs: int):
         from .methods import sbnn
 
@@ -1199,7 +1198,7 @@ class SparseBottleneck(_PairedSelector):
         clusters, pre = self._pretraining(cfg, y, [everyone], seed)
         data = sbnn.make_data(x, y, None if clusters is None else clusters[0])
         res = sbnn.fit(cfg, jax.random.key(seed), data, split.fold(0), None if pre is None else pre.fold(0),
-                       progress=self._progress())
+                       progress=progress_label(self))
         res = jax.device_get(res)
         self.cfg_ = cfg
         self.result_ = res
@@ -1254,7 +1253,7 @@ class SparseBottleneck(_PairedSelector):
         clusters, pre = self._pretraining(cfg, y, train_sets, seed)
         keys = engine.fold_keys(jax.random.key(seed), len(folds))
         res = sbnn.fit_folds(cfg, keys, sbnn.make_data(x, y), splits, clusters, pre, batch_size=batch_size,
-                             progress=self._progress())
+                             progress=progress_label(self))
         res = jax.device_get(res)
         hist = {k: np.asarray(v) for k, v in res.history.items()}
         return {
@@ -1289,7 +1288,7 @@ class SparseBottleneck(_PairedSelector):
         clusters, pre = self._pretraining(cfg, y, sets, seed)
         keys = engine.fold_keys(jax.random.key(seed), n_restarts)
         res = sbnn.fit_folds(cfg, keys, sbnn.make_data(x, y), splits, clusters, pre, batch_size=batch_size,
-                             progress=self._progress())
+                             progress=progress_label(self))
         return _selection_stability(np.asarray(res.genes), x.shape[1])
 
 

@@ -37,6 +37,8 @@ from ._validation import (
     check_matrix,
     check_random_state,
     check_real,
+    fit_settings,
+    progress_label,
     to_dense,
 )
 from .methods import gimvi as gv
@@ -277,8 +279,7 @@ class StAI(PersistMixin, BaseEstimator):
                   n_inputs=(n_inputs or n_genes) - (n_inputs or n_genes) // int(self.n_calibration_folds))
         if self.epochs is not None:
             kw["epochs"] = check_int(self.epochs, "epochs", 1)
-        if check_bool(self.verbose, "verbose"):
-            kw["progress"] = "StAI"
+        kw["progress"] = progress_label(self)
         if self.loss_weights is not None and not isinstance(self.loss_weights, dict):
             raise TypeError(f"loss_weights must be a dict, got {type(self.loss_weights).__name__}.")
         weights = dict(self.loss_weights or {})
@@ -376,15 +377,14 @@ class StAI(PersistMixin, BaseEstimator):
         if checkpoint is None:
             params, hist = st.fit(cfg, keys, data, fm, cm, idx, **kw)
         else:
-            settings = {k: v for k, v in self.get_params().items() if k not in ("verbose", "chunk")}
-            digest = engine.fingerprint("StAI", settings, seed, data, fm, cm, idx)
-            epoch_of = lambda ck: int(np.max(np.asarray(ck.epoch)))  # noqa: E731
-            state = engine.run_checkpointed(
-                lambda: st.start(cfg, keys, data, idx, **kw),
-                lambda ck, stop: (lambda new: (new, new))(st.resume(cfg, data, fm, cm, ck, stop, idx, **kw)),
-                None, checkpoint, every, digest,
-                max_epochs=cfg.epochs, epoch_of=epoch_of, done=lambda ck: epoch_of(ck) >= cfg.epochs,
-            )
+            digest = engine.fingerprint("StAI", fit_settings(self), seed, data, fm, cm, idx)
+
+            def segment(state, stop_after):  # (result, checkpoint): here both the state
+                state = st.resume(cfg, data, fm, cm, state, stop_after, idx, **kw)
+                return state, state
+
+            state = engine.run_checkpointed(lambda: st.start(cfg, keys, data, idx, **kw), segment, checkpoint, every,
+                                            digest, max_epochs=cfg.epochs)
             params, hist = state.params, state.history
         engine.check_history(jax.device_get(hist), model="StAI", stopped=False, hint="Lower learning_rate, or check "
                              "that the inputs are expression on the scale the `counts` setting says.")
@@ -792,7 +792,7 @@ class GimVI(PersistMixin, BaseEstimator):
     def _loop(self) -> engine.LoopConfig:
         return engine.LoopConfig(max_epochs=check_int(self.max_epochs, "max_epochs", 1),
                                  batch_size=check_int(self.batch_size, "batch_size", 1), min_epochs=0, patience=None,
-                                 progress="GimVI" if check_bool(self.verbose, "verbose") else None)
+                                 progress=progress_label(self))
 
     def _model_batch_size(self):
         if isinstance(self.model_batch_size, str):
@@ -881,7 +881,7 @@ class GimVI(PersistMixin, BaseEstimator):
         else:
             cfg, models, loop, keys, data, splits = self._program(d, masks, [seed])
             model = first(models)
-            digest = engine.fingerprint("GimVI", self.get_params(), seed, d["xr"], d["xs"], d["ref_names"].tolist(),
+            digest = engine.fingerprint("GimVI", fit_settings(self), seed, d["xr"], d["xs"], d["ref_names"].tolist(),
                                         d["sp_names"].tolist(), splits)
             res = engine.fit_checkpointed(model, loop, keys[0], data, first(splits), path=checkpoint,
                                           every=checkpoint_every, fingerprint=digest)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import jax
@@ -147,26 +148,33 @@ def test_load_refuses_other_classes_versions_and_damaged_files(marker_data, tmp_
         jaxsel.DEMarkers(4).save(tmp_path / "unfitted")
 
 
+@contextlib.contextmanager
+def _killed_after_checkpoints(monkeypatch, n: int):
+    """The job is killed (``KeyboardInterrupt``) right after writing its ``n``-th checkpoint."""
+    from jaxsel.engine import checkpoint as ck_mod
+
+    real, calls = ck_mod.write_checkpoint, {"n": 0}
+
+    def write_then_die(*args, **kwargs):
+        real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck_mod, "write_checkpoint", write_then_die)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(ck_mod, "write_checkpoint", real)
+
+
 def test_interrupted_fit_resumes_from_its_checkpoint(marker_data, tmp_path, monkeypatch):
     counts, x, y = marker_data
     kw = dict(n_markers=4, hidden_size=8, max_epochs=7, min_epochs=7, batch_size=32, random_state=0)
     whole = jaxsel.MarkerMap(**kw).fit(x, y)
     path = tmp_path / "run.ckpt.npz"
-    from jaxsel.engine import checkpoint as ck_mod
-
-    calls = {"n": 0}
-    real = ck_mod.write_checkpoint
-
-    def crash_after_two(*a, **k):  # the job is killed after its second checkpoint
-        real(*a, **k)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ck_mod, "write_checkpoint", crash_after_two)
-    with pytest.raises(KeyboardInterrupt):
+    with _killed_after_checkpoints(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         jaxsel.MarkerMap(**kw).fit(x, y, checkpoint=path, checkpoint_every=3)
-    monkeypatch.setattr(ck_mod, "write_checkpoint", real)
     assert path.exists()
     resumed = jaxsel.MarkerMap(**kw).fit(x, y, checkpoint=path, checkpoint_every=3)  # epochs 6 and 7 only
     _equal_trees(vars(resumed), vars(whole))
@@ -200,22 +208,10 @@ def test_stai_interrupted_fit_resumes_and_equals_the_plain_fit(tmp_path, monkeyp
     est = dict(n_calibration_folds=2, epochs=7, random_state=0)
     plain = jaxsel.StAI(**est).fit(a.X, b.X, labels, **kw)
     path = tmp_path / "stai.npz"
-    from jaxsel.engine import checkpoint as ck_mod
-
-    calls = {"n": 0}
-    real = ck_mod.write_checkpoint
-
-    def crash_after_two(*args, **kwargs):  # killed after its second checkpoint (epoch 6)
-        real(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ck_mod, "write_checkpoint", crash_after_two)
-    with pytest.raises(KeyboardInterrupt):
+    with _killed_after_checkpoints(monkeypatch, 2), pytest.raises(KeyboardInterrupt):  # after epoch 6
         jaxsel.StAI(**est).fit(a.X, b.X, labels, checkpoint=path, checkpoint_every=3, **kw)
-    monkeypatch.setattr(ck_mod, "write_checkpoint", real)
-    resumed = jaxsel.StAI(**est, verbose=False).fit(a.X, b.X, labels, checkpoint=path, checkpoint_every=3, **kw)
+    # printing is no training setting: a quiet fit's checkpoint resumes with verbose=True
+    resumed = jaxsel.StAI(**est, verbose=True).fit(a.X, b.X, labels, checkpoint=path, checkpoint_every=3, **kw)
     _equal_trees((resumed.params_, resumed.history_), (plain.params_, plain.history_))
     np.testing.assert_array_equal(resumed.impute(), plain.impute())
     assert np.all(np.isfinite(resumed.history_["loss"]))

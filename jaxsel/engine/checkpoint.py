@@ -81,29 +81,25 @@ def read_checkpoint(path, template, key: str) -> Checkpoint | None:
     return jax.tree.unflatten(treedef, out)
 
 
-def run_checkpointed(start_fn, segment_fn, loop: LoopConfig | None, path, every: int, key: str, *,
-                     max_epochs: int | None = None, epoch_of=None, done=None):
+def run_checkpointed(start_fn, segment_fn, path, every: int, key: str, *, max_epochs: int, done=None):
     """Run a fit in segments of ``every`` epochs, checkpointing to ``path`` after each.
 
-    ``start_fn()`` returns the initial :class:`Checkpoint` (jitted
-    :func:`jaxsel.engine.start`); ``segment_fn(checkpoint, stop_after)`` runs
-    :func:`jaxsel.engine.fit_one` with ``resume`` and ``stop_after`` and returns
-    ``(result, checkpoint)``. Returns the last segment's result.
-
-    Methods with their own fit state (stAI's :class:`~jaxsel.methods.stai.FitState`)
-    pass ``loop=None`` with ``max_epochs``, ``epoch_of(checkpoint) -> int`` (the next
-    epoch) and ``done(checkpoint) -> bool``.
+    ``start_fn()`` returns the initial checkpoint (a pytree with the next epoch in
+    ``.epoch``, a scalar or one per model); ``segment_fn(checkpoint, stop_after)`` runs
+    up to epoch ``stop_after`` and returns ``(result, checkpoint)``. ``done(checkpoint)``
+    says whether the fit has ended (default: every model reached ``max_epochs``; the
+    engine's loop also ends at early stopping, :func:`checkpoint_done`). Returns the last
+    segment's result.
     """
-    if loop is not None:
-        max_epochs = loop.max_epochs
-        epoch_of = epoch_of or (lambda ck: int(ck.epoch))
-        done = done or (lambda ck: bool(checkpoint_done(loop, ck)))
-    elif max_epochs is None or epoch_of is None or done is None:
-        raise ValueError("run_checkpointed without a loop needs max_epochs, epoch_of and done")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"checkpoint must be a file path (str or os.PathLike), got {path!r}.")
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise ValueError(f"checkpoint_every must be a positive int, got {every!r}.")
+
+    def epoch_of(ck) -> int:
+        return int(np.max(np.asarray(ck.epoch)))
+
+    done = done or (lambda ck: epoch_of(ck) >= max_epochs)
     template = jax.eval_shape(start_fn)
     ck = read_checkpoint(path, template, key)
     if ck is None:
@@ -130,5 +126,5 @@ def fit_checkpointed(method, loop: LoopConfig, key, data, split, *, path, every:
     return run_checkpointed(
         lambda: _start(method, loop, key, data, split),
         lambda ck, stop_after: _segment(method, loop, key, data, split, ck, stop_after),
-        loop, path, every, fingerprint,
+        path, every, fingerprint, max_epochs=loop.max_epochs, done=lambda ck: bool(checkpoint_done(loop, ck)),
     )
