@@ -1178,7 +1178,7 @@ class SparseBottleneck(_PairedSelector):
         )
         return clusters, engine.make_splits(pre_tr, pre_va)
 
-    def fit(self, X, Y):
+    def fit(self, X, Y, *, checkpoint=None, checkpoint_every=10):
         """Fit the whole schedule on all cells.
 
         Parameters
@@ -1186,6 +1186,14 @@ class SparseBottleneck(_PairedSelector):
         X : array-like [n_cells, n_genes]; preprocessed expression (the paper:
             :func:`jaxsel.preprocessing.sbnn_recipe`). Never modified.
         Y : array-like [n_cells, n_features]; the paired modality (standardised).
+        checkpoint : path, optional
+            Train in segments of at most ``checkpoint_every`` epochs (a segment ends
+            with its stage) and write the training state to this ``.npz`` file after
+            each; run again with the same path, settings and data and the fit goes on
+            where it stopped, with the result of an uninterrupted fit, bit for bit. A
+            file from other settings, other data or another jaxsel version is an error.
+        checkpoint_every : int
+            Epochs per segment (default 10).
         """
         from .methods import sbnn
 
@@ -1197,8 +1205,13 @@ class SparseBottleneck(_PairedSelector):
         split = engine.make_splits([everyone], [everyone])
         clusters, pre = self._pretraining(cfg, y, [everyone], seed)
         data = sbnn.make_data(x, y, None if clusters is None else clusters[0])
-        res = sbnn.fit(cfg, jax.random.key(seed), data, split.fold(0), None if pre is None else pre.fold(0),
-                       progress=progress_label(self))
+        args = (cfg, jax.random.key(seed), data, split.fold(0), None if pre is None else pre.fold(0))
+        if checkpoint is None:
+            res = sbnn.fit(*args, progress=progress_label(self))
+        else:
+            digest = engine.fingerprint(type(self).__name__, fit_settings(self), seed, x, y)
+            res = sbnn.fit_checkpointed(*args, path=checkpoint, every=checkpoint_every, fingerprint=digest,
+                                        progress=progress_label(self))
         res = jax.device_get(res)
         self.cfg_ = cfg
         self.result_ = res

@@ -221,6 +221,34 @@ def test_stai_interrupted_fit_resumes_and_equals_the_plain_fit(tmp_path, monkeyp
         jaxsel.StAI(**est).fit(a.X, b.X, labels, checkpoint=tmp_path / "c.npz", checkpoint_every=0, **kw)
 
 
+def test_sparse_bottleneck_interrupted_fit_resumes_and_equals_the_plain_fit(paired, tmp_path, monkeypatch):
+    """Five stages, segments of 2 epochs that end with their stage: killed in the middle
+    of the frozen stage, resumed (with printing on), the result is the plain fit's."""
+    xp, yp, _ = paired
+    est = dict(n_genes=3, hidden=(8, 4), n_clusters=4, batch_size=16, random_state=0,
+               epochs={"pretrain": 4, "frozen": 3, "unfrozen": 3, "finetune": 2, "ae": 2})
+    plain = jaxsel.SparseBottleneck(**est).fit(xp, yp)
+    path = tmp_path / "sbnn.npz"
+    with _killed_after_checkpoints(monkeypatch, 3), pytest.raises(KeyboardInterrupt):  # pretrain 2, 2; frozen 2
+        jaxsel.SparseBottleneck(**est).fit(xp, yp, checkpoint=path, checkpoint_every=2)
+    from jaxsel.engine import checkpoint as ck_mod
+
+    writes = []
+    real = ck_mod.write_checkpoint
+    monkeypatch.setattr(ck_mod, "write_checkpoint", lambda p, ck, key: (writes.append(int(ck.epoch)), real(p, ck, key)))
+    resumed = jaxsel.SparseBottleneck(**est, verbose=True).fit(xp, yp, checkpoint=path, checkpoint_every=2)
+    monkeypatch.setattr(ck_mod, "write_checkpoint", real)
+    assert writes == [7, 9, 10, 12, 14]  # the rest of frozen, unfrozen, finetune, ae: nothing run twice
+    _equal_trees((resumed.result_, resumed.history_), (plain.result_, plain.history_))
+    again = jaxsel.SparseBottleneck(**est).fit(xp, yp, checkpoint=path)  # the file holds a finished fit
+    _equal_trees(again.result_, plain.result_)
+    np.testing.assert_array_equal(again.predict(xp), plain.predict(xp))
+    with pytest.raises(ValueError, match="other settings or other data"):
+        jaxsel.SparseBottleneck(**{**est, "lasso": 0.2}).fit(xp, yp, checkpoint=path)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        jaxsel.SparseBottleneck(**est).fit(xp, yp, checkpoint=tmp_path / "c.npz", checkpoint_every=0)
+
+
 def test_paths_and_flags_are_checked(marker_data, tmp_path):
     counts, x, y = marker_data
     with pytest.raises(FileNotFoundError, match="no jaxsel estimator file"):

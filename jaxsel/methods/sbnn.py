@@ -75,11 +75,13 @@ from ..nn.selectors import hard_topk
 
 __all__ = [
     "SCHEDULES",
+    "FitCheckpoint",
     "SparseBottleneckConfig",
     "SparseBottleneckNet",
     "SparseBottleneckResult",
     "make_data",
     "fit",
+    "fit_checkpointed",
     "fit_folds",
     "predict",
     "latent",
@@ -481,8 +483,7 @@ def make_data(x, y, clusters=None):
     return {"x": x, "y": y, "c": c}
 
 
-def _regression_history(fr: engine.FitResult) -> dict:
-    h = fr.history
+def _regression_history(h: dict) -> dict:
     return {
         "train_loss": h["train_loss"],
         "test_loss": h["val_loss"],
@@ -492,67 +493,101 @@ def _regression_history(fr: engine.FitResult) -> dict:
     }
 
 
+_STAGES = ("pretrain", "frozen", "unfrozen", "finetune", "ae")
+_PRUNED = ("finetune", "ae")  # stages that train the pruned network
+
+
 def _stage_keys(key):
     """Keys of initialisation and the five stages (initialisation key first)."""
     return jax.random.split(key, 6)
 
 
-def _fit_one(cfg: SparseBottleneckConfig, loops: _Loops, key, data, split: engine.Splits, pre_split: engine.Splits):
-    """The whole schedule for one fold (traceable; ``data["c"]`` may be per fold)."""
-    net = cfg.net
-    k_init, k_pre, k_frz, k_unf, k_fine, k_ae = _stage_keys(key)
+def _present(loops: _Loops) -> tuple:
+    """Names of the stages this schedule runs, in order."""
+    return tuple(n for n in _STAGES if getattr(loops, n) is not None)
+
+
+def _begin(cfg: SparseBottleneckConfig, key, data, split: engine.Splits):
+    """``(x_mean, y_mean, initial parameters)`` of one fold."""
     x_mean = engine.valid_mean(jnp.take(data["x"], split.train_idx, axis=0), split.n_train)
     y_mean = engine.valid_mean(jnp.take(data["y"], split.train_idx, axis=0), split.n_train)
-    params = init_params(cfg, k_init)
+    return x_mean, y_mean, init_params(cfg, _stage_keys(key)[0])
+
+
+def _stage_method(cfg: SparseBottleneckConfig, name: str, x_mean, y_mean, genes=None) -> _Stage:
+    """The engine method of stage ``name`` (``genes``: the pruned stages' selection)."""
     enc = tuple(f"enc_{i}" for i in range(len(cfg.hidden)))
     dec = tuple(f"dec_{i}" for i in range(len(cfg.hidden)))
     body = (*enc, "bottleneck", *dec)
-    stage = functools.partial(
-        _Stage, net, lasso=cfg.lasso, l2=cfg.l2, x_mean=x_mean, y_mean=y_mean, genes=None
-    )
-    hist = {}
-    pre_best = jnp.asarray(-1, jnp.int32)
-    if loops.pretrain is not None:
-        m = stage(task="clf", trainable=(*body, "clf"), learning_rate=cfg.learning_rate)
-        fr = engine.fit_one(m, loops.pretrain, k_pre, data, pre_split, params=(params, {}))
-        params, pre_best = fr.params, fr.best_epoch
-        hist["pretrain_train_loss"] = fr.history["train_loss"]
-        hist["pretrain_val_loss"] = fr.history["val_loss"]
-        hist["pretrain_val_accuracy"] = fr.history["val_accuracy"]
-    parts = []
-    if loops.frozen is not None:
-        m = stage(task="regr", trainable=(*body[2:], "regr"), learning_rate=cfg.learning_rate)
-        fr = engine.fit_one(m, loops.frozen, k_frz, data, split, params=(params, {}))
-        params = fr.params
-        parts.append(_regression_history(fr))
-    if loops.unfrozen is not None:
-        m = stage(task="regr", trainable=(*body, "regr"), learning_rate=cfg.unfrozen_learning_rate)
-        fr = engine.fit_one(m, loops.unfrozen, k_unf, data, split, params=(params, {}))
-        params = fr.params
-        parts.append(_regression_history(fr))
-    # Pruning: keep the n_selected rows of the first kernel with the largest norms.
+    task, trainable, lr, lasso = {
+        "pretrain": ("clf", (*body, "clf"), cfg.learning_rate, cfg.lasso),
+        "frozen": ("regr", (*body[2:], "regr"), cfg.learning_rate, cfg.lasso),
+        "unfrozen": ("regr", (*body, "regr"), cfg.unfrozen_learning_rate, cfg.lasso),
+        "finetune": ("regr", (*body, "regr"), cfg.finetune_learning_rate, 0.0),
+        "ae": ("ae", (*(f"ae_{i}" for i in range(len(cfg.hidden))), "ae_out"), cfg.ae_learning_rate, 0.0),
+    }[name]
+    return _Stage(cfg.net, task=task, trainable=trainable, learning_rate=lr, lasso=lasso, l2=cfg.l2,
+                  x_mean=x_mean, y_mean=y_mean, genes=genes if name in _PRUNED else None)
+
+
+def _prune(cfg: SparseBottleneckConfig, params):
+    """``(genes, norms, pruned parameters)``: keep the ``n_selected`` rows of the first
+    kernel with the largest norms."""
     norms = row_norms(params)
     genes = hard_topk(norms, cfg.n_selected).astype(jnp.int32)
     params = dict(params)
     params["enc_0"] = {"kernel": jnp.take(params["enc_0"]["kernel"], genes, axis=0), "bias": params["enc_0"]["bias"]}
-    pruned = functools.partial(stage, genes=genes)
-    if loops.finetune is not None:
-        m = pruned(task="regr", trainable=(*body, "regr"), learning_rate=cfg.finetune_learning_rate, lasso=0.0)
-        fr = engine.fit_one(m, loops.finetune, k_fine, data, split, params=(params, {}))
-        params = fr.params
-        parts.append(_regression_history(fr))
+    return genes, norms, params
+
+
+def _stage_start_params(cfg: SparseBottleneckConfig, name: str, params):
+    """What stage ``name`` starts from: the autoencoder head starts from the trained
+    regression decoder (the paper)."""
+    if name != "ae":
+        return params
+    params = dict(params)
+    for i in range(len(cfg.hidden)):
+        params[f"ae_{i}"] = params[f"dec_{i}"]
+    return params
+
+
+def _stage_args(name: str, key, split, pre_split):
+    """``(key, split)`` of stage ``name``."""
+    k = dict(zip(_STAGES, _stage_keys(key)[1:]))[name]
+    return k, (pre_split if name == "pretrain" else split)
+
+
+def _assemble(genes, norms, params, x_mean, y_mean, hists: dict, pre_best) -> SparseBottleneckResult:
+    """The result from the stages' histories (``hists``: name -> engine history)."""
+    hist = {}
+    if "pretrain" in hists:
+        hist["pretrain_train_loss"] = hists["pretrain"]["train_loss"]
+        hist["pretrain_val_loss"] = hists["pretrain"]["val_loss"]
+        hist["pretrain_val_accuracy"] = hists["pretrain"]["val_accuracy"]
+    parts = [_regression_history(hists[n]) for n in ("frozen", "unfrozen", "finetune") if n in hists]
     hist.update({k: jnp.concatenate([p[k] for p in parts]) for k in parts[0]})
-    if loops.ae is not None:
-        # The autoencoder head starts from the trained regression decoder (the paper).
-        for i in range(len(cfg.hidden)):
-            params[f"ae_{i}"] = params[f"dec_{i}"]
-        ae_names = (*(f"ae_{i}" for i in range(len(cfg.hidden))), "ae_out")
-        m = pruned(task="ae", trainable=ae_names, learning_rate=cfg.ae_learning_rate, lasso=0.0)
-        fr = engine.fit_one(m, loops.ae, k_ae, data, split, params=(params, {}))
-        params = fr.params
-        hist["ae_train_r2"] = 1.0 - fr.history["train_sse"] / fr.history["train_sst"]
-        hist["ae_test_r2"] = fr.history["val_r2"]
+    if "ae" in hists:
+        hist["ae_train_r2"] = 1.0 - hists["ae"]["train_sse"] / hists["ae"]["train_sst"]
+        hist["ae_test_r2"] = hists["ae"]["val_r2"]
     return SparseBottleneckResult(genes, norms, params, x_mean, y_mean, hist, pre_best)
+
+
+def _fit_one(cfg: SparseBottleneckConfig, loops: _Loops, key, data, split: engine.Splits, pre_split: engine.Splits):
+    """The whole schedule for one fold (traceable; ``data["c"]`` may be per fold)."""
+    x_mean, y_mean, params = _begin(cfg, key, data, split)
+    hists, pre_best, pruned = {}, jnp.asarray(-1, jnp.int32), None
+    for name in _present(loops):
+        if name in _PRUNED and pruned is None:
+            genes, norms, params = pruned = _prune(cfg, params)
+        k, sp = _stage_args(name, key, split, pre_split)
+        m = _stage_method(cfg, name, x_mean, y_mean, None if pruned is None else pruned[0])
+        fr = engine.fit_one(m, getattr(loops, name), k, data, sp, params=(_stage_start_params(cfg, name, params), {}))
+        params, hists[name] = fr.params, fr.history
+        if name == "pretrain":
+            pre_best = fr.best_epoch
+    if pruned is None:
+        genes, norms, params = _prune(cfg, params)
+    return _assemble(genes, norms, params, x_mean, y_mean, hists, pre_best)
 
 
 @functools.partial(jax.jit, static_argnames=("loops",))
@@ -583,6 +618,119 @@ def fit(cfg: SparseBottleneckConfig, key, data: dict, split: engine.Splits, pre_
     loops = _make_loops(cfg, int(split.n_train), int(pre_split.n_train), progress)
     args = (cfg, loops, key, data, split, pre_split)
     return _fit_single.lower(*args) if lower else _fit_single(*args)
+
+
+class FitCheckpoint(NamedTuple):
+    """Where a checkpointed fit (:func:`fit_checkpointed`) stands: ``stage`` indexes the
+    schedule's stages (their count when finished), ``epoch`` counts epochs over the
+    whole schedule (each stage from the sum of the earlier stages' lengths), ``params``
+    the unpruned and ``pruned`` the pruned network, ``inner`` one engine
+    :class:`~jaxsel.engine.Checkpoint` per stage (the current one live, later ones
+    placeholders, earlier ones finished: their histories are the result's)."""
+
+    stage: jax.Array
+    epoch: jax.Array
+    x_mean: jax.Array
+    y_mean: jax.Array
+    params: dict
+    pruned: dict
+    genes: jax.Array
+    norms: jax.Array
+    pre_best: jax.Array
+    inner: tuple
+
+
+def _stage_checkpoint(cfg, loops, name, key, data, split, pre_split, x_mean, y_mean, params, genes):
+    k, sp = _stage_args(name, key, split, pre_split)
+    m = _stage_method(cfg, name, x_mean, y_mean, genes)
+    return engine.start(m, getattr(loops, name), k, data, sp, params=(_stage_start_params(cfg, name, params), {}))
+
+
+@functools.partial(jax.jit, static_argnames=("loops",))
+def _ck_start(cfg, loops, key, data, split, pre_split) -> FitCheckpoint:
+    x_mean, y_mean, params = _begin(cfg, key, data, split)
+    genes, norms, pruned = _prune(cfg, params)  # placeholders until the pruning
+    inner = []
+    for i, name in enumerate(_present(loops)):
+        p = pruned if name in _PRUNED else params
+        ck = functools.partial(_stage_checkpoint, cfg, loops, name, key, data, split, pre_split, x_mean, y_mean, p,
+                               genes)
+        inner.append(ck() if i == 0 else jax.tree.map(jnp.zeros_like, jax.eval_shape(ck)))
+    return FitCheckpoint(jnp.int32(0), jnp.int32(0), x_mean, y_mean, params, pruned, genes, norms,
+                         jnp.int32(-1), tuple(inner))
+
+
+@functools.partial(jax.jit, static_argnames=("loops", "name"))
+def _ck_segment(cfg, loops, name, key, data, split, pre_split, ck: FitCheckpoint, inner, stop_after):
+    k, sp = _stage_args(name, key, split, pre_split)
+    m = _stage_method(cfg, name, ck.x_mean, ck.y_mean, ck.genes)
+    return engine.fit_one(m, getattr(loops, name), k, data, sp, resume=inner, stop_after=stop_after)
+
+
+@functools.partial(jax.jit, static_argnames=("loops", "name"))
+def _ck_advance(cfg, loops, name, key, data, split, pre_split, ck: FitCheckpoint, fr: engine.FitResult):
+    """The checkpoint after stage ``name`` ended with ``fr``: its parameters kept, the
+    network pruned before the first pruned stage (or at the end), the next stage
+    started."""
+    names = _present(loops)
+    i = names.index(name)
+    nxt = names[i + 1] if i + 1 < len(names) else None
+    params, pruned, genes, norms = ck.params, ck.pruned, ck.genes, ck.norms
+    if name in _PRUNED:
+        pruned = fr.params
+    else:
+        params = fr.params
+        if nxt is None or nxt in _PRUNED:
+            genes, norms, pruned = _prune(cfg, params)
+    inner = list(ck.inner)
+    inner[i] = fr.checkpoint
+    if nxt is not None:
+        inner[i + 1] = _stage_checkpoint(cfg, loops, nxt, key, data, split, pre_split, ck.x_mean, ck.y_mean,
+                                         pruned if nxt in _PRUNED else params, genes)
+    pre_best = fr.best_epoch if name == "pretrain" else ck.pre_best
+    epoch = sum(getattr(loops, n).max_epochs for n in names[: i + 1])
+    return FitCheckpoint(jnp.int32(i + 1), jnp.int32(epoch), ck.x_mean, ck.y_mean, params, pruned, genes, norms,
+                         pre_best, tuple(inner))
+
+
+@functools.partial(jax.jit, static_argnames=("names",))
+def _ck_result(ck: FitCheckpoint, names: tuple) -> SparseBottleneckResult:
+    hists = {n: c.history for n, c in zip(names, ck.inner)}
+    return _assemble(ck.genes, ck.norms, ck.pruned, ck.x_mean, ck.y_mean, hists, ck.pre_best)
+
+
+def fit_checkpointed(cfg: SparseBottleneckConfig, key, data: dict, split: engine.Splits,
+                     pre_split: engine.Splits | None = None, *, path, every: int, fingerprint: str,
+                     progress: str | None = None) -> SparseBottleneckResult:
+    """:func:`fit` in segments of at most ``every`` epochs (a segment ends with its
+    stage), writing a :class:`FitCheckpoint` to ``path`` after each
+    (:func:`jaxsel.engine.run_checkpointed`). Run again with the same path, settings and
+    data (``fingerprint``), it goes on where it stopped; the result is the one of an
+    uninterrupted :func:`fit`, bit for bit."""
+    if cfg.pretrain_epochs and pre_split is None:
+        raise ValueError("cfg.pretrain_epochs > 0 needs pre_split (the pre-training train / held-out cells)")
+    pre_split = split if pre_split is None else pre_split
+    loops = _make_loops(cfg, int(split.n_train), int(pre_split.n_train), progress)
+    names = _present(loops)
+    offsets = [sum(getattr(loops, n).max_epochs for n in names[:i]) for i in range(len(names) + 1)]
+    args = (cfg, loops)
+    fold = (key, data, split, pre_split)
+
+    def segment(ck, stop_after):
+        i = int(ck.stage)
+        if i < len(names):
+            name = names[i]
+            loop = getattr(loops, name)
+            stop = jnp.int32(min(int(stop_after) - offsets[i], loop.max_epochs))
+            fr = _ck_segment(*args, name, *fold, ck, ck.inner[i], stop)
+            if not bool(engine.checkpoint_done(loop, fr.checkpoint)):
+                inner = ck.inner[:i] + (fr.checkpoint,) + ck.inner[i + 1:]
+                return None, ck._replace(inner=inner, epoch=jnp.int32(offsets[i] + int(fr.checkpoint.epoch)))
+            ck = _ck_advance(*args, name, *fold, ck, fr)
+        return (_ck_result(ck, names) if int(ck.stage) == len(names) else None), ck
+
+    return engine.run_checkpointed(lambda: _ck_start(*args, *fold), segment, path, every, fingerprint,
+                                   max_epochs=offsets[-1], done=lambda ck: int(ck.stage) == len(names))
 
 
 @functools.partial(jax.jit, static_argnames=("loops", "batch_size", "mesh"))
