@@ -321,8 +321,11 @@ def quality(args, name: str, d: dict) -> dict:
             sc = metrics.imputation_scores(truth, imputed)
             per_seed.append({"spearman": float(np.nanmedian(sc["spearman"])), "pcc": float(np.nanmedian(sc["pcc"])),
                              "fit_s": fit_s, **_integration(latents, alone)})
-        out["scvi"] = {"per_seed": per_seed, "summary": _summary(per_seed), "wall_s": ref_wall,
-                       "workers": args.ref_workers, "cached_runs": int(sum(bool(r.get("cached")) for r in runs)),
+        cached = int(sum(bool(r.get("cached")) for r in runs))
+        # a cached run was timed when it ran: its fit time is kept, the wall time of this call is not its cost
+        out["scvi"] = {"per_seed": per_seed, "summary": _summary(per_seed), "wall_s": None if cached else ref_wall,
+                       "fit_s_sum": float(sum(r["fit_s"] for r in runs)),
+                       "workers": args.ref_workers, "cached_runs": cached,
                        "versions": runs[0].get("versions")}
         s = out["scvi"]["summary"]
         print(f"{name} scvi-tools: Spearman {s['spearman'][0]:.3f} +- {s['spearman'][1]:.3f}, PCC {s['pcc'][0]:.3f}, "
@@ -375,8 +378,9 @@ def render(res: dict) -> str:
             ent = " / ".join(f"{s_['mixing_entropy'][str(k) if str(k) in s_['mixing_entropy'] else k][0]:.3f}"
                              for k in KS)
             pur = " / ".join(f"{s_['knn_purity'][str(k) if str(k) in s_['knn_purity'] else k][0]:.3f}" for k in KS)
-            lines.append(f"| {label} | {_pm(s_['spearman'])} | {_pm(s_['pcc'])} | {ent} | {pur} | "
-                         f"{q[impl]['wall_s']:.0f} |")
+            wall = q[impl].get("wall_s")
+            wall = f"{wall:.0f}" if wall is not None else f"cached runs (fits {q[impl].get('fit_s_sum', float('nan')):.0f} s)"
+            lines.append(f"| {label} | {_pm(s_['spearman'])} | {_pm(s_['pcc'])} | {ent} | {pur} | {wall} |")
         if "jaxsel" in q:
             u = q["jaxsel"]["summary"]["sd_vs_error_spearman"]
             lines += ["", f"Uncertainty: Spearman correlation across held-out genes between jaxsel's mean posterior "
