@@ -458,6 +458,12 @@ def summary_markermap(r: dict, ref_ok: bool) -> list:
         if model == "supervised" and fo:
             fold = (f"{fo['loop_run_s'] / fo['vmapped_run_s']:.2f}x ({fo['n_folds']} folds: one program "
                     f"{fo['vmapped_run_s']:.0f} s, loop {fo['loop_run_s']:.0f} s)")
+            if "looped_program_run_s" in fo:  # the CPU default: folds looped inside one program
+                fold = (f"vmapped {fo['loop_run_s'] / fo['vmapped_run_s']:.2f}x, looped in the program "
+                        f"{fo['loop_run_s'] / fo['looped_program_run_s']:.2f}x ({fo['n_folds']} folds: "
+                        f"{fo['vmapped_run_s']:.0f} s / {fo['looped_program_run_s']:.0f} s against a loop of fits "
+                        f"{fo['loop_run_s']:.0f} s; bit for bit {sum(fo['looped_program_bitwise'])}/{fo['n_folds']} "
+                        f"looped, {sum(fo['vmapped_bitwise'])}/{fo['n_folds']} vmapped)")
         na = "n/a" if ref_ok else "n/a (no reference run)"
         rows.append({
             "method": label, "benchmark": "markermap",

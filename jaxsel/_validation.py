@@ -350,6 +350,26 @@ def fit_settings(est) -> dict:
     return {k: v for k, v in est.get_params().items() if k not in _NOT_TRAINING}
 
 
+def fold_batch_size(value, name: str = "batch_size"):
+    """Resolve how many folds (models) a fold-parallel program fits at once per device:
+    an int ``>= 1`` (``lax.map`` over the rest, still one compiled program), ``None``
+    (all together, ``vmap``) or ``"auto"``: 1 on CPU and ``None`` on accelerators.
+
+    On CPU one fold's step already fills the cores: one at a time was measured faster
+    than vmapped for every method on the 2-core development machine, and each fold then
+    equals the same fold fitted alone bit for bit (XLA:CPU rounds some reductions
+    differently with a batch axis; ``benchmarks/bench_batch_invariance.py``)."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"{name} must be a positive int, None or 'auto', got {value!r}.")
+        import jax
+
+        return 1 if jax.default_backend() == "cpu" else None
+    if value is None:
+        return None
+    return check_int(value, name, 1)
+
+
 def check_int(value, name: str, low: int):
     """An integer ``>= low`` (``bool`` rejected), as an int; errors name ``name``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):

@@ -38,6 +38,7 @@ from ._validation import (
     check_random_state,
     check_real,
     fit_settings,
+    fold_batch_size,
     progress_label,
     to_dense,
 )
@@ -361,13 +362,7 @@ class StAI(PersistMixin, BaseEstimator):
                            jnp.asarray(codes, jnp.int32), cw)
 
     def _batch_size(self):
-        if isinstance(self.batch_size, str):
-            if self.batch_size != "auto":
-                raise ValueError(f"batch_size must be a positive int, None or 'auto', got {self.batch_size!r}.")
-            return 1 if jax.default_backend() == "cpu" else None
-        if self.batch_size is None:
-            return None
-        return check_int(self.batch_size, "batch_size", 1)
+        return fold_batch_size(self.batch_size)
 
     def _fit_models(self, cfg, data, fit_masks, cal_masks, x1_index, seed, checkpoint=None, every=None):
         keys = jax.random.split(jax.random.key(seed), fit_masks.shape[0])
@@ -795,14 +790,7 @@ class GimVI(PersistMixin, BaseEstimator):
                                  progress=progress_label(self))
 
     def _model_batch_size(self):
-        if isinstance(self.model_batch_size, str):
-            if self.model_batch_size != "auto":
-                raise ValueError(
-                    f"model_batch_size must be a positive int, None or 'auto', got {self.model_batch_size!r}.")
-            return 1 if jax.default_backend() == "cpu" else None
-        if self.model_batch_size is None:
-            return None
-        return check_int(self.model_batch_size, "model_batch_size", 1)
+        return fold_batch_size(self.model_batch_size, "model_batch_size")
 
     # ------------------------------------------------------------------ inputs
 

@@ -96,3 +96,28 @@ def test_temperature_schedule():
     cfg = mm.MarkerMapConfig.create(10, 3, alpha=1.0, temperature=3.0, temperature_decay=0.5, min_temperature=0.1)
     t = [float(cfg.epoch_context(jax.numpy.int32(e))["temperature"]) for e in range(7)]
     np.testing.assert_allclose(t, [3.0, 1.5, 0.75, 0.375, 0.1875, 0.1, 0.1], rtol=1e-6)
+
+
+def test_folds_one_at_a_time_equal_each_fold_fitted_alone_bit_for_bit():
+    """The CPU default of every fold-parallel estimator (``batch_size="auto"`` -> 1): the
+    folds loop inside one compiled program, and each fold (markers, scores, parameters,
+    history, stopping epoch) is bit for bit the fold fitted alone, with the joint
+    objective and folds that stop early at different epochs."""
+    x, y, _ = datasets.make_markers(n_cells=600, n_genes=120, n_types=4, random_state=3)
+    xp, _ = pp.markermap_recipe(x)
+    folds = pp.kfold_indices(y, 3, random_state=0, stratify=True, validation_fraction=0.2)
+    splits = engine.make_splits([f[0] for f in folds], [f[1] for f in folds])
+    cfg = mm.MarkerMapConfig.create(xp.shape[1], 6, alpha=0.5, n_classes=int(y.max()) + 1, hidden_size=24,
+                                    learning_rate=3e-3)
+    loop = engine.LoopConfig(max_epochs=12, min_epochs=2, patience=2, batch_size=32,
+                             steps_per_epoch=int(np.min(splits.n_train)) // 32)
+    keys = engine.fold_keys(jax.random.key(0), 3)
+    together = jax.device_get(mm.fit_folds(cfg, loop, keys, xp, y, splits, batch_size=1, mesh=None))
+    n_epochs = np.asarray(together.n_epochs)
+    assert len(set(n_epochs.tolist())) > 1, n_epochs  # the folds stop at different epochs
+    for i, n in enumerate(n_epochs):
+        assert np.all(np.isfinite(np.asarray(together.history["val_loss"])[i, :n]))
+    for i in range(3):
+        alone = jax.device_get(mm.fit(cfg, loop, keys[i], xp, y, splits.fold(i)))
+        for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(together)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b)[i])

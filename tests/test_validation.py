@@ -4,6 +4,7 @@ import pytest
 import scipy.sparse as sp
 
 from jaxsel._validation import (
+    fold_batch_size,
     check_labels,
     check_matrix,
     check_n_markers,
@@ -180,3 +181,16 @@ def test_check_random_state():
     for bad in (-1, 2**32):
         with pytest.raises(ValueError, match="random_state"):
             check_random_state(bad)
+
+
+def test_fold_batch_size_resolves_auto_by_platform_and_names_bad_values():
+    import jax
+
+    assert fold_batch_size("auto") == (1 if jax.default_backend() == "cpu" else None)
+    assert fold_batch_size(None) is None and fold_batch_size(3) == 3
+    with pytest.raises(ValueError, match="model_batch_size must be a positive int, None or 'auto'"):
+        fold_batch_size("vmap", "model_batch_size")
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        fold_batch_size(0)
+    with pytest.raises(TypeError, match="batch_size"):
+        fold_batch_size(2.5)
