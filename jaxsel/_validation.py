@@ -38,6 +38,18 @@ def _format_bytes(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
+def refuse_on_disk(x, name: str = "X", who: str | None = None):
+    """A clear ``TypeError`` for data on disk (a path, a backed AnnData, an h5py/zarr
+    array: :func:`jaxsel.streaming.is_source`) where a method needs it in memory."""
+    from . import streaming
+
+    if streaming.is_source(x):
+        raise TypeError(
+            f"{who or 'this method'} needs {name} in memory, got data on disk ({type(x).__name__}); load it "
+            "(adata.to_memory(), or adata.X[:] for a backed AnnData). MarkerMap, ConcreteVAE, GlobalGumbelVAE "
+            "(fit and inference) and GimVI (its reference) stream from disk.")
+
+
 def check_matrix(
     x,
     *,
@@ -87,6 +99,7 @@ def check_matrix(
         contains negative or non-integer values, or if densifying would exceed
         ``max_dense_bytes``.
     """
+    refuse_on_disk(x, name)
     if hasattr(x, "obs") and hasattr(x, "var") and hasattr(x, "X"):
         raise TypeError(
             f"{name} must be a matrix of shape [n_cells, n_genes], got an AnnData "

@@ -49,6 +49,7 @@ from ._validation import (
     fold_batch_size,
     progress_label,
     check_random_state,
+    refuse_on_disk,
     to_dense,
 )
 from .methods import baselines
@@ -96,6 +97,7 @@ def _check_X(est, X, *, reset: bool, dense: bool = True):
     """
     if isinstance(X, (str, bytes)) or X is None:
         raise TypeError(f"X must be a matrix of shape [n_cells, n_genes], got {X!r}.")
+    refuse_on_disk(X, "X", type(est).__name__ if type(est) is not BaseEstimator else None)
     if hasattr(X, "obs") and hasattr(X, "var"):
         raise TypeError(
             "X must be a matrix of shape [n_cells, n_genes], got an AnnData object; pass "
@@ -819,11 +821,6 @@ class _BaselineSelector(PersistMixin, SelectorMixin, BaseEstimator):
     def _get_support_mask(self):
         return _support_mask(self)
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.sparse = True
-        return tags
-
 
 class RandomMarkers(_BaselineSelector):
     """``n_markers`` genes drawn uniformly at random (the paper's random baseline).
@@ -849,9 +846,16 @@ class RandomMarkers(_BaselineSelector):
         self.random_state = random_state
 
     def fit(self, X, y=None):
-        """Draw the markers; ``X`` only gives the number of genes, ``y`` is ignored."""
-        x = _check_X(self, X, reset=True, dense=False)
-        n_genes = x.shape[1]
+        """Draw the markers; ``X`` only gives the number of genes (it may be on disk: a
+        path, a backed AnnData, an h5py/zarr array), ``y`` is ignored."""
+        if streaming.is_source(X):
+            with streaming.open_source(X) as src:
+                n_genes = src.shape[1]
+            self.n_features_in_ = n_genes
+            if hasattr(self, "feature_names_in_"):
+                del self.feature_names_in_
+        else:
+            n_genes = _check_X(self, X, reset=True, dense=False).shape[1]
         n_markers = _n_markers(self.n_markers, n_genes)
         seed = check_random_state(self.random_state)
         markers = baselines.random_markers(jax.random.key(seed), n_genes, n_markers)

@@ -40,6 +40,7 @@ from ._validation import (
     fit_settings,
     fold_batch_size,
     progress_label,
+    refuse_on_disk,
     to_dense,
 )
 from .methods import gimvi as gv
@@ -311,6 +312,8 @@ class StAI(PersistMixin, BaseEstimator):
         k = check_int(self.n_calibration_folds, "n_calibration_folds", 2)
         check_int(self.n_neighbors, "n_neighbors", 1)
         check_bool(self.counts, "counts")
+        for x, name in ((X_spatial, "X_spatial"), (X_ref, "X_ref")):
+            refuse_on_disk(x, name, "StAI (full-batch training on every cell)")
         xs = check_matrix(X_spatial, name="X_spatial", dtype=None)
         xr = check_matrix(X_ref, name="X_ref", dtype=None)
         if self.counts:  # normalised per cell: counts must be non-negative

@@ -138,9 +138,18 @@ def _neural_extra(est) -> dict:
     }
 
 
+def _check_copy(adata, copy):
+    if copy and getattr(adata, "isbacked", False):
+        raise ValueError(
+            "copy=True needs an in-memory AnnData (copying a backed one means writing a new file); with a "
+            "backed adata the results go into adata.var / adata.uns (in memory; adata.write() saves them), "
+            "or pass adata.to_memory().")
+
+
 def _run(adata, est, *, layer, labels, key_added, copy, neural):
     _check_key(key_added, "key_added")
     _check_var_names(adata)
+    _check_copy(adata, copy)
     x = _get_x(adata, layer)
     est.fit(x, labels)
     if copy:

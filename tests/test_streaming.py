@@ -242,3 +242,26 @@ def test_gimvi_streams_the_reference_and_imputes_within_a_budget(files):
     np.testing.assert_array_equal(z_disk, model.latent(files["counts"], modality="reference"))
     with pytest.raises(ValueError, match="pass X"):
         model.latent(modality="reference")
+
+
+def test_tl_on_a_backed_anndata_streams_or_says_what_it_needs(files):
+    """scanpy-style calls on ``read_h5ad(..., backed="r")``: the neural selectors stream
+    it and write their keys into the (in-memory) var/uns; random markers need only its
+    shape; the baselines that score genes over all cells, and sBNN, refuse it by name
+    before any work; copy=True (which would write a new file) is refused up front."""
+    a = anndata.read_h5ad(files["h5ad"], backed="r")
+    jaxsel.tl.markermap(a, 6, "cell_type", max_epochs=2, min_epochs=1, hidden_size=16, chunk_size=1024,
+                        random_state=0)
+    assert a.isbacked and a.var["markermap"].sum() == 6 and len(a.uns["markermap"]["markers"]) == 6
+    jaxsel.tl.random_markers(a, 5, random_state=0)
+    assert a.var["random_markers"].sum() == 5
+    for fn, kw in ((jaxsel.tl.hvg_markers, {}), (jaxsel.tl.de_markers, {"labels_key": "cell_type"})):
+        with pytest.raises(TypeError, match="needs X in memory, got data on disk"):
+            fn(a, 5, **kw)
+    with pytest.raises(TypeError, match="SparseBottleneck needs X in memory"):
+        jaxsel.SparseBottleneck(n_genes=3).fit(a.X, np.zeros((N_CELLS, 2), np.float32))
+    with pytest.raises(TypeError, match=r"StAI \(full-batch training on every cell\) needs X_ref in memory"):
+        jaxsel.StAI().fit(np.ones((5, 12)), a.X, coords=np.zeros((5, 2)), spatial_genes=files["genes"][:12],
+                          ref_genes=files["genes"])
+    with pytest.raises(ValueError, match="copy=True needs an in-memory AnnData"):
+        jaxsel.tl.markermap(a, 6, "cell_type", copy=True)
