@@ -552,7 +552,8 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
 
     # -- cross-validation -----------------------------------------------------------
 
-    def cross_validate(self, X, y=None, n_folds=5, classifiers=("knn", "rf"), batch_size="auto"):
+    def cross_validate(self, X, y=None, n_folds=5, classifiers=("knn", "rf"), batch_size="auto", *,
+                       checkpoint=None, checkpoint_every=10):
         """K-fold marker selection and evaluation, all folds in one compiled program.
 
         The cells are dealt into ``n_folds`` test folds (stratified when ``y`` is given,
@@ -577,6 +578,12 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
             compiled program); ``None`` fits all together (``vmap``). ``"auto"`` is 1
             on CPU, where it was measured faster than vmapped and each fold equals the
             same fold fitted alone bit for bit, and ``None`` on accelerators.
+        checkpoint : path, optional
+            Fit the folds in segments of ``checkpoint_every`` epochs, every fold's
+            training state written to this ``.npz`` file after each; run again with
+            the same path, settings and data and the folds go on where they stopped,
+            with the result of an uninterrupted run bit for bit (as :meth:`fit`).
+        checkpoint_every : int, default 10
 
         Returns
         -------
@@ -615,9 +622,14 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
             )
         splits = engine.make_splits([f[0] for f in folds], [f[1] for f in folds])
         keys = engine.fold_keys(jax.random.key(seed), n_folds)
-        res = mm.fit_folds(
-            cfg, loop, keys, x, codes if cfg.use_clf else None, splits, batch_size=batch_size
-        )
+        labels = codes if cfg.use_clf else None
+        if checkpoint is None:
+            res = mm.fit_folds(cfg, loop, keys, x, labels, splits, batch_size=batch_size)
+        else:
+            digest = engine.fingerprint(type(self).__name__, "cross_validate", fit_settings(self), seed, x, labels,
+                                        n_folds, batch_size, [f[0] for f in folds], [f[1] for f in folds])
+            res = mm.fit_folds_checkpointed(cfg, loop, keys, x, labels, splits, path=checkpoint,
+                                            every=checkpoint_every, fingerprint=digest, batch_size=batch_size)
         res = jax.device_get(res)
         engine.check_history(res.history, res.n_epochs, model=type(self).__name__, hint=_DIVERGED_HINT)
         markers = np.asarray(res.markers).astype(np.intp)

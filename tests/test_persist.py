@@ -186,6 +186,32 @@ def test_interrupted_fit_resumes_from_its_checkpoint(marker_data, tmp_path, monk
         jaxsel.MarkerMap(**kw).fit(x, y, checkpoint=tmp_path / "b.npz", checkpoint_every=0)
 
 
+def test_interrupted_cross_validation_resumes_every_fold(marker_data, tmp_path, monkeypatch):
+    """The fold-parallel program checkpointed: killed after two segments, resumed, every
+    fold's markers, scores, history and scores equal the plain run's bit for bit."""
+    counts, x, y = marker_data
+    kw = dict(n_markers=4, hidden_size=8, max_epochs=7, min_epochs=2, patience=2, batch_size=32, random_state=0)
+    cv = dict(n_folds=3, classifiers=("knn",))
+    plain = jaxsel.MarkerMap(**kw).cross_validate(x, y, **cv)
+    path = tmp_path / "cv.npz"
+    with _killed_after_checkpoints(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
+        jaxsel.MarkerMap(**kw).cross_validate(x, y, **cv, checkpoint=path, checkpoint_every=2)
+    from jaxsel.engine import checkpoint as ck_mod
+
+    writes, real = [], ck_mod.write_checkpoint
+    monkeypatch.setattr(ck_mod, "write_checkpoint",
+                        lambda p, ck, key: (writes.append(int(np.max(ck.epoch))), real(p, ck, key)))
+    resumed = jaxsel.MarkerMap(**kw).cross_validate(x, y, **cv, checkpoint=path, checkpoint_every=2)
+    monkeypatch.setattr(ck_mod, "write_checkpoint", real)
+    assert writes and writes[0] >= 4  # went on from epoch 4, did not start again
+    _equal_trees({k: v for k, v in resumed.items() if k != "test_indices"},
+                 {k: v for k, v in plain.items() if k != "test_indices"})
+    with pytest.raises(ValueError, match="other settings or other data"):
+        jaxsel.MarkerMap(**kw).cross_validate(x, y, n_folds=4, checkpoint=path)
+    with pytest.raises(ValueError, match="other settings or other data"):  # a fit's file is not a CV's
+        jaxsel.MarkerMap(**kw).fit(x, y, checkpoint=path)
+
+
 def test_gimvi_checkpointed_fit_equals_the_plain_fit(tmp_path):
     rng = np.random.default_rng(0)
     rho = rng.dirichlet(np.ones(16), size=120)

@@ -1,6 +1,13 @@
 """Method-agnostic training engine: one compiled program per fit, folds as a leading axis."""
 
-from .checkpoint import fingerprint, fit_checkpointed, read_checkpoint, run_checkpointed, write_checkpoint
+from .checkpoint import (
+    fingerprint,
+    fit_checkpointed,
+    fit_folds_checkpointed,
+    read_checkpoint,
+    run_checkpointed,
+    write_checkpoint,
+)
 from .faults import DivergenceError, check_history, first_divergence
 from . import linalg
 from .folds import fit_folds, fold_keys, fold_mesh, map_folds, prepare_folds, run_folds, stack_trees, use_devices
@@ -28,6 +35,7 @@ __all__ = [
     "adam",
     "fingerprint",
     "fit_checkpointed",
+    "fit_folds_checkpointed",
     "read_checkpoint",
     "run_checkpointed",
     "write_checkpoint",

@@ -20,9 +20,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from .folds import prepare_folds, run_folds
 from .loop import Checkpoint, LoopConfig, checkpoint_done, fit_one, start
 
-__all__ = ["fingerprint", "fit_checkpointed", "read_checkpoint", "run_checkpointed", "write_checkpoint"]
+__all__ = ["fingerprint", "fit_checkpointed", "fit_folds_checkpointed", "read_checkpoint", "run_checkpointed",
+           "write_checkpoint"]
 
 _FORMAT = "jaxsel.checkpoint/1"
 
@@ -127,4 +129,32 @@ def fit_checkpointed(method, loop: LoopConfig, key, data, split, *, path, every:
         lambda: _start(method, loop, key, data, split),
         lambda ck, stop_after: _segment(method, loop, key, data, split, ck, stop_after),
         path, every, fingerprint, max_epochs=loop.max_epochs, done=lambda ck: bool(checkpoint_done(loop, ck)),
+    )
+
+
+_STATIC = ("loop", "batch_size", "mesh", "method_batched")
+_start_folds = jax.jit(functools.partial(run_folds, start_only=True), static_argnames=_STATIC)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _segment_folds(method, loop, keys, data, splits, checkpoint, stop_after, *, method_batched, batch_size, mesh):
+    fr = run_folds(method, loop, keys, data, splits, method_batched=method_batched, batch_size=batch_size,
+                   mesh=mesh, resume=checkpoint, stop_after=stop_after)
+    return fr._replace(checkpoint=None), fr.checkpoint
+
+
+def fit_folds_checkpointed(method, loop: LoopConfig, keys, data, splits, *, path, every: int, fingerprint: str,
+                           method_batched: bool = False, batch_size: int | None = None, mesh="auto"):
+    """:func:`jaxsel.engine.fit_folds` in segments of ``every`` epochs, every fold's
+    :class:`~jaxsel.engine.Checkpoint` (a leading fold axis) written to ``path`` after
+    each (see :func:`run_checkpointed`). A fold that stopped early stays stopped; the
+    fit ends when every fold has. Per-fold results are those of
+    :func:`~jaxsel.engine.fit_folds` with the same ``batch_size`` and ``mesh``."""
+    loop, mesh = prepare_folds(loop, keys, splits, mesh)
+    kw = dict(method_batched=method_batched, batch_size=batch_size, mesh=mesh)
+    return run_checkpointed(
+        lambda: _start_folds(method, loop, keys, data, splits, **kw),
+        lambda ck, stop_after: _segment_folds(method, loop, keys, data, splits, ck, stop_after, **kw),
+        path, every, fingerprint, max_epochs=loop.max_epochs,
+        done=lambda ck: bool(np.all(np.asarray(checkpoint_done(loop, ck)))),
     )

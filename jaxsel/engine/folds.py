@@ -35,7 +35,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from .loop import FitResult, LoopConfig, Method, Splits, fit_one, is_multi
+from .loop import FitResult, LoopConfig, Method, Splits, fit_one, is_multi, start
 
 __all__ = ["map_folds", "fit_folds", "fold_mesh", "stack_trees", "fold_keys", "prepare_folds", "run_folds",
            "use_devices"]
@@ -138,23 +138,39 @@ def map_folds(
     return jax.tree.map(lambda a: a[:n], out)
 
 
-def _fit_fold(per_fold, shared, *, loop: LoopConfig, method_batched: bool):
+def _fit_fold(per_fold, shared, *, loop: LoopConfig, method_batched: bool, mode: str = "fit"):
+    """One fold: ``mode`` "fit" (a whole fit), "start" (its checkpoint before epoch 0)
+    or "segment" (on from the fold's checkpoint, the last per-fold argument, up to the
+    epoch in the last shared argument)."""
     if method_batched:
-        key, split, method = per_fold
-        data = shared
+        key, split, method, *resume = per_fold
+        data, *stop = shared
     else:
-        key, split = per_fold
-        method, data = shared
+        key, split, *resume = per_fold
+        method, data, *stop = shared
+    if mode == "start":
+        return start(method, loop, key, data, split)
+    if mode == "segment":
+        return fit_one(method, loop, key, data, split, resume=resume[0], stop_after=stop[0])
     return fit_one(method, loop, key, data, split)
 
 
-def run_folds(method, loop, keys, data, splits, *, method_batched=False, batch_size=None, mesh=None):
+def run_folds(method, loop, keys, data, splits, *, method_batched=False, batch_size=None, mesh=None, resume=None,
+              stop_after=None, start_only=False):
     """Traceable body of :func:`fit_folds` (call inside ``jit`` with ``loop`` resolved by
-    :func:`prepare_folds`); methods wrap it to post-process results in the same program."""
-    fn = functools.partial(_fit_fold, loop=loop, method_batched=method_batched)
-    if method_batched:
-        return map_folds(fn, (keys, splits, method), data, batch_size=batch_size, mesh=mesh)
-    return map_folds(fn, (keys, splits), (method, data), batch_size=batch_size, mesh=mesh)
+    :func:`prepare_folds`); methods wrap it to post-process results in the same program.
+
+    ``start_only`` returns the folds' :class:`~jaxsel.engine.Checkpoint` before epoch 0;
+    ``resume`` (such per-fold checkpoints) with ``stop_after`` runs every fold on to that
+    epoch and returns the :class:`FitResult` with its ``checkpoint`` (segments of a
+    checkpointed fold-parallel fit, :func:`jaxsel.engine.fit_folds_checkpointed`)."""
+    mode = "start" if start_only else ("segment" if resume is not None else "fit")
+    fn = functools.partial(_fit_fold, loop=loop, method_batched=method_batched, mode=mode)
+    per_fold = (keys, splits, method) if method_batched else (keys, splits)
+    shared = (data,) if method_batched else (method, data)
+    if mode == "segment":
+        per_fold, shared = (*per_fold, resume), (*shared, stop_after)
+    return map_folds(fn, per_fold, shared, batch_size=batch_size, mesh=mesh)
 
 
 _fit_folds_jit = jax.jit(run_folds, static_argnames=("loop", "batch_size", "mesh", "method_batched"))

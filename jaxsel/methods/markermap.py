@@ -69,6 +69,7 @@ __all__ = [
     "default_hidden_size",
     "fit",
     "fit_folds",
+    "fit_folds_checkpointed",
     "fit_stream",
     "make_data",
     "markers",
@@ -497,6 +498,19 @@ def fit_folds(
 
 
 _result_program = jax.jit(_result)
+_results_program = jax.jit(jax.vmap(_result, in_axes=(None, 0)))
+
+
+def fit_folds_checkpointed(cfg: MarkerMapConfig, loop: engine.LoopConfig, keys, x, y, splits: engine.Splits, *,
+                           path, every: int, fingerprint: str, batch_size: int | None = None,
+                           mesh="auto") -> MarkerMapResult:
+    """:func:`fit_folds` in segments of ``every`` epochs, every fold's state checkpointed
+    to ``path`` after each and resumed from it when it exists
+    (:func:`jaxsel.engine.fit_folds_checkpointed`). Same result as :func:`fit_folds` with
+    the same ``batch_size`` and ``mesh``."""
+    fr = engine.fit_folds_checkpointed(cfg, loop, keys, _as_data(x, y), splits, path=path, every=every,
+                                       fingerprint=fingerprint, batch_size=batch_size, mesh=mesh)
+    return _results_program(cfg, fr)
 
 
 def fit_stream(cfg: MarkerMapConfig, loop: engine.LoopConfig, key, read, train_rows, val_rows, *, chunk_size: int,
