@@ -522,7 +522,7 @@ class StAI(PersistMixin, BaseEstimator):
     # ------------------------------------------------------------------ protocol
 
     def cross_validate_genes(self, X_spatial, X_ref, labels=None, *, coords, spatial_genes, ref_genes,
-                             gene_folds=None):
+                             gene_folds=None, checkpoint=None, checkpoint_every=50):
         """Held-out gene evaluation: every shared gene imputed by models that never saw it.
 
         ``gene_folds``: ``None`` for leave-one-gene-out, an int ``n`` for ``n`` shuffled
@@ -530,9 +530,12 @@ class StAI(PersistMixin, BaseEstimator):
         each held-out fold, the spatial data is normalised over its remaining genes and
         ``k`` calibration submodels are trained on them; all ``n_folds x k`` models are one
         compiled program (``batch_size`` at a time). The estimator itself is not refitted.
-        Returns a :class:`GeneCVResult`.
+        ``checkpoint`` / ``checkpoint_every``: as in :meth:`fit`, for all the models at
+        once. Returns a :class:`GeneCVResult`.
         """
         seed = check_random_state(self.random_state)
+        if checkpoint is not None:
+            check_int(checkpoint_every, "checkpoint_every", 1)
         d = self._inputs(X_spatial, X_ref, labels, coords, spatial_genes, ref_genes, genes=[])
         shared, G, k = d["shared"], d["shared"].size, d["k"]
         held = _held_out_folds(gene_folds, shared, seed)
@@ -555,7 +558,8 @@ class StAI(PersistMixin, BaseEstimator):
         neighbours = preprocessing.spatial_knn_graph(d["coords"], k=int(self.n_neighbors))
         data = self._data(x1, x2, d["codes"], n_classes, neighbours)
         fm_all, cm_all = np.concatenate(fit_masks), np.concatenate(cal_masks)
-        params, hist = self._fit_models(cfg, data, fm_all, cm_all, np.asarray(x1_index), seed)
+        params, hist = self._fit_models(cfg, data, fm_all, cm_all, np.asarray(x1_index), seed, checkpoint,
+                                        checkpoint_every)
         values = jnp.asarray(ref_shared)
         sub = np.asarray(st.impute(cfg, params, data, jnp.asarray(fm_all), values, jnp.asarray(x1_index, jnp.int32),
                                    chunk=self._check_chunk(), batch_size=self._batch_size()))
@@ -830,10 +834,17 @@ class GimVI(PersistMixin, BaseEstimator):
         splits = self._splits(d["xr"].shape[0], d["xs"].shape[0], d["train_size"], seeds)
         return cfg, models, self._loop(), keys, gv.make_data(d["xr"], d["xs"]), splits
 
-    def _fit_models(self, d, masks, seeds, mesh):
-        """Fit the models of :meth:`_program` in one compiled program."""
+    def _fit_models(self, d, masks, seeds, mesh, checkpoint=None, every=10):
+        """Fit the models of :meth:`_program` in one compiled program (in checkpointed
+        segments when ``checkpoint`` is a path)."""
         cfg, models, loop, keys, data, splits = self._program(d, masks, seeds)
-        res = gv.fit(models, loop, keys, data, splits, batch_size=self._model_batch_size(), mesh=mesh)
+        kw = dict(batch_size=self._model_batch_size(), mesh=mesh)
+        if checkpoint is None:
+            res = gv.fit(models, loop, keys, data, splits, **kw)
+        else:
+            digest = engine.fingerprint("GimVI.cross_validate_genes", fit_settings(self), seeds, data, masks, splits)
+            res = engine.fit_folds_checkpointed(models, loop, keys, data, splits, path=checkpoint, every=every,
+                                                fingerprint=digest, method_batched=True, **kw)
         _check_diverged(res)
         return cfg, models, data, res
 
@@ -1067,7 +1078,7 @@ class GimVI(PersistMixin, BaseEstimator):
     # ------------------------------------------------------------------ evaluation protocol
 
     def cross_validate_genes(self, X_ref, X_spatial, *, ref_genes, spatial_genes, gene_folds=None, n_seeds=1,
-                             n_samples=0):
+                             n_samples=0, checkpoint=None, checkpoint_every=10):
         """Hold out spatial genes, impute them, compare with their measurements.
 
         Every (held-out gene fold, seed) pair is one model, and all of them are one
@@ -1086,6 +1097,9 @@ class GimVI(PersistMixin, BaseEstimator):
         n_samples : posterior draws for ``std``, the spread of each imputed value (0:
             ``std`` zeros). ``imputed`` is always the decoded posterior mean of ``z``, as
             scvi-tools' ``get_imputed_values(deterministic=True)``.
+        checkpoint, checkpoint_every : as in :meth:`fit`, for all the models at once
+            (:func:`jaxsel.engine.fit_folds_checkpointed`); a resumed run equals an
+            uninterrupted one bit for bit.
 
         Returns
         -------
@@ -1116,7 +1130,8 @@ class GimVI(PersistMixin, BaseEstimator):
                                  f"{int((lib <= 0).sum())} spatial cell(s) have no counts left.")
         seeds = [seed + s for s in range(n_seeds) for _ in held]
         all_masks = np.tile(masks, (n_seeds, 1))
-        cfg, models, data, res = self._fit_models(d, all_masks, seeds, engine.fold_mesh())
+        cfg, models, data, res = self._fit_models(d, all_masks, seeds, engine.fold_mesh(), checkpoint,
+                                                  checkpoint_every)
         truth = preprocessing.log_normalize(d["xs"], name="X_spatial")
         results = []
         for s in range(n_seeds):

@@ -275,6 +275,36 @@ def test_sparse_bottleneck_interrupted_fit_resumes_and_equals_the_plain_fit(pair
         jaxsel.SparseBottleneck(**est).fit(xp, yp, checkpoint=tmp_path / "c.npz", checkpoint_every=0)
 
 
+def test_gene_cross_validations_checkpointed_equal_the_plain_ones(tmp_path, monkeypatch):
+    """stAI's and gimVI's held-out-gene protocols (all models one program) in checkpointed
+    segments, killed after the first and resumed: the same result, bit for bit."""
+    rng = np.random.default_rng(0)
+    rho = rng.dirichlet(np.ones(16), size=120)
+    xr, xs = rng.poisson(rho * 600), rng.poisson(rho[:, :8] / rho[:, :8].sum(1, keepdims=True) * 80)
+    genes = np.array([f"g{i}" for i in range(16)])
+    gkw = dict(ref_genes=genes, spatial_genes=genes[:8], gene_folds=2, n_seeds=2)
+    est = dict(max_epochs=5, batch_size=32, hidden=16, random_state=0)
+    plain = jaxsel.GimVI(**est).cross_validate_genes(xr, xs, **gkw)
+    path = tmp_path / "gcv.npz"
+    with _killed_after_checkpoints(monkeypatch, 1), pytest.raises(KeyboardInterrupt):
+        jaxsel.GimVI(**est).cross_validate_genes(xr, xs, **gkw, checkpoint=path, checkpoint_every=2)
+    resumed = jaxsel.GimVI(**est).cross_validate_genes(xr, xs, **gkw, checkpoint=path, checkpoint_every=2)
+    _equal_trees(resumed, plain)
+    with pytest.raises(ValueError, match="other settings or other data"):
+        jaxsel.GimVI(**{**est, "hidden": 8}).cross_validate_genes(xr, xs, **gkw, checkpoint=path)
+
+    a, b, _ = datasets.make_spatial_pair(n_spatial=80, n_ref=80, n_genes=20, n_measured=12, n_types=3, random_state=3)
+    skw = dict(coords=a.obsm["spatial"], spatial_genes=a.var_names, ref_genes=b.var_names, gene_folds=2)
+    sest = dict(n_calibration_folds=2, epochs=5, random_state=0)
+    labels = np.asarray(b.obs["cell_type"])
+    splain = jaxsel.StAI(**sest).cross_validate_genes(a.X, b.X, labels, **skw)
+    spath = tmp_path / "scv.npz"
+    with _killed_after_checkpoints(monkeypatch, 1), pytest.raises(KeyboardInterrupt):
+        jaxsel.StAI(**sest).cross_validate_genes(a.X, b.X, labels, **skw, checkpoint=spath, checkpoint_every=2)
+    sres = jaxsel.StAI(**sest).cross_validate_genes(a.X, b.X, labels, **skw, checkpoint=spath, checkpoint_every=2)
+    _equal_trees(sres, splain)
+
+
 def test_paths_and_flags_are_checked(marker_data, tmp_path):
     counts, x, y = marker_data
     with pytest.raises(FileNotFoundError, match="no jaxsel estimator file"):
