@@ -1257,7 +1257,7 @@ class SparseBottleneck(_PairedSelector):
             raise ValueError("the autoencoder head was not trained (epochs={'ae': 0})")
         return np.asarray(sbnn.reconstruct_genes(self.cfg_, self.result_, self._fitted_x(X)))
 
-    def cross_validate(self, X, Y, n_folds=10, batch_size="auto"):
+    def cross_validate(self, X, Y, n_folds=10, batch_size="auto", *, checkpoint=None, checkpoint_every=10):
         """K-fold CV of the whole schedule, all folds in one compiled program.
 
         Each fold centres ``X`` and ``Y`` with its training means, pre-trains on k-means
@@ -1265,6 +1265,11 @@ class SparseBottleneck(_PairedSelector):
         estimator itself is not fitted or changed. ``batch_size``: folds fitted at a time
         per device, as in :meth:`MarkerMap.cross_validate` (``"auto"``: one at a time on
         CPU, bit for bit each fold's own fit; all vmapped on accelerators).
+        ``checkpoint`` / ``checkpoint_every``: as in :meth:`fit`, for every fold at once
+        (a stage ends when every fold has ended it); a resumed run equals an
+        uninterrupted checkpointed one bit for bit, and the plain CV in genes and
+        training histories (test-fold metrics to the last bit:
+        :func:`jaxsel.methods.sbnn.fit_folds_checkpointed`).
 
         Returns
         -------
@@ -1274,8 +1279,6 @@ class SparseBottleneck(_PairedSelector):
             [n_folds, n_epochs(, ...)] arrays, ``genes`` int [n_folds, n_genes],
             ``test_indices`` list of arrays.
         """
-        from .methods import sbnn
-
         x, y, batch_size = self._cv_inputs(X, Y, batch_size)
         cfg = self._config(x.shape[1], y.shape[1])
         seed = check_random_state(self.random_state)
@@ -1284,8 +1287,8 @@ class SparseBottleneck(_PairedSelector):
         splits = engine.make_splits(train_sets, [f[2] for f in folds])
         clusters, pre = self._pretraining(cfg, y, train_sets, seed)
         keys = engine.fold_keys(jax.random.key(seed), len(folds))
-        res = sbnn.fit_folds(cfg, keys, sbnn.make_data(x, y), splits, clusters, pre, batch_size=batch_size,
-                             progress=progress_label(self))
+        res = self._fit_folds(cfg, keys, x, y, splits, clusters, pre, batch_size, checkpoint, checkpoint_every,
+                              "cross_validate", seed)
         res = jax.device_get(res)
         hist = {k: np.asarray(v) for k, v in res.history.items()}
         return {
@@ -1297,9 +1300,11 @@ class SparseBottleneck(_PairedSelector):
             "test_indices": [f[2] for f in folds],
         }
 
-    def selection_stability(self, X, Y, n_restarts=10, batch_size="auto"):
+    def selection_stability(self, X, Y, n_restarts=10, batch_size="auto", *, checkpoint=None,
+                            checkpoint_every=10):
         """Fit ``n_restarts`` random restarts on all cells in one program and report how
-        often each gene is selected (``batch_size`` as in :meth:`cross_validate`).
+        often each gene is selected (``batch_size``, ``checkpoint`` and
+        ``checkpoint_every`` as in :meth:`cross_validate`).
 
         Returns
         -------
@@ -1308,8 +1313,6 @@ class SparseBottleneck(_PairedSelector):
             restarts selecting each gene); ``counts``; ``mean_pairwise_overlap`` (genes
             shared by two restarts, averaged over pairs); ``always_selected``.
         """
-        from .methods import sbnn
-
         x, y, batch_size = self._cv_inputs(X, Y, batch_size)
         n_restarts = check_int(n_restarts, "n_restarts", 2)
         cfg = self._config(x.shape[1], y.shape[1])
@@ -1319,9 +1322,21 @@ class SparseBottleneck(_PairedSelector):
         splits = engine.make_splits(sets, sets)
         clusters, pre = self._pretraining(cfg, y, sets, seed)
         keys = engine.fold_keys(jax.random.key(seed), n_restarts)
-        res = sbnn.fit_folds(cfg, keys, sbnn.make_data(x, y), splits, clusters, pre, batch_size=batch_size,
-                             progress=progress_label(self))
+        res = self._fit_folds(cfg, keys, x, y, splits, clusters, pre, batch_size, checkpoint, checkpoint_every,
+                              "selection_stability", seed)
         return _selection_stability(np.asarray(res.genes), x.shape[1])
+
+    def _fit_folds(self, cfg, keys, x, y, splits, clusters, pre, batch_size, checkpoint, every, what, seed):
+        """The fold-parallel program, checkpointed when ``checkpoint`` is a path."""
+        from .methods import sbnn
+
+        args = (cfg, keys, sbnn.make_data(x, y), splits, clusters, pre)
+        if checkpoint is None:
+            return sbnn.fit_folds(*args, batch_size=batch_size, progress=progress_label(self))
+        digest = engine.fingerprint(type(self).__name__, what, fit_settings(self), seed, x, y, batch_size,
+                                    np.asarray(splits.train_idx), np.asarray(splits.val_idx))
+        return sbnn.fit_folds_checkpointed(*args, path=checkpoint, every=every, fingerprint=digest,
+                                           batch_size=batch_size, progress=progress_label(self))
 
 
 class SparseRRR(_PairedSelector):
