@@ -833,6 +833,11 @@ class _BaselineSelector(PersistMixin, SelectorMixin, BaseEstimator):
     def _get_support_mask(self):
         return _support_mask(self)
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
+
 
 class RandomMarkers(_BaselineSelector):
     """``n_markers`` genes drawn uniformly at random (the paper's random baseline).
