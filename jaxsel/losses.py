@@ -339,14 +339,19 @@ def _log_binom_coef_and_slope(x, a):
     v_large = ((a - 0.5) * l1 + xl * jnp.log1p((a - 1.0) / b) - 0.5 * jnp.log(b) + (1.0 - _HALF_LOG_2PI)
                + _stirling_remainder(t) - r_a - _stirling_remainder(b))
     d_large = l1 - _digamma_tail(t) - phi_a  # digamma(t) - digamma(a)
-    return jnp.where(small, v_small, v_large), jnp.where(small, d_small, d_large)
+    # a count that is not an integer has probability 0 (scipy's logpmf: -inf); the
+    # rising factorial would otherwise give it a wrong finite value
+    whole = x == jnp.floor(x)
+    return (jnp.where(whole, jnp.where(small, v_small, v_large), -jnp.inf),
+            jnp.where(whole, jnp.where(small, d_small, d_large), 0.0))
 
 
 @jax.custom_jvp
 def log_binom_coef(x, theta):
     """``log Gamma(x + theta) - log Gamma(theta) - log x!`` (the NB coefficient) for
     counts ``x`` (non-negative integers, in a float array) and ``theta > 0``, accurate in
-    float32 everywhere and exactly 0 at ``x = 0``.
+    float32 everywhere and exactly 0 at ``x = 0``. A non-integer ``x`` gives ``-inf``
+    (probability 0, as ``scipy.stats.nbinom.logpmf``), never a wrong finite value.
 
     Counts below 9 use the exact rising factorial, larger ones Stirling's series grouped
     without cancellation (:func:`_log_binom_coef_and_slope`). The plain three-lgamma form

@@ -173,8 +173,9 @@ def test_log_binom_coef_value_and_slope_match_scipy():
     """Every count up to 40 (the rising-factorial path below 9 and Stirling's above meet
     there), huge counts, and inverse dispersions from 1e-6 to 1e8 (both sides of the
     series' switch at 10): the value and its derivative in theta (the digamma difference
-    a training step uses) agree with float64 scipy; exactly 0 at x = 0."""
-    from scipy import special
+    a training step uses) agree with float64 scipy; exactly 0 at x = 0, -inf for a count
+    that is not an integer."""
+    from scipy import special, stats
 
     x = np.concatenate([np.arange(0, 41), [100, 1000, 5000, 1e5]])
     theta = np.float32([1e-6, 1e-3, 0.3, 1.0, 2.5, 9.99, 10.0, 37.0, 1e3, 1e6, 1e8]).astype(np.float64)
@@ -190,6 +191,11 @@ def test_log_binom_coef_value_and_slope_match_scipy():
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
     np.testing.assert_allclose(np.asarray(jax.grad(total)(t32), np.float64), slope, rtol=2e-6, atol=2e-6)
     assert np.all(got[0] == 0.0) and np.all(np.asarray(jax.grad(total)(t32))[0] == 0.0)
+    # a count that is not an integer has probability 0, as in scipy (not a finite value)
+    frac = np.array([0.5, 2.5, 7.25, 30.5])
+    assert np.all(np.isneginf(stats.nbinom(n=3.0, p=0.5).logpmf(frac)))
+    assert np.all(np.isneginf(np.asarray(losses.log_binom_coef(jnp.asarray(frac, jnp.float32), 3.0))))
+    assert np.all(np.isneginf(np.asarray(losses.nb_log_prob(jnp.asarray(frac, jnp.float32), 3.0, 3.0))))
     # per-gene theta broadcast against a cells x genes count matrix: the same entries
     per_gene = losses.log_binom_coef(jnp.asarray(X, jnp.float32), jnp.asarray(theta, jnp.float32))
     np.testing.assert_allclose(np.asarray(per_gene), got, rtol=1e-6, atol=1e-6)
