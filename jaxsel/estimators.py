@@ -89,6 +89,14 @@ def _reraise_named(err: Exception, name: str):
     raise cls(msg) from err
 
 
+def _fitted_from_disk(est, n_genes: int):
+    """What :func:`_check_X` with ``reset`` records, for data read from disk: the gene
+    count (gene names are checked by the source, not as ``feature_names_in_``)."""
+    est.n_features_in_ = n_genes
+    if hasattr(est, "feature_names_in_"):
+        del est.feature_names_in_
+
+
 def _check_X(est, X, *, reset: bool, dense: bool = True):
     """Validate ``X`` [n_cells, n_genes]; returns float32 (dense unless ``dense=False``).
 
@@ -480,9 +488,7 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
 
             result, info = mm.fit_stream(cfg, loop, jax.random.key(seed), read, tr, va, chunk_size=chunk)
         self._store_fit(cfg, jax.device_get(result), classes)
-        self.n_features_in_ = n_genes
-        if hasattr(self, "feature_names_in_"):
-            del self.feature_names_in_
+        _fitted_from_disk(self, n_genes)
         self.stream_info_ = info
         return self
 
@@ -868,9 +874,7 @@ class RandomMarkers(_BaselineSelector):
         if streaming.is_source(X):
             with streaming.open_source(X) as src:
                 n_genes = src.shape[1]
-            self.n_features_in_ = n_genes
-            if hasattr(self, "feature_names_in_"):
-                del self.feature_names_in_
+            _fitted_from_disk(self, n_genes)
         else:
             n_genes = _check_X(self, X, reset=True, dense=False).shape[1]
         n_markers = _n_markers(self.n_markers, n_genes)

@@ -418,8 +418,6 @@ class StAI(PersistMixin, BaseEstimator):
             Epochs per segment (one compiled program serves all of them).
         """
         seed = check_random_state(self.random_state)
-        if checkpoint is not None:
-            check_int(checkpoint_every, "checkpoint_every", 1)
         d = self._inputs(X_spatial, X_ref, labels, coords, spatial_genes, ref_genes, genes)
         n_classes = 1 if d["classes"] is None else len(d["classes"])
         G, k = d["shared"].size, d["k"]
@@ -537,8 +535,6 @@ class StAI(PersistMixin, BaseEstimator):
         once. Returns a :class:`GeneCVResult`.
         """
         seed = check_random_state(self.random_state)
-        if checkpoint is not None:
-            check_int(checkpoint_every, "checkpoint_every", 1)
         d = self._inputs(X_spatial, X_ref, labels, coords, spatial_genes, ref_genes, genes=[])
         shared, G, k = d["shared"], d["shared"].size, d["k"]
         held = _held_out_folds(gene_folds, shared, seed)

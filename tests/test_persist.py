@@ -184,6 +184,8 @@ def test_interrupted_fit_resumes_from_its_checkpoint(marker_data, tmp_path, monk
         jaxsel.MarkerMap(**kw).fit(x[::-1].copy(), y[::-1].copy(), checkpoint=path)
     with pytest.raises(ValueError, match="checkpoint_every"):
         jaxsel.MarkerMap(**kw).fit(x, y, checkpoint=tmp_path / "b.npz", checkpoint_every=0)
+    with pytest.raises(TypeError, match="checkpoint_every must be an int"):
+        jaxsel.MarkerMap(**kw).fit(x, y, checkpoint=tmp_path / "b.npz", checkpoint_every=2.5)
 
 
 def test_interrupted_cross_validation_resumes_every_fold(marker_data, tmp_path, monkeypatch):

@@ -95,8 +95,9 @@ def run_checkpointed(start_fn, segment_fn, path, every: int, key: str, *, max_ep
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"checkpoint must be a file path (str or os.PathLike), got {path!r}.")
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        raise ValueError(f"checkpoint_every must be a positive int, got {every!r}.")
+    from .._validation import check_int
+
+    every = check_int(every, "checkpoint_every", 1)
 
     def epoch_of(ck) -> int:
         return int(np.max(np.asarray(ck.epoch)))

@@ -792,14 +792,8 @@ def _ck_result_folds(ck, names):
 
 @functools.partial(jax.jit, static_argnames=("loops", "batch_size", "mesh"))
 def _fit_folds_program(cfg, loops, keys, data, clusters, splits, pre_splits, batch_size, mesh):
-    def one(per_fold, shared):
-        key, c, split, pre_split = per_fold
-        cfg_, data_ = shared
-        return _fit_one(cfg_, loops, key, {**data_, "c": c}, split, pre_split)
-
-    return engine.map_folds(
-        one, (keys, clusters, splits, pre_splits), (cfg, data), batch_size=batch_size, mesh=mesh
-    )
+    fn = _per_fold(lambda cfg, *a: _fit_one(cfg, loops, *a))
+    return engine.map_folds(fn, (keys, clusters, splits, pre_splits), (cfg, data), batch_size=batch_size, mesh=mesh)
 
 
 def fit_folds(
