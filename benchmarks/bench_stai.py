@@ -118,14 +118,15 @@ def fold_inputs(d, held, f, seed=0):
     )
 
 
-def run_reference(args, inputs, epochs):
-    """The released code in its own interpreter; returns its JSON plus the imputation."""
+def run_reference(args, inputs, epochs, task="impute"):
+    """The released code in its own interpreter; returns its JSON plus its output (the
+    imputation, or for ``task="annotate"`` the class probabilities) as ``"imputed"``."""
     with tempfile.TemporaryDirectory() as tmp:
         npz = Path(tmp) / "inputs.npz"
         np.savez(npz, **{k: v for k, v in inputs.items() if k != "n_classes"})
         out = Path(tmp) / "ref.json"
         cmd = [args.ref_python, str(HERE / "reference_stai.py"), "--stai-path", args.stai_path, "--inputs", str(npz),
-               "--epochs", str(epochs), "--out", str(out)]
+               "--epochs", str(epochs), "--out", str(out), "--task", task]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=not args.verbose)
         res = json.loads(out.read_text())
@@ -278,6 +279,14 @@ def _reference_subset(args, d, held, out):
 
 
 def annotation(args, name, d) -> dict:
+    if args.jaxsel_results:  # the jaxsel and kNN rows of an earlier run: the released code only
+        out = json.loads(Path(args.jaxsel_results).read_text())["annotation"][name]
+        if out["epochs"] != args.annotation_epochs:
+            raise SystemExit(f"{args.jaxsel_results} holds {out['epochs']} annotation epochs, "
+                             f"not {args.annotation_epochs}")
+        out["jaxsel_from"] = args.jaxsel_results
+        _reference_annotation(args, d, out)
+        return out
     # unassigned cells (STARmap's "NA") stay in the reference but are not scored
     y_eval = np.where(d["y_sp"] == "NA", "__unassigned__", d["y_sp"])
     runs = {}
@@ -300,8 +309,30 @@ def annotation(args, name, d) -> dict:
     knn = metrics.annotation_scores(d["y_sp"][known], classes[vote.argmax(1)][known])
     print(f"{name} annotation: jaxsel acc {ours['accuracy']:.3f} F1 {ours['macro_f1']:.3f}; "
           f"kNN acc {knn['accuracy']:.3f} F1 {knn['macro_f1']:.3f}", flush=True)
-    return {"epochs": args.annotation_epochs, "jaxsel": ours, "knn": knn, "cells_scored": int(known.sum()),
-            "jaxsel_class_weight_power": runs}
+    out = {"epochs": args.annotation_epochs, "jaxsel": ours, "knn": knn, "cells_scored": int(known.sum()),
+           "jaxsel_class_weight_power": runs}
+    _reference_annotation(args, d, out)
+    return out
+
+
+def _reference_annotation(args, d, out):
+    """With ``--ref-annotation``: the released code's annotation (its 5 submodels on all
+    shared genes, the authors' configuration, ``--annotation-epochs``), scored on the same
+    cells as jaxsel."""
+    if not (args.ref_annotation and args.stai_path and args.ref_python):
+        return
+    inp = fold_inputs(d, np.array([], np.int64), 0)
+    classes = np.unique(d["y_ref"])
+    known = np.isin(d["y_sp"], classes) & (d["y_sp"] != "NA")
+    inp["sp_labels"] = np.where(known, np.searchsorted(classes, d["y_sp"]), -1)
+    ref = run_reference(args, inp, args.annotation_epochs, task="annotate")
+    pred = classes[np.asarray(ref["imputed"]).argmax(1)]
+    out["reference"] = {**metrics.annotation_scores(d["y_sp"][known], pred[known]), "wall_s": ref["wall_s"],
+                        "seconds_per_submodel_epoch": ref["seconds_per_submodel_epoch"],
+                        "peak_rss_mb": ref["peak_rss_mb"], "torch": ref["torch"], "threads": ref["threads"]}
+    r = out["reference"]
+    print(f"released code annotation: acc {r['accuracy']:.3f} F1 {r['macro_f1']:.3f} ({r['wall_s']:.0f} s)",
+          flush=True)
 
 
 # ----------------------------------------------------------------------------- report
@@ -354,6 +385,9 @@ def render(res: dict) -> str:
             rows = [("jaxsel stAI (the authors' class weights 1/count^2)", a["jaxsel"])]
             rows += [(f"jaxsel stAI, class_weight_power={p} (1/count^{p})", v)
                      for p, v in a.get("jaxsel_class_weight_power", {}).items()]
+            if "reference" in a:
+                rows.append((f"released stAI code (the same configuration; {a['reference']['wall_s']:.0f} s)",
+                             a["reference"]))
             rows.append(("kNN in shared PCA", a["knn"]))
             for meth, v in rows:
                 lines.append(f"| {meth} | {v['accuracy']:.3f} | {v['macro_f1']:.3f} | {v['weighted_f1']:.3f} |")
@@ -380,6 +414,8 @@ def main(argv=None):
                     help="annotation: also fit with these class_weight_power values (comma list), besides the default")
     ap.add_argument("--gene-folds", type=int, default=None, help="default: LOO for osmFISH, 10 for STARmap")
     ap.add_argument("--ref-quality-folds", type=int, default=0)
+    ap.add_argument("--ref-annotation", action="store_true",
+                    help="annotation: also run the released code (5 submodels x --annotation-epochs)")
     ap.add_argument("--jaxsel-results", default=None,
                     help="quality: take jaxsel's and kNN's rows of the same protocol from this earlier JSON and run "
                          "only the released code (--ref-quality-folds)")
