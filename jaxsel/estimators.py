@@ -414,8 +414,11 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
             Train in segments of ``checkpoint_every`` epochs and write the training
             state to this ``.npz`` file after each; when the file exists (a fit that was
             interrupted), go on from it. The result equals an uninterrupted fit's bit for
-            bit. A file written for other settings or data is a ``ValueError``. In-memory
-            ``X`` only.
+            bit. A file written for other settings or data is a ``ValueError``. For an
+            on-disk ``X`` the state is written after every ``checkpoint_every`` epochs of
+            the streamed loop (:func:`jaxsel.engine.fit_stream`), which resumes bit for bit
+            as well; the data is then identified by its shape, the training and validation
+            rows, the labels and the validation cells' values, not by every value on disk.
         checkpoint_every : int
             Epochs per segment (one compiled program serves all of them).
 
@@ -424,9 +427,7 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
         self
         """
         if streaming.is_source(X):
-            if checkpoint is not None:
-                raise ValueError("checkpoint is supported for in-memory X only, not for data streamed from disk.")
-            return self._fit_stream(X, y)
+            return self._fit_stream(X, y, checkpoint, checkpoint_every)
         x = _check_X(self, X, reset=True)
         n_cells, n_genes = x.shape
         cfg, loop, codes, classes, seed, vf = self._setup(n_cells, n_genes, y)
@@ -467,7 +468,7 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
         elif hasattr(self, "classes_"):
             del self.classes_
 
-    def _fit_stream(self, X, y):
+    def _fit_stream(self, X, y, checkpoint=None, checkpoint_every=10):
         """:meth:`fit` on a matrix streamed from disk (:mod:`jaxsel.streaming`)."""
         chunk = check_int(self.chunk_size, "chunk_size", 1)
         with streaming.open_source(X) as src:
@@ -486,7 +487,10 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
             def read(rows):
                 return {"x": src.read_rows(rows), "y": labels[rows]}
 
-            result, info = mm.fit_stream(cfg, loop, jax.random.key(seed), read, tr, va, chunk_size=chunk)
+            digest = "" if checkpoint is None else engine.fingerprint(
+                type(self).__name__, fit_settings(self), seed, [n_cells, n_genes], labels)
+            result, info = mm.fit_stream(cfg, loop, jax.random.key(seed), read, tr, va, chunk_size=chunk,
+                                         checkpoint=checkpoint, checkpoint_every=checkpoint_every, fingerprint=digest)
         self._store_fit(cfg, jax.device_get(result), classes)
         _fitted_from_disk(self, n_genes)
         self.stream_info_ = info

@@ -862,17 +862,17 @@ class GimVI(PersistMixin, BaseEstimator):
             Train in segments of ``checkpoint_every`` epochs, writing the training state
             to this ``.npz`` file after each, and go on from the file when it exists (an
             interrupted fit); the result equals an uninterrupted fit's bit for bit. A
-            file written for other settings or data is a ``ValueError``. In-memory
-            ``X_ref`` only.
+            file written for other settings or data is a ``ValueError``. With ``X_ref``
+            on disk the streamed loop writes it (:func:`jaxsel.engine.fit_stream`), also
+            resumed bit for bit; the reference is then identified by its shape, the
+            training and validation rows and the validation cells' counts.
         checkpoint_every : int
             Epochs per segment (one compiled program serves all of them).
         """
         seed = check_random_state(self.random_state)
         check_int(self.chunk, "chunk", 1)
         if streaming.is_source(X_ref):
-            if checkpoint is not None:
-                raise ValueError("checkpoint is supported for in-memory X_ref only, not for data streamed from disk.")
-            return self._fit_stream(X_ref, X_spatial, ref_genes, spatial_genes, seed)
+            return self._fit_stream(X_ref, X_spatial, ref_genes, spatial_genes, seed, checkpoint, checkpoint_every)
         d = self._inputs(X_ref, X_spatial, ref_genes, spatial_genes)
         masks = np.ones((1, d["sp_names"].size), np.float32)
         first = lambda t: jax.tree.map(lambda a: a[0], t)  # noqa: E731  (the one model of the leading axis)
@@ -894,7 +894,7 @@ class GimVI(PersistMixin, BaseEstimator):
             del self.stream_info_
         return self
 
-    def _fit_stream(self, X_ref, X_spatial, ref_genes, spatial_genes, seed):
+    def _fit_stream(self, X_ref, X_spatial, ref_genes, spatial_genes, seed, checkpoint=None, checkpoint_every=10):
         """:meth:`fit` with the reference streamed from disk (:mod:`jaxsel.streaming`)."""
         chunk = check_int(self.chunk_size, "chunk_size", 1)
         loop = self._loop()
@@ -927,8 +927,11 @@ class GimVI(PersistMixin, BaseEstimator):
             def read(rows):
                 return {"x": src.read_rows(rows)}
 
+            digest = "" if checkpoint is None else engine.fingerprint(
+                "GimVI", fit_settings(self), seed, [src.n_obs, src.n_vars], ref_names.tolist(), sp_names.tolist())
             out = gv.fit_stream(model, loop, jax.random.key(seed), read, tr0, va0, spatial, sp_split,
-                                chunk_size=chunk)
+                                chunk_size=chunk, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                                fingerprint=digest)
         res = out.result
         _check_diverged(res)
         self.seed_ = seed

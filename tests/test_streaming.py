@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import sklearn.base
 import zarr
 
 import jaxsel
@@ -174,6 +175,52 @@ def test_stream_engine_runs_the_range_test_on_the_first_chunk():
     assert float(out.result.history["val_loss"][-1]) < float(out.result.history["val_loss"][0])
 
 
+def test_stream_engine_checkpoint_resumes_bit_for_bit(tmp_path):
+    """Killed after epoch 4 (a checkpoint every 3 epochs and at the end), run again with
+    the same path: it goes on from epoch 3 and ends with the uninterrupted fit's result,
+    bit for bit; a finished file returns that result without reading the data; a file
+    from other data or settings is refused."""
+    loop = engine.LoopConfig(max_epochs=7, batch_size=16, min_epochs=0, patience=None)
+    data, _ = _regression(n=1600)
+    host = {k: np.asarray(v) for k, v in data.items()}
+    read = lambda rows: {k: v[rows] for k, v in host.items()}  # noqa: E731
+    tr, va = np.arange(200, 1600), np.arange(200)
+    run = lambda **kw: engine.fit_stream(_Linear(5), loop, jax.random.key(0), read, tr, va,  # noqa: E731
+                                         chunk_size=256, **kw)
+    plain = run()
+    path = tmp_path / "stream.npz"
+
+    def kill(epoch, metrics):
+        if epoch == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(checkpoint=path, checkpoint_every=3, callback=kill)
+    epochs = []
+    resumed = run(checkpoint=path, checkpoint_every=3, callback=lambda e, m: epochs.append(e))
+    assert epochs == [3, 4, 5, 6] and resumed.info["first_epoch"] == 3
+    for a, b in zip(jax.tree.leaves(plain.result), jax.tree.leaves(resumed.result)):
+        np.testing.assert_array_equal(a, b)
+
+    def no_read(rows):
+        assert rows.shape[0] == va.shape[0], "a finished fit reads only the validation rows"
+        return read(rows)
+
+    done = engine.fit_stream(_Linear(5), loop, jax.random.key(0), no_read, tr, va, chunk_size=256,
+                             checkpoint=path)
+    assert done.info["epoch_seconds"] == []
+    for a, b in zip(jax.tree.leaves(plain.result), jax.tree.leaves(done.result)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="other settings or other data"):
+        engine.fit_stream(_Linear(5), loop, jax.random.key(0), read, tr[1:], va, chunk_size=256, checkpoint=path)
+    with pytest.raises(ValueError, match="other settings or other data"):
+        run(checkpoint=path, fingerprint="seed 1")
+    with pytest.raises(TypeError, match="checkpoint must be a file path"):
+        run(checkpoint=3)
+    with pytest.raises(TypeError, match="checkpoint_every"):
+        run(checkpoint=path, checkpoint_every=2.5)
+
+
 # ----------------------------------------------------------------------------- estimators
 
 
@@ -200,6 +247,35 @@ def test_markermap_streamed_from_disk_finds_the_planted_markers(files, streamed)
     np.testing.assert_array_equal(again.history_["val_loss"], sel.history_["val_loss"])
 
 
+def _die_after_first_checkpoint(monkeypatch):
+    """Make the streamed loop crash right after it writes its first checkpoint."""
+    real = engine_stream.write_checkpoint
+
+    def write_then_die(*args, **kw):
+        real(*args, **kw)
+        monkeypatch.setattr(engine_stream, "write_checkpoint", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_stream, "write_checkpoint", write_then_die)
+
+
+def test_markermap_streamed_fit_resumes_from_a_checkpoint(files, streamed, tmp_path, monkeypatch):
+    sel, _ = streamed
+    path = tmp_path / "markermap.npz"
+    _die_after_first_checkpoint(monkeypatch)
+    with streaming.markermap_recipe(files["h5ad"]) as src:
+        with pytest.raises(KeyboardInterrupt):
+            jaxsel.MarkerMap(**MM).fit(src, "cell_type", checkpoint=path, checkpoint_every=2)
+        again = jaxsel.MarkerMap(**MM).fit(src, "cell_type", checkpoint=path, checkpoint_every=2)
+        assert again.stream_info_["first_epoch"] == 2  # went on after the 2 epochs on file
+        np.testing.assert_array_equal(again.markers_, sel.markers_)
+        np.testing.assert_array_equal(again.scores_, sel.scores_)
+        for k in sel.history_:
+            np.testing.assert_array_equal(again.history_[k], sel.history_[k])
+        with pytest.raises(ValueError, match="other settings or other data"):
+            jaxsel.MarkerMap(**{**MM, "random_state": 1}).fit(src, "cell_type", checkpoint=path)
+
+
 def test_markermap_chunked_inference_equals_unchunked(files, streamed):
     sel, x = streamed
     with streaming.markermap_recipe(files["h5ad"]) as src:
@@ -217,7 +293,7 @@ def test_markermap_chunked_inference_equals_unchunked(files, streamed):
     assert (sel.predict(x) == files["labels"]).mean() > 0.95
 
 
-def test_gimvi_streams_the_reference_and_imputes_within_a_budget(files):
+def test_gimvi_streams_the_reference_and_imputes_within_a_budget(files, tmp_path, monkeypatch):
     genes = files["genes"]
     panel = genes[np.sort(np.random.default_rng(0).choice(N_GENES, 30, replace=False))]
     xs = anndata.read_h5ad(files["h5ad"])[:400, panel].X.toarray()
@@ -228,6 +304,17 @@ def test_gimvi_streams_the_reference_and_imputes_within_a_budget(files):
     model.fit(backed, xs, ref_genes=genes, spatial_genes=panel)
     assert model.history_["val_loss"].shape == (3,) and np.isfinite(model.history_["val_loss"]).all()
     assert model.stream_info_["cells"][0] >= 0.85 * 0.9 * N_CELLS  # one pass over the reference
+    # killed after its first epoch's checkpoint and run again: the uninterrupted fit, bit for bit
+    resumed = sklearn.base.clone(model)
+    path = tmp_path / "gimvi.npz"
+    _die_after_first_checkpoint(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        resumed.fit(backed, xs, ref_genes=genes, spatial_genes=panel, checkpoint=path, checkpoint_every=1)
+    resumed.fit(backed, xs, ref_genes=genes, spatial_genes=panel, checkpoint=path, checkpoint_every=1)
+    assert resumed.stream_info_["first_epoch"] == 1
+    for a, b in zip(jax.tree.leaves((model.params_, model.state_, model.history_)),
+                    jax.tree.leaves((resumed.params_, resumed.state_, resumed.history_))):
+        np.testing.assert_array_equal(a, b)
     # a budget of 50 cells x 24 decoded [cells, genes] arrays: blocks of 200 cells decoded 50 at
     # a time, and only the requested genes kept; the same numbers as one call on all cells
     model.memory_budget = 4 * N_GENES * 24 * 50

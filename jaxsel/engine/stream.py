@@ -25,6 +25,15 @@ early-stopping rule (:func:`~jaxsel.engine.loop.epoch_update`), but the cells of
 - Early stopping (and stopping on a diverged, non-finite training loss) is decided by the
   same masked update as in the compiled loop; the host only reads the stop flag once per
   epoch, and prints the progress line of ``LoopConfig(progress=...)`` itself.
+- With ``checkpoint=path`` the loop state (an engine :class:`~jaxsel.engine.Checkpoint`)
+  is written to one ``.npz`` file every ``checkpoint_every`` epochs and when the fit ends
+  (:func:`~jaxsel.engine.write_checkpoint`, atomically); run again with the same path,
+  settings and data, the fit reads it and goes on with the next epoch. Every epoch's
+  block order and chunk keys are ``fold_in``\\ s of the key and the epoch, so a resumed
+  fit runs the same compiled programs on the same chunks as an uninterrupted one and
+  ends with the same result, bit for bit. The file is tied (:func:`fingerprint`) to the
+  method, the loop settings, the chunking, the training and validation rows, the
+  validation cells' values and the resident data: a file from another fit is an error.
 
 Shuffling is *chunk-local*: a minibatch mixes the cells of one chunk (``chunk_size //
 block_size`` blocks drawn from anywhere in the data), not of the whole dataset, the usual
@@ -43,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import queue
 import threading
 import time
@@ -53,7 +63,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .checkpoint import fingerprint as _fingerprint
+from .checkpoint import read_checkpoint, write_checkpoint
 from .loop import (
+    Checkpoint,
     FitResult,
     LoopConfig,
     Method,
@@ -75,7 +88,8 @@ PyTree = Any
 class StreamFit(NamedTuple):
     """Output of :func:`fit_stream`: the engine's :class:`FitResult` and a dict ``info``
     of host-side figures (``n_train``, ``n_val``, ``chunk_size``, ``block_size``,
-    ``chunks_per_epoch``, and per epoch ``epoch_started`` (``time.perf_counter()`` at its
+    ``chunks_per_epoch``, ``first_epoch`` (the epoch this call started at: 0, or where a
+    checkpoint left off), and per epoch run ``epoch_started`` (``time.perf_counter()`` at its
     start), ``epoch_seconds`` (wall), ``input_wait_seconds``
     (the device loop waiting for data), ``read_seconds`` (reader thread: read, pad,
     transfer), ``steps`` and ``cells`` trained)."""
@@ -332,6 +346,9 @@ def fit_stream(
     prefetch: int = 2,
     params=None,
     callback: Callable[[int, dict], Any] | None = None,
+    checkpoint=None,
+    checkpoint_every: int = 10,
+    fingerprint: str = "",
 ) -> StreamFit:
     """Fit one model on data streamed from the host; see the module docstring.
 
@@ -357,6 +374,11 @@ def fit_stream(
     prefetch : chunks read ahead of the device.
     params : optional ``(params, model_state)`` to start from.
     callback : ``callback(epoch, metrics)`` after every epoch (metrics as floats).
+    checkpoint : path of a ``.npz`` file, optional: write the loop state every
+        ``checkpoint_every`` epochs and at the end, and go on from it when it exists
+        (see the module docstring); ``fingerprint`` is the caller's digest of what else
+        the file must match (settings the method does not hold, e.g. the seed).
+        ``info`` then covers the epochs run by this call only.
 
     Returns
     -------
@@ -387,6 +409,12 @@ def fit_stream(
             raise ValueError("resident and resident_splits must have the same length")
         if loop.lr_finder is not None:
             raise ValueError("the learning-rate range test supports single-dataset fits only")
+    if checkpoint is not None:
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            raise TypeError(f"checkpoint must be a file path (str or os.PathLike), got {checkpoint!r}.")
+        from .._validation import check_int
+
+        checkpoint_every = check_int(checkpoint_every, "checkpoint_every", 1)
     blocks = plan_blocks(train_rows, block)
     k_init, k_loop, k_lr = jax.random.split(key, 3)
 
@@ -394,13 +422,22 @@ def fit_stream(
         k = jax.random.fold_in(jax.random.fold_in(k_loop, epoch), 0)
         return np.asarray(jax.random.permutation(k, len(blocks)))
 
-    def plans():
-        for epoch in range(loop.max_epochs):
-            yield epoch_chunks(order(epoch), blocks, per_chunk)
-
     # validation rows, read once, in pieces of at most `size` rows
     val_host = read(val_rows)
     n_val = val_rows.shape[0]
+    ck, ck_key = None, None
+    if checkpoint is not None:
+        ck_key = _fingerprint(fingerprint, str(jax.tree.structure(method)), method, repr(loop), size, block,
+                              train_rows, val_rows, val_host, resident, resident_splits)
+        template = _checkpoint_template(method, loop, prepare, k_init, val_host, size, resident)
+        ck = read_checkpoint(checkpoint, template, ck_key)
+    start = 0 if ck is None else int(ck.epoch)
+    ended = ck is not None and (start >= loop.max_epochs or bool(ck.state.stopped))
+
+    def plans():
+        for epoch in range(start, loop.max_epochs):
+            yield epoch_chunks(order(epoch), blocks, per_chunk)
+
     val_dev = prepare(jax.device_put(val_host))
     del val_host
     sizes = [n_val] + ([int(sp.n_val) for sp in resident_splits] if multi else [])
@@ -415,32 +452,42 @@ def fit_stream(
         val_data, val_w = _val_pieces(val_dev, n_val, pieces, -(-n_val // pieces))
     del val_dev
 
-    reader = _Reader(read, plans(), size, prefetch)
     info = dict(n_train=int(train_rows.shape[0]), n_val=int(n_val), chunk_size=size, block_size=block,
                 chunks_per_epoch=-(-len(blocks) // per_chunk), epoch_started=[], epoch_seconds=[],
-                input_wait_seconds=[], read_seconds=[], steps=[], cells=[])
+                input_wait_seconds=[], read_seconds=[], steps=[], cells=[], first_epoch=start)
+    if ended:  # a finished fit's file: its result, without reading the data again
+        hist = {k: jnp.asarray(v) for k, v in ck.history.items()}
+        return StreamFit(_finish_program(loop, jax.tree.map(jnp.asarray, ck.state), hist,
+                                         jnp.asarray(ck.learning_rate)), info)
+    reader = _Reader(read, plans(), size, prefetch)
     try:
         first, n_first = reader.get()
-        if params is None:
-            params, model_state = _init_program(method, prepare, k_init, first, resident)
+        if ck is not None:
+            # fresh device buffers per leaf: the live parameters are donated, the best copies not
+            state = jax.tree.map(jnp.asarray, ck.state)
+            learning_rate = jnp.asarray(ck.learning_rate)
+            history = {k: np.asarray(v)[:start].tolist() for k, v in ck.history.items()}
         else:
-            params, model_state = params
-        learning_rate = jnp.asarray(method.learning_rate, jnp.float32)
-        if loop.lr_finder is not None:
-            lr_loop = dataclasses.replace(loop, steps_per_epoch=max(1, n_first // bs))
-            learning_rate = _lr_program(method, lr_loop, prepare, k_lr, first, jnp.int32(n_first), params,
-                                        model_state)
-        tx = method.optimizer(learning_rate)
-        state = init_state(params, model_state, tx)
-        # the best-so-far copies must not share buffers with the donated live parameters
-        state = state._replace(best_params=jax.tree.map(jnp.copy, state.best_params),
-                               best_model_state=jax.tree.map(jnp.copy, state.best_model_state))
+            if params is None:
+                params, model_state = _init_program(method, prepare, k_init, first, resident)
+            else:
+                params, model_state = params
+            learning_rate = jnp.asarray(method.learning_rate, jnp.float32)
+            if loop.lr_finder is not None:
+                lr_loop = dataclasses.replace(loop, steps_per_epoch=max(1, n_first // bs))
+                learning_rate = _lr_program(method, lr_loop, prepare, k_lr, first, jnp.int32(n_first), params,
+                                            model_state)
+            tx = method.optimizer(learning_rate)
+            state = init_state(params, model_state, tx)
+            # the best-so-far copies must not share buffers with the donated live parameters
+            state = state._replace(best_params=jax.tree.map(jnp.copy, state.best_params),
+                                   best_model_state=jax.tree.map(jnp.copy, state.best_model_state))
+            history = {}
         shapes = jax.eval_shape(_step_shapes, method, loop, prepare, first, state, k_init, learning_rate, resident)
         sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         carry = (state, sums, jnp.int32(0))
-        history: dict = {}
         pending = [(first, n_first)]
-        epoch = 0
+        epoch = start
         while epoch < loop.max_epochs:
             t0 = time.perf_counter()
             wait = 0.0
@@ -488,12 +535,45 @@ def fit_stream(
             if callback is not None:
                 callback(epoch, metrics)
             epoch += 1
-            if bool(carry[0].stopped):
+            stopped = bool(carry[0].stopped)
+            due = stopped or epoch == loop.max_epochs or (epoch - start) % checkpoint_every == 0
+            if checkpoint is not None and due:
+                write_checkpoint(checkpoint, Checkpoint(carry[0], _padded(history, loop.max_epochs),
+                                                        np.int32(epoch), learning_rate), ck_key)
+            if stopped:
                 break
     finally:
         reader.close()
-    hist = {k: jnp.asarray(np.concatenate([np.asarray(v, np.float32),
-                                           np.full(loop.max_epochs - len(v), np.nan, np.float32)]))
-            for k, v in history.items()}
+    hist = {k: jnp.asarray(v) for k, v in _padded(history, loop.max_epochs).items()}
     result = _finish_program(loop, carry[0], hist, learning_rate)
     return StreamFit(result, info)
+
+
+def _padded(history: dict, max_epochs: int) -> dict:
+    """Per-epoch metric lists as float32 ``[max_epochs]`` arrays, NaN past the last epoch."""
+    return {k: np.concatenate([np.asarray(v, np.float32), np.full(max_epochs - len(v), np.nan, np.float32)])
+            for k, v in history.items()}
+
+
+def _checkpoint_template(method, loop, prepare, key, val_host, size, resident):
+    """Shapes and dtypes of a streamed fit's :class:`~jaxsel.engine.Checkpoint` (nothing
+    is computed): the state of :func:`init_state` after the method's initialisation on a
+    chunk, and the history keys of :func:`_end_epoch`."""
+    chunk = jax.tree.map(lambda a: jax.ShapeDtypeStruct((size, *np.shape(a)[1:]), np.asarray(a).dtype), val_host)
+
+    def build(key, chunk, resident):
+        params, model_state = method.init(key, prepare(chunk) if resident is None else (prepare(chunk), *resident))
+        return init_state(params, model_state, method.optimizer(jnp.float32(method.learning_rate)))
+
+    state = jax.eval_shape(build, key, chunk, resident)
+    sums = jax.eval_shape(_step_shapes, method, loop, prepare, chunk, state, key, jnp.float32(0), resident)
+    piece = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape), a.dtype), t)  # noqa: E731
+    weights = lambda t: jax.ShapeDtypeStruct((1, jax.tree.leaves(t)[0].shape[0]), jnp.float32)  # noqa: E731
+    val = jax.eval_shape(prepare, chunk)
+    if resident is None:
+        val, w = piece(val), weights(val)
+    else:  # one validation piece per dataset, as fit_stream builds them
+        val, w = (piece(val), *map(piece, resident)), (weights(val), *map(weights, resident))
+    _, metrics = jax.eval_shape(_end_epoch, method, loop, (state, sums, jnp.int32(0)), val, w, jnp.int32(0))
+    hist = {k: jax.ShapeDtypeStruct((loop.max_epochs,), jnp.float32) for k in metrics}
+    return Checkpoint(state, hist, jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32))

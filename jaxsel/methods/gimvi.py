@@ -467,7 +467,8 @@ def stream_prepare(chunk):
 
 
 def fit_stream(model: GimVIModel, loop: LoopConfig, key, read, train_rows, val_rows, spatial, spatial_split, *,
-               chunk_size: int, block_size: int | None = None, prefetch: int = 2, callback=None):
+               chunk_size: int, block_size: int | None = None, prefetch: int = 2, callback=None, checkpoint=None,
+               checkpoint_every: int = 10, fingerprint: str = ""):
     """Fit one model with the scRNA-seq reference streamed from the host.
 
     ``model`` a single :class:`GimVIModel` (no leading axis); ``read(rows)`` returns
@@ -478,11 +479,13 @@ def fit_stream(model: GimVIModel, loop: LoopConfig, key, read, train_rows, val_r
     :class:`~jaxsel.engine.Splits`. Every step takes ``batch_size`` reference cells of
     the current chunk and ``batch_size`` spatial cells (cycling through a per-epoch
     permutation); an epoch is one pass over the reference
-    (:func:`jaxsel.engine.fit_stream`). Returns the engine's :class:`~jaxsel.engine.StreamFit`.
+    (:func:`jaxsel.engine.fit_stream`, also for ``checkpoint`` / ``checkpoint_every`` /
+    ``fingerprint``). Returns the engine's :class:`~jaxsel.engine.StreamFit`.
     """
     return _engine_fit_stream(model, loop, key, read, train_rows, val_rows, chunk_size=chunk_size,
                               block_size=block_size, resident=(spatial,), resident_splits=(spatial_split,),
-                              prepare=stream_prepare, prefetch=prefetch, callback=callback)
+                              prepare=stream_prepare, prefetch=prefetch, callback=callback, checkpoint=checkpoint,
+                              checkpoint_every=checkpoint_every, fingerprint=fingerprint)
 
 
 class Posterior(NamedTuple):

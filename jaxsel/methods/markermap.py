@@ -514,7 +514,8 @@ def fit_folds_checkpointed(cfg: MarkerMapConfig, loop: engine.LoopConfig, keys, 
 
 
 def fit_stream(cfg: MarkerMapConfig, loop: engine.LoopConfig, key, read, train_rows, val_rows, *, chunk_size: int,
-               block_size: int | None = None, prefetch: int = 2, callback=None):
+               block_size: int | None = None, prefetch: int = 2, callback=None, checkpoint=None,
+               checkpoint_every: int = 10, fingerprint: str = ""):
     """Fit one model on cells streamed from the host (data larger than memory).
 
     ``read(rows)`` returns the :func:`make_data` dict of the (sorted) rows ``rows`` as
@@ -523,12 +524,15 @@ def fit_stream(cfg: MarkerMapConfig, loop: engine.LoopConfig, key, read, train_r
     read once and kept on the device). Training runs chunk by chunk through
     :func:`jaxsel.engine.fit_stream` (one compiled program per chunk shape, chunk-local
     shuffling; see there). The learning-rate range test, when ``loop`` asks for it, runs
-    on the first chunk.
+    on the first chunk. ``checkpoint`` / ``checkpoint_every`` / ``fingerprint``: a
+    checkpoint file of the loop state, resumed bit for bit (see
+    :func:`jaxsel.engine.fit_stream`).
 
     Returns ``(MarkerMapResult, info)`` with the engine's host-side timing ``info``.
     """
     out = engine.fit_stream(cfg, loop, key, read, train_rows, val_rows, chunk_size=chunk_size,
-                            block_size=block_size, prefetch=prefetch, callback=callback)
+                            block_size=block_size, prefetch=prefetch, callback=callback, checkpoint=checkpoint,
+                            checkpoint_every=checkpoint_every, fingerprint=fingerprint)
     return _result_program(cfg, out.result), out.info
 
 
