@@ -1141,6 +1141,9 @@ class SparseBottleneck(_PairedSelector):
     verbose : bool, default False
         Print a progress line (stage, epoch, losses, time) from inside the compiled fit,
         at most once a second (:mod:`jaxsel.engine.progress`).
+    chunk_size : int, default 16384
+        Cells per chunk when ``X`` is on disk (:meth:`fit` streams it; ``predict``,
+        ``latent`` and ``reconstruct_genes`` read it in blocks of this many cells).
 
     Attributes
     ----------
@@ -1165,6 +1168,7 @@ class SparseBottleneck(_PairedSelector):
         n_clusters=20,
         random_state=None,
         verbose=False,
+        chunk_size=streaming.DEFAULT_CHUNK_SIZE,
     ):
         self.n_genes = n_genes
         self.schedule = schedule
@@ -1177,6 +1181,7 @@ class SparseBottleneck(_PairedSelector):
         self.n_clusters = n_clusters
         self.random_state = random_state
         self.verbose = verbose
+        self.chunk_size = chunk_size
 
     def _config(self, n_genes_in: int, n_outputs: int):
         from .methods import sbnn
@@ -1214,19 +1219,40 @@ class SparseBottleneck(_PairedSelector):
         Parameters
         ----------
         X : array-like [n_cells, n_genes]; preprocessed expression (the paper:
-            :func:`jaxsel.preprocessing.sbnn_recipe`). Never modified.
-        Y : array-like [n_cells, n_features]; the paired modality (standardised).
+            :func:`jaxsel.preprocessing.sbnn_recipe`). Never modified. Data larger than
+            memory: a path to an ``.h5ad`` file or ``.zarr`` store, a backed AnnData, an
+            h5py/zarr array or a :class:`jaxsel.streaming.RowSource` (already
+            preprocessed, or with a row transform) is streamed in chunks of
+            ``chunk_size`` cells: every stage trains through
+            :func:`jaxsel.engine.fit_stream` (see Notes).
+        Y : array-like [n_cells, n_features]; the paired modality (standardised), in
+            memory also when ``X`` is on disk.
         checkpoint : path, optional
             Train in segments of at most ``checkpoint_every`` epochs (a segment ends
             with its stage) and write the training state to this ``.npz`` file after
             each; run again with the same path, settings and data and the fit goes on
             where it stopped, with the result of an uninterrupted fit, bit for bit. A
             file from other settings, other data or another jaxsel version is an error.
+            In-memory ``X`` only.
         checkpoint_every : int
             Epochs per segment (default 10).
+
+        Notes
+        -----
+        A fit from disk computes the gene means in one pass, runs k-means on ``Y`` as
+        in memory, and trains every stage chunk by chunk with the stage's keys; an
+        epoch is one pass over the cells, minibatches are shuffled within a chunk, and
+        R^2 is tracked on a random ``chunk_size`` of the cells (at most), so it fits
+        the same model as the in-memory fit, not the same numbers. Pre-training holds
+        out at most ``chunk_size`` cells for its early stopping (the others train).
         """
         from .methods import sbnn
 
+        if streaming.is_source(X):
+            if checkpoint is not None:
+                raise ValueError("checkpoint is supported for a SparseBottleneck fitted in memory only, not for X "
+                                 "streamed from disk.")
+            return self._fit_stream(X, Y)
         x = _check_X(self, X, reset=True)
         y = _check_Y(Y, x.shape[0])
         cfg = self._config(x.shape[1], y.shape[1])
@@ -1247,28 +1273,83 @@ class SparseBottleneck(_PairedSelector):
         self.result_ = res
         self._set_fit(res.genes, res.gene_norms, res.y_mean, y.shape[1])
         self.history_ = {k: np.asarray(v) for k, v in res.history.items()}
+        if hasattr(self, "stream_info_"):
+            del self.stream_info_
         return self
 
-    def predict(self, X):
-        """Predicted ``Y`` from the selected genes, [n_cells, n_features]."""
+    def _fit_stream(self, X, Y):
+        """:meth:`fit` with ``X`` streamed from disk (:func:`jaxsel.methods.sbnn.fit_stream`)."""
         from .methods import sbnn
 
-        return np.asarray(sbnn.predict(self.cfg_, self.result_, self._fitted_x(X)))
+        chunk = check_int(self.chunk_size, "chunk_size", 1)
+        with streaming.open_source(X) as src:
+            n_cells, n_genes = src.shape
+            y = _check_Y(Y, n_cells)
+            cfg = self._config(n_genes, y.shape[1])
+            if chunk < cfg.batch_size:
+                raise ValueError(f"chunk_size={chunk} must be at least batch_size={cfg.batch_size}.")
+            seed = check_random_state(self.random_state)
+            everyone = np.arange(n_cells)
+            x_mean = streaming.column_means(src, block_rows=chunk, name="X")
+            c, pre = np.zeros(n_cells, np.int32), None
+            if cfg.pretrain_epochs:
+                clusters, pre_tr, pre_va = preprocessing.pretraining_clusters(
+                    y, [everyone], n_clusters=cfg.n_clusters, random_state=seed)
+                c = np.maximum(clusters[0], 0).astype(np.int32)
+                pre = streaming.cap_validation(pre_tr[0], pre_va[0], chunk, seed)
+            rng = np.random.default_rng(seed)
+            val = np.sort(rng.choice(n_cells, min(chunk, n_cells), replace=False))
+
+            def read(rows):
+                return {"x": src.read_rows(rows), "y": y[rows], "c": c[rows]}
+
+            res, info = sbnn.fit_stream(cfg, jax.random.key(seed), read, everyone, val, x_mean,
+                                        y.mean(axis=0, dtype=np.float64), pre_rows=pre, chunk_size=chunk,
+                                        progress=progress_label(self))
+        res = jax.device_get(res)
+        self.cfg_ = cfg
+        self.result_ = res
+        self._set_fit(res.genes, res.gene_norms, res.y_mean, y.shape[1])
+        self.history_ = {k: np.asarray(v) for k, v in res.history.items()}
+        _fitted_from_disk(self, n_genes)
+        self.stream_info_ = info
+        return self
+
+    def _infer(self, fn, X):
+        """``fn(cfg, result, x)`` over ``X`` in memory, or over an on-disk ``X`` read in
+        blocks of ``chunk_size`` cells (:func:`jaxsel.streaming.map_row_blocks`)."""
+        if not streaming.is_source(X):
+            return np.asarray(fn(self.cfg_, self.result_, self._fitted_x(X)))
+        check_is_fitted(self, "genes_")
+        rows = check_int(self.chunk_size, "chunk_size", 1)
+        with streaming.open_source(X) as src:
+            if src.n_vars != self.n_features_in_:
+                raise ValueError(f"X has {src.n_vars} features, but {type(self).__name__} is expecting "
+                                 f"{self.n_features_in_} features as input.")
+            return streaming.map_row_blocks(lambda block, _: fn(self.cfg_, self.result_, block, chunk=rows),
+                                            src.read, src.n_obs, rows)
+
+    def predict(self, X):
+        """Predicted ``Y`` from the selected genes, [n_cells, n_features]. An on-disk
+        ``X`` is read in blocks of ``chunk_size`` cells."""
+        from .methods import sbnn
+
+        return self._infer(sbnn.predict, X)
 
     def latent(self, X):
-        """The bottleneck embedding, [n_cells, latent_size]."""
+        """The bottleneck embedding, [n_cells, latent_size] (an on-disk ``X``: as :meth:`predict`)."""
         from .methods import sbnn
 
-        return np.asarray(sbnn.latent(self.cfg_, self.result_, self._fitted_x(X)))
+        return self._infer(sbnn.latent, X)
 
     def reconstruct_genes(self, X):
         """The autoencoder head's prediction of the selected genes (columns in
-        ``genes_`` order), [n_cells, n_genes]."""
+        ``genes_`` order), [n_cells, n_genes] (an on-disk ``X``: as :meth:`predict`)."""
         from .methods import sbnn
 
         if not self.cfg_.ae_epochs:
             raise ValueError("the autoencoder head was not trained (epochs={'ae': 0})")
-        return np.asarray(sbnn.reconstruct_genes(self.cfg_, self.result_, self._fitted_x(X)))
+        return self._infer(sbnn.reconstruct_genes, X)
 
     def cross_validate(self, X, Y, n_folds=10, batch_size="auto", *, checkpoint=None, checkpoint_every=10):
         """K-fold CV of the whole schedule, all folds in one compiled program.

@@ -42,6 +42,7 @@ __all__ = [
     "budget_rows",
     "map_row_blocks",
     "cap_validation",
+    "column_means",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_MEMORY_BUDGET",
 ]
@@ -416,6 +417,18 @@ def count_stats(source: RowSource, *, block_rows: int = 16384, name: str = "X") 
             f"{' ...' if empty.size > 10 else ''}); filter them out first.")
     log_lib = np.log(total)
     return {"library": total, "log_library_mean": float(log_lib.mean()), "log_library_var": float(log_lib.var())}
+
+
+def column_means(source: RowSource, *, block_rows: int = 16384, name: str = "X") -> np.ndarray:
+    """One pass over the (transformed) rows: every column's mean (float64 sums, returned
+    as float32 [n_vars]); a NaN or infinite value is a ``ValueError`` naming its rows."""
+    total = np.zeros(source.n_vars, np.float64)
+    for a, b, blk in source.iter_blocks(block_rows):
+        blk = np.asarray(blk)
+        if not np.isfinite(blk).all():
+            raise ValueError(f"{name} contains NaN or infinite values (in rows {a}..{b - 1}).")
+        total += blk.sum(axis=0, dtype=np.float64)
+    return (total / max(source.n_obs, 1)).astype(np.float32)
 
 
 def _normalize_log1p(block, target_sum: float):

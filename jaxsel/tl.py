@@ -402,10 +402,12 @@ def sparse_bottleneck(
     standardises both, see :func:`jaxsel.preprocessing.sbnn_recipe`). Writes, besides
     the common keys of this module (``var[key_added]``, ``var[key_added + "_score"]``:
     first-layer row norms, ``uns[key_added]`` with ``params``, ``markers`` and
-    ``history``), the 2-D embedding to ``adata.obsm["X_" + key_added]``.
+    ``history``), the 2-D embedding to ``adata.obsm["X_" + key_added]``. A backed
+    AnnData's ``X`` is streamed from disk (:meth:`jaxsel.SparseBottleneck.fit`).
     Extra keyword arguments go to :class:`jaxsel.SparseBottleneck`.
     """
     _check_adata(adata)
+    _check_copy(adata, copy)
     _check_key(y_key, "y_key")
     _check_key(key_added, "key_added")
     if y_key not in adata.obsm:

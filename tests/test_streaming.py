@@ -331,10 +331,43 @@ def test_gimvi_streams_the_reference_and_imputes_within_a_budget(files, tmp_path
         model.latent(modality="reference")
 
 
+def test_sparse_bottleneck_streams_x_and_recovers_the_planted_genes(tmp_path):
+    """X on disk (a dense .h5ad opened backed), Y in memory: every stage trains chunk by
+    chunk (4 chunks of 128 cells), pre-training included; the planted genes come out, and
+    inference on disk gives the in-memory numbers."""
+    x, y, info = datasets.make_paired(n_cells=480, n_genes=40, n_outputs=5, n_informative=4, random_state=1)
+    path = tmp_path / "paired.h5ad"
+    anndata.AnnData(X=x, obsm={"Y": y}).write_h5ad(path)
+    a = anndata.read_h5ad(path, backed="r")
+    x0, y0 = x.copy(), y.copy()
+    est = jaxsel.SparseBottleneck(n_genes=4, hidden=(32, 16), learning_rate=3e-3, lasso=0.03, n_clusters=4,
+                                  epochs={"pretrain": 3, "frozen": 3, "unfrozen": 25, "finetune": 6, "ae": 2},
+                                  chunk_size=128, random_state=0)
+    est.fit(a.X, y)
+    np.testing.assert_array_equal(y, y0)
+    np.testing.assert_array_equal(np.sort(est.genes_), info["informative_genes"])
+    assert set(est.stream_info_) == {"pretrain", "frozen", "unfrozen", "finetune", "ae"}
+    assert est.stream_info_["unfrozen"]["chunks_per_epoch"] == 4 and est.n_features_in_ == 40
+    np.testing.assert_allclose(est.result_.x_mean, x.mean(0), atol=1e-6)
+    assert est.history_["test_r2"].shape == (34,) and np.isfinite(est.history_["test_r2"]).all()
+    assert est.score(x, y) > 0.5
+    for m in ("predict", "latent", "reconstruct_genes"):
+        np.testing.assert_allclose(getattr(est, m)(a.X), getattr(est, m)(x0), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="in memory only"):
+        est.fit(a.X, y, checkpoint=tmp_path / "ck.npz")
+    anndata.AnnData(X=x[:, :30]).write_h5ad(tmp_path / "narrow.h5ad")
+    with pytest.raises(ValueError, match="X has 30 features, but SparseBottleneck is expecting 40"):
+        est.predict(tmp_path / "narrow.h5ad")
+    jaxsel.tl.sparse_bottleneck(a, "Y", 4, hidden=(32, 16), learning_rate=3e-3, lasso=0.03, n_clusters=4,
+                                epochs={"pretrain": 2, "frozen": 2, "unfrozen": 4, "finetune": 2, "ae": 0},
+                                chunk_size=128, random_state=0)
+    assert a.isbacked and a.var["sparse_bottleneck"].sum() == 4 and a.obsm["X_sparse_bottleneck"].shape == (480, 2)
+
+
 def test_tl_on_a_backed_anndata_streams_or_says_what_it_needs(files):
     """scanpy-style calls on ``read_h5ad(..., backed="r")``: the neural selectors stream
     it and write their keys into the (in-memory) var/uns; random markers need only its
-    shape; the baselines that score genes over all cells, and sBNN, refuse it by name
+    shape; the baselines that score genes over all cells, and sRRR, refuse it by name
     before any work; copy=True (which would write a new file) is refused up front."""
     a = anndata.read_h5ad(files["h5ad"], backed="r")
     jaxsel.tl.markermap(a, 6, "cell_type", max_epochs=2, min_epochs=1, hidden_size=16, chunk_size=1024,
@@ -345,8 +378,8 @@ def test_tl_on_a_backed_anndata_streams_or_says_what_it_needs(files):
     for fn, kw in ((jaxsel.tl.hvg_markers, {}), (jaxsel.tl.de_markers, {"labels_key": "cell_type"})):
         with pytest.raises(TypeError, match="needs X in memory, got data on disk"):
             fn(a, 5, **kw)
-    with pytest.raises(TypeError, match="SparseBottleneck needs X in memory"):
-        jaxsel.SparseBottleneck(n_genes=3).fit(a.X, np.zeros((N_CELLS, 2), np.float32))
+    with pytest.raises(TypeError, match="SparseRRR needs X in memory"):
+        jaxsel.SparseRRR(n_genes=3).fit(a.X, np.zeros((N_CELLS, 2), np.float32))
     with pytest.raises(TypeError, match=r"StAI \(full-batch training on every cell\) needs X_ref in memory"):
         jaxsel.StAI().fit(np.ones((5, 12)), a.X, coords=np.zeros((5, 2)), spatial_genes=files["genes"][:12],
                           ref_genes=files["genes"])

@@ -373,7 +373,8 @@ def fit_stream(
         function, so that later fits reuse the compiled programs.
     prefetch : chunks read ahead of the device.
     params : optional ``(params, model_state)`` to start from.
-    callback : ``callback(epoch, metrics)`` after every epoch (metrics as floats).
+    callback : ``callback(epoch, metrics)`` after every epoch (scalar metrics as floats,
+        per-feature ones as numpy arrays).
     checkpoint : path of a ``.npz`` file, optional: write the loop state every
         ``checkpoint_every`` epochs and at the end, and go on from it when it exists
         (see the module docstring); ``fingerprint`` is the caller's digest of what else
@@ -466,12 +467,12 @@ def fit_stream(
             # fresh device buffers per leaf: the live parameters are donated, the best copies not
             state = jax.tree.map(jnp.asarray, ck.state)
             learning_rate = jnp.asarray(ck.learning_rate)
-            history = {k: np.asarray(v)[:start].tolist() for k, v in ck.history.items()}
+            history = {k: list(np.asarray(v)[:start]) for k, v in ck.history.items()}
         else:
             if params is None:
                 params, model_state = _init_program(method, prepare, k_init, first, resident)
-            else:
-                params, model_state = params
+            else:  # own buffers: the live parameters are donated, and given leaves may alias each other
+                params, model_state = jax.tree.map(jnp.copy, params)
             learning_rate = jnp.asarray(method.learning_rate, jnp.float32)
             if loop.lr_finder is not None:
                 lr_loop = dataclasses.replace(loop, steps_per_epoch=max(1, n_first // bs))
@@ -519,7 +520,8 @@ def fit_stream(
                 j += 1
                 del chunk
             carry, metrics = _end_epoch(method, loop, carry, val_data, val_w, jnp.int32(epoch))
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            metrics = {k: float(v) if np.ndim(v) == 0 else np.asarray(v)
+                       for k, v in jax.device_get(metrics).items()}
             for k, v in metrics.items():
                 history.setdefault(k, []).append(v)
             info["epoch_started"].append(t0)
@@ -550,9 +552,12 @@ def fit_stream(
 
 
 def _padded(history: dict, max_epochs: int) -> dict:
-    """Per-epoch metric lists as float32 ``[max_epochs]`` arrays, NaN past the last epoch."""
-    return {k: np.concatenate([np.asarray(v, np.float32), np.full(max_epochs - len(v), np.nan, np.float32)])
-            for k, v in history.items()}
+    """Per-epoch metric lists as float32 ``[max_epochs, ...]`` arrays, NaN past the last epoch."""
+    out = {}
+    for k, v in history.items():
+        a = np.asarray(v, np.float32)
+        out[k] = np.concatenate([a, np.full((max_epochs - a.shape[0], *a.shape[1:]), np.nan, np.float32)])
+    return out
 
 
 def _checkpoint_template(method, loop, prepare, key, val_host, size, resident):
@@ -575,5 +580,5 @@ def _checkpoint_template(method, loop, prepare, key, val_host, size, resident):
     else:  # one validation piece per dataset, as fit_stream builds them
         val, w = (piece(val), *map(piece, resident)), (weights(val), *map(weights, resident))
     _, metrics = jax.eval_shape(_end_epoch, method, loop, (state, sums, jnp.int32(0)), val, w, jnp.int32(0))
-    hist = {k: jax.ShapeDtypeStruct((loop.max_epochs,), jnp.float32) for k in metrics}
+    hist = {k: jax.ShapeDtypeStruct((loop.max_epochs, *v.shape), jnp.float32) for k, v in metrics.items()}
     return Checkpoint(state, hist, jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32))

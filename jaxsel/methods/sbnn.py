@@ -85,6 +85,7 @@ __all__ = [
     "fit_checkpointed",
     "fit_folds",
     "fit_folds_checkpointed",
+    "fit_stream",
     "predict",
     "latent",
     "reconstruct_genes",
@@ -620,6 +621,69 @@ def fit(cfg: SparseBottleneckConfig, key, data: dict, split: engine.Splits, pre_
     loops = _make_loops(cfg, int(split.n_train), int(pre_split.n_train), progress)
     args = (cfg, loops, key, data, split, pre_split)
     return _fit_single.lower(*args) if lower else _fit_single(*args)
+
+
+def fit_stream(cfg: SparseBottleneckConfig, key, read, train_rows, val_rows, x_mean, y_mean, *, pre_rows=None,
+               chunk_size: int, block_size: int | None = None, prefetch: int = 2, progress: str | None = None):
+    """The whole schedule on cells streamed from the host (``X`` larger than memory).
+
+    Every stage runs :func:`jaxsel.engine.fit_stream` from the parameters the previous
+    stage (or pruning) left, with the same stage methods, keys and pruning as
+    :func:`fit`; the differences are the streamed loop's (an epoch is one pass over
+    ``train_rows`` in chunks, minibatches shuffled within a chunk), so the result is a
+    fit of the same model, not the same numbers.
+
+    Parameters
+    ----------
+    read : host function ``read(rows) -> {"x": float32 [len(rows), G], "y": float32
+        [len(rows), q], "c": int32 [len(rows)]}`` (``c``: pre-training cluster labels,
+        zeros without pre-training) of the sorted rows ``rows``.
+    train_rows, val_rows : rows to train on and to track R^2 on (read once, kept on
+        the device: at most ``chunk_size`` of them, so that R^2 is one evaluation).
+    x_mean, y_mean : the training means the model centres with ([G], [q]).
+    pre_rows : ``(train, held-out)`` rows of pre-training (required when
+        ``cfg.pretrain_epochs > 0``; the held-out rows, read once and kept on the
+        device, decide its early stopping).
+    chunk_size, block_size, prefetch : as for :func:`jaxsel.engine.fit_stream`.
+    progress : a label for the progress line, per stage and epoch.
+
+    Returns
+    -------
+    ``(SparseBottleneckResult, info)`` with the engine's host-side ``info`` per stage.
+    """
+    if cfg.pretrain_epochs and pre_rows is None:
+        raise ValueError("cfg.pretrain_epochs > 0 needs pre_rows (the pre-training train / held-out rows)")
+    if len(val_rows) > chunk_size:
+        raise ValueError(f"val_rows has {len(val_rows)} rows, more than chunk_size={chunk_size}: R^2 is evaluated "
+                         "in one piece; keep fewer.")
+    n_pre = len(pre_rows[0]) if pre_rows is not None else len(train_rows)
+    loops = _make_loops(cfg, len(train_rows), n_pre, progress)
+    x_mean, y_mean = jnp.asarray(x_mean, jnp.float32), jnp.asarray(y_mean, jnp.float32)
+    params = _init_program(cfg, key)
+    hists, info, pre_best, pruned = {}, {}, jnp.asarray(-1, jnp.int32), None
+    for name in _present(loops):
+        if name in _PRUNED and pruned is None:
+            genes, norms, params = pruned = _prune_program(cfg, params)
+        k, _ = _stage_args(name, key, None, None)
+        m = _stage_method(cfg, name, x_mean, y_mean, None if pruned is None else pruned[0])
+        tr, va = pre_rows if name == "pretrain" else (train_rows, val_rows)
+        out = engine.fit_stream(m, getattr(loops, name), k, read, tr, va, chunk_size=chunk_size,
+                                block_size=block_size, prefetch=prefetch,
+                                params=(_stage_start_params(cfg, name, params), {}))
+        params, hists[name], info[name] = out.result.params, out.result.history, out.info
+        if name == "pretrain":
+            pre_best = out.result.best_epoch
+    if pruned is None:
+        genes, norms, params = _prune_program(cfg, params)
+    return _assemble(genes, norms, params, x_mean, y_mean, hists, pre_best), info
+
+
+@jax.jit
+def _init_program(cfg, key):
+    return init_params(cfg, _stage_keys(key)[0])
+
+
+_prune_program = jax.jit(_prune)
 
 
 class FitCheckpoint(NamedTuple):
