@@ -1268,14 +1268,17 @@ class SparseBottleneck(_PairedSelector):
             digest = engine.fingerprint(type(self).__name__, fit_settings(self), seed, x, y)
             res = sbnn.fit_checkpointed(*args, path=checkpoint, every=checkpoint_every, fingerprint=digest,
                                         progress=progress_label(self))
-        res = jax.device_get(res)
-        self.cfg_ = cfg
-        self.result_ = res
-        self._set_fit(res.genes, res.gene_norms, res.y_mean, y.shape[1])
-        self.history_ = {k: np.asarray(v) for k, v in res.history.items()}
+        self._store(cfg, res, y.shape[1])
         if hasattr(self, "stream_info_"):
             del self.stream_info_
         return self
+
+    def _store(self, cfg, res, n_outputs: int):
+        res = jax.device_get(res)
+        self.cfg_ = cfg
+        self.result_ = res
+        self._set_fit(res.genes, res.gene_norms, res.y_mean, n_outputs)
+        self.history_ = {k: np.asarray(v) for k, v in res.history.items()}
 
     def _fit_stream(self, X, Y):
         """:meth:`fit` with ``X`` streamed from disk (:func:`jaxsel.methods.sbnn.fit_stream`)."""
@@ -1306,11 +1309,7 @@ class SparseBottleneck(_PairedSelector):
             res, info = sbnn.fit_stream(cfg, jax.random.key(seed), read, everyone, val, x_mean,
                                         y.mean(axis=0, dtype=np.float64), pre_rows=pre, chunk_size=chunk,
                                         progress=progress_label(self))
-        res = jax.device_get(res)
-        self.cfg_ = cfg
-        self.result_ = res
-        self._set_fit(res.genes, res.gene_norms, res.y_mean, y.shape[1])
-        self.history_ = {k: np.asarray(v) for k, v in res.history.items()}
+        self._store(cfg, res, y.shape[1])
         _fitted_from_disk(self, n_genes)
         self.stream_info_ = info
         return self
