@@ -23,7 +23,7 @@ import numpy as np
 from .folds import prepare_folds, run_folds
 from .loop import Checkpoint, LoopConfig, checkpoint_done, fit_one, start
 
-__all__ = ["fingerprint", "fit_checkpointed", "fit_folds_checkpointed", "read_checkpoint", "run_checkpointed",
+__all__ = ["check_checkpoint_args", "fingerprint", "fit_checkpointed", "fit_folds_checkpointed", "read_checkpoint", "run_checkpointed",
            "write_checkpoint"]
 
 _FORMAT = "jaxsel.checkpoint/1"
@@ -83,6 +83,16 @@ def read_checkpoint(path, template, key: str) -> Checkpoint | None:
     return jax.tree.unflatten(treedef, out)
 
 
+def check_checkpoint_args(path, every) -> int:
+    """``every`` as an int, after a ``TypeError`` for a ``path`` that is not a file path
+    and the usual checks of ``checkpoint_every`` (an int, at least 1)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a file path (str or os.PathLike), got {path!r}.")
+    from .._validation import check_int
+
+    return check_int(every, "checkpoint_every", 1)
+
+
 def run_checkpointed(start_fn, segment_fn, path, every: int, key: str, *, max_epochs: int, done=None):
     """Run a fit in segments of ``every`` epochs, checkpointing to ``path`` after each.
 
@@ -93,11 +103,7 @@ def run_checkpointed(start_fn, segment_fn, path, every: int, key: str, *, max_ep
     engine's loop also ends at early stopping, :func:`checkpoint_done`). Returns the last
     segment's result.
     """
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"checkpoint must be a file path (str or os.PathLike), got {path!r}.")
-    from .._validation import check_int
-
-    every = check_int(every, "checkpoint_every", 1)
+    every = check_checkpoint_args(path, every)
 
     def epoch_of(ck) -> int:
         return int(np.max(np.asarray(ck.epoch)))

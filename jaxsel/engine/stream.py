@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import queue
 import threading
 import time
@@ -64,7 +63,7 @@ import numpy as np
 from jax import lax
 
 from .checkpoint import fingerprint as _fingerprint
-from .checkpoint import read_checkpoint, write_checkpoint
+from .checkpoint import check_checkpoint_args, read_checkpoint, write_checkpoint
 from .loop import (
     Checkpoint,
     FitResult,
@@ -411,11 +410,7 @@ def fit_stream(
         if loop.lr_finder is not None:
             raise ValueError("the learning-rate range test supports single-dataset fits only")
     if checkpoint is not None:
-        if not isinstance(checkpoint, (str, os.PathLike)):
-            raise TypeError(f"checkpoint must be a file path (str or os.PathLike), got {checkpoint!r}.")
-        from .._validation import check_int
-
-        checkpoint_every = check_int(checkpoint_every, "checkpoint_every", 1)
+        checkpoint_every = check_checkpoint_args(checkpoint, checkpoint_every)
     blocks = plan_blocks(train_rows, block)
     k_init, k_loop, k_lr = jax.random.split(key, 3)
 
@@ -426,19 +421,12 @@ def fit_stream(
     # validation rows, read once, in pieces of at most `size` rows
     val_host = read(val_rows)
     n_val = val_rows.shape[0]
-    ck, ck_key = None, None
     if checkpoint is not None:
         ck_key = _fingerprint(fingerprint, str(jax.tree.structure(method)), method, repr(loop), size, block,
                               train_rows, val_rows, val_host, resident, resident_splits)
-        template = _checkpoint_template(method, loop, prepare, k_init, val_host, size, resident)
-        ck = read_checkpoint(checkpoint, template, ck_key)
-    start = 0 if ck is None else int(ck.epoch)
-    ended = ck is not None and (start >= loop.max_epochs or bool(ck.state.stopped))
-
-    def plans():
-        for epoch in range(start, loop.max_epochs):
-            yield epoch_chunks(order(epoch), blocks, per_chunk)
-
+        # a chunk's shapes, for the checkpoint's template (the validation rows have them)
+        chunk_shape = jax.tree.map(lambda a: jax.ShapeDtypeStruct((size, *np.shape(a)[1:]), np.asarray(a).dtype),
+                                   val_host)
     val_dev = prepare(jax.device_put(val_host))
     del val_host
     sizes = [n_val] + ([int(sp.n_val) for sp in resident_splits] if multi else [])
@@ -452,6 +440,17 @@ def fit_stream(
     else:
         val_data, val_w = _val_pieces(val_dev, n_val, pieces, -(-n_val // pieces))
     del val_dev
+
+    ck = None
+    if checkpoint is not None:
+        template = _checkpoint_template(method, loop, prepare, k_init, chunk_shape, resident, val_data, val_w)
+        ck = read_checkpoint(checkpoint, template, ck_key)
+    start = 0 if ck is None else int(ck.epoch)
+    ended = ck is not None and (start >= loop.max_epochs or bool(ck.state.stopped))
+
+    def plans():
+        for epoch in range(start, loop.max_epochs):
+            yield epoch_chunks(order(epoch), blocks, per_chunk)
 
     info = dict(n_train=int(train_rows.shape[0]), n_val=int(n_val), chunk_size=size, block_size=block,
                 chunks_per_epoch=-(-len(blocks) // per_chunk), epoch_started=[], epoch_seconds=[],
@@ -560,25 +559,14 @@ def _padded(history: dict, max_epochs: int) -> dict:
     return out
 
 
-def _checkpoint_template(method, loop, prepare, key, val_host, size, resident):
+def _checkpoint_template(method, loop, prepare, key, chunk, resident, val_data, val_w):
     """Shapes and dtypes of a streamed fit's :class:`~jaxsel.engine.Checkpoint` (nothing
-    is computed): the state of :func:`init_state` after the method's initialisation on a
-    chunk, and the history keys of :func:`_end_epoch`."""
-    chunk = jax.tree.map(lambda a: jax.ShapeDtypeStruct((size, *np.shape(a)[1:]), np.asarray(a).dtype), val_host)
-
-    def build(key, chunk, resident):
-        params, model_state = method.init(key, prepare(chunk) if resident is None else (prepare(chunk), *resident))
-        return init_state(params, model_state, method.optimizer(jnp.float32(method.learning_rate)))
-
-    state = jax.eval_shape(build, key, chunk, resident)
+    is computed): the loop state after :func:`_init_program` on a chunk of shape
+    ``chunk``, and the history keys :func:`_end_epoch` gives on the validation pieces."""
+    params, model_state = jax.eval_shape(_init_program, method, prepare, key, chunk, resident)
+    state = jax.eval_shape(lambda p, m: init_state(p, m, method.optimizer(jnp.float32(method.learning_rate))),
+                           params, model_state)
     sums = jax.eval_shape(_step_shapes, method, loop, prepare, chunk, state, key, jnp.float32(0), resident)
-    piece = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape), a.dtype), t)  # noqa: E731
-    weights = lambda t: jax.ShapeDtypeStruct((1, jax.tree.leaves(t)[0].shape[0]), jnp.float32)  # noqa: E731
-    val = jax.eval_shape(prepare, chunk)
-    if resident is None:
-        val, w = piece(val), weights(val)
-    else:  # one validation piece per dataset, as fit_stream builds them
-        val, w = (piece(val), *map(piece, resident)), (weights(val), *map(weights, resident))
-    _, metrics = jax.eval_shape(_end_epoch, method, loop, (state, sums, jnp.int32(0)), val, w, jnp.int32(0))
+    _, metrics = jax.eval_shape(_end_epoch, method, loop, (state, sums, jnp.int32(0)), val_data, val_w, jnp.int32(0))
     hist = {k: jax.ShapeDtypeStruct((loop.max_epochs, *v.shape), jnp.float32) for k, v in metrics.items()}
     return Checkpoint(state, hist, jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32))
