@@ -554,10 +554,14 @@ def _stage_start_params(cfg: SparseBottleneckConfig, name: str, params):
     return params
 
 
+def _stage_key(name: str, key):
+    """The key of stage ``name``."""
+    return dict(zip(_STAGES, _stage_keys(key)[1:]))[name]
+
+
 def _stage_args(name: str, key, split, pre_split):
     """``(key, split)`` of stage ``name``."""
-    k = dict(zip(_STAGES, _stage_keys(key)[1:]))[name]
-    return k, (pre_split if name == "pretrain" else split)
+    return _stage_key(name, key), (pre_split if name == "pretrain" else split)
 
 
 def _assemble(genes, norms, params, x_mean, y_mean, hists: dict, pre_best) -> SparseBottleneckResult:
@@ -575,22 +579,33 @@ def _assemble(genes, norms, params, x_mean, y_mean, hists: dict, pre_best) -> Sp
     return SparseBottleneckResult(genes, norms, params, x_mean, y_mean, hist, pre_best)
 
 
-def _fit_one(cfg: SparseBottleneckConfig, loops: _Loops, key, data, split: engine.Splits, pre_split: engine.Splits):
-    """The whole schedule for one fold (traceable; ``data["c"]`` may be per fold)."""
-    x_mean, y_mean, params = _begin(cfg, key, data, split)
+def _schedule(cfg: SparseBottleneckConfig, loops: _Loops, key, x_mean, y_mean, params, run_stage):
+    """The stages in order from ``params``, pruning before the first pruned stage (or at
+    the end): ``run_stage(name, method, stage_key, start_params)`` trains one stage and
+    returns its :class:`~jaxsel.engine.FitResult` (in one program, or streamed)."""
     hists, pre_best, pruned = {}, jnp.asarray(-1, jnp.int32), None
     for name in _present(loops):
         if name in _PRUNED and pruned is None:
             genes, norms, params = pruned = _prune(cfg, params)
-        k, sp = _stage_args(name, key, split, pre_split)
         m = _stage_method(cfg, name, x_mean, y_mean, None if pruned is None else pruned[0])
-        fr = engine.fit_one(m, getattr(loops, name), k, data, sp, params=(_stage_start_params(cfg, name, params), {}))
+        fr = run_stage(name, m, _stage_key(name, key), _stage_start_params(cfg, name, params))
         params, hists[name] = fr.params, fr.history
         if name == "pretrain":
             pre_best = fr.best_epoch
     if pruned is None:
         genes, norms, params = _prune(cfg, params)
     return _assemble(genes, norms, params, x_mean, y_mean, hists, pre_best)
+
+
+def _fit_one(cfg: SparseBottleneckConfig, loops: _Loops, key, data, split: engine.Splits, pre_split: engine.Splits):
+    """The whole schedule for one fold (traceable; ``data["c"]`` may be per fold)."""
+    x_mean, y_mean, params = _begin(cfg, key, data, split)
+
+    def run(name, m, k, start):
+        sp = pre_split if name == "pretrain" else split
+        return engine.fit_one(m, getattr(loops, name), k, data, sp, params=(start, {}))
+
+    return _schedule(cfg, loops, key, x_mean, y_mean, params, run)
 
 
 @functools.partial(jax.jit, static_argnames=("loops",))
@@ -659,31 +674,22 @@ def fit_stream(cfg: SparseBottleneckConfig, key, read, train_rows, val_rows, x_m
     n_pre = len(pre_rows[0]) if pre_rows is not None else len(train_rows)
     loops = _make_loops(cfg, len(train_rows), n_pre, progress)
     x_mean, y_mean = jnp.asarray(x_mean, jnp.float32), jnp.asarray(y_mean, jnp.float32)
-    params = _init_program(cfg, key)
-    hists, info, pre_best, pruned = {}, {}, jnp.asarray(-1, jnp.int32), None
-    for name in _present(loops):
-        if name in _PRUNED and pruned is None:
-            genes, norms, params = pruned = _prune_program(cfg, params)
-        k, _ = _stage_args(name, key, None, None)
-        m = _stage_method(cfg, name, x_mean, y_mean, None if pruned is None else pruned[0])
+    info = {}
+
+    def run(name, m, k, start):
         tr, va = pre_rows if name == "pretrain" else (train_rows, val_rows)
         out = engine.fit_stream(m, getattr(loops, name), k, read, tr, va, chunk_size=chunk_size,
-                                block_size=block_size, prefetch=prefetch,
-                                params=(_stage_start_params(cfg, name, params), {}))
-        params, hists[name], info[name] = out.result.params, out.result.history, out.info
-        if name == "pretrain":
-            pre_best = out.result.best_epoch
-    if pruned is None:
-        genes, norms, params = _prune_program(cfg, params)
-    return _assemble(genes, norms, params, x_mean, y_mean, hists, pre_best), info
+                                block_size=block_size, prefetch=prefetch, params=(start, {}))
+        info[name] = out.info
+        return out.result
+
+    return _schedule(cfg, loops, key, x_mean, y_mean, _init_program(cfg, key), run), info
 
 
 @jax.jit
 def _init_program(cfg, key):
     return init_params(cfg, _stage_keys(key)[0])
 
-
-_prune_program = jax.jit(_prune)
 
 
 class FitCheckpoint(NamedTuple):
