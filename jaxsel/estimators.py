@@ -97,6 +97,22 @@ def _fitted_from_disk(est, n_genes: int):
         del est.feature_names_in_
 
 
+def _map_blocks(est, fn, read, n: int, rows: int):
+    """``fn(est.cfg_, est.result_, block, chunk=rows)`` over the ``n`` cells that
+    ``read(start, stop)`` gives, in blocks of ``rows`` (:func:`jaxsel.streaming.map_row_blocks`)."""
+    return streaming.map_row_blocks(lambda block, _: fn(est.cfg_, est.result_, block, chunk=rows), read, n, rows)
+
+
+def _map_on_disk(est, X, fn, rows: int):
+    """:func:`_map_blocks` over an on-disk ``X``, after checking its gene count against
+    the fitted one."""
+    with streaming.open_source(X) as src:
+        if src.n_vars != est.n_features_in_:
+            raise ValueError(f"X has {src.n_vars} features, but {type(est).__name__} is expecting "
+                             f"{est.n_features_in_} features as input.")
+        return _map_blocks(est, fn, src.read, src.n_obs, rows)
+
+
 def _check_X(est, X, *, reset: bool, dense: bool = True):
     """Validate ``X`` [n_cells, n_genes]; returns float32 (dense unless ``dense=False``).
 
@@ -511,21 +527,13 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
         n_genes = self.n_features_in_
         rows = streaming.budget_rows(self.memory_budget, 4 * n_genes * width)
 
-        def run(read, n):
-            return streaming.map_row_blocks(lambda block, _: fn(self.cfg_, self.result_, block, chunk=rows),
-                                            read, n, rows)
-
         if streaming.is_source(X):
-            with streaming.open_source(X) as src:
-                if src.n_vars != n_genes:
-                    raise ValueError(f"X has {src.n_vars} features, but {type(self).__name__} is expecting "
-                                     f"{n_genes} features as input.")
-                return run(src.read, src.n_obs)
+            return _map_on_disk(self, X, fn, rows)
         if sp.issparse(X):  # read it by rows too instead of densifying all of it
             x = _check_X(self, X, reset=False, dense=False)
-            return run(streaming.RowSource(x.tocsr()).read, x.shape[0])
+            return _map_blocks(self, fn, streaming.RowSource(x.tocsr()).read, x.shape[0], rows)
         x = self._fitted_x(X)
-        return run(lambda a, b: x[a:b], x.shape[0])
+        return _map_blocks(self, fn, lambda a, b: x[a:b], x.shape[0], rows)
 
     def transform(self, X):
         """``X`` restricted to the selected genes, [n_cells, n_markers] (columns in input
@@ -1320,13 +1328,7 @@ class SparseBottleneck(_PairedSelector):
         if not streaming.is_source(X):
             return np.asarray(fn(self.cfg_, self.result_, self._fitted_x(X)))
         check_is_fitted(self, "genes_")
-        rows = check_int(self.chunk_size, "chunk_size", 1)
-        with streaming.open_source(X) as src:
-            if src.n_vars != self.n_features_in_:
-                raise ValueError(f"X has {src.n_vars} features, but {type(self).__name__} is expecting "
-                                 f"{self.n_features_in_} features as input.")
-            return streaming.map_row_blocks(lambda block, _: fn(self.cfg_, self.result_, block, chunk=rows),
-                                            src.read, src.n_obs, rows)
+        return _map_on_disk(self, X, fn, check_int(self.chunk_size, "chunk_size", 1))
 
     def predict(self, X):
         """Predicted ``Y`` from the selected genes, [n_cells, n_features]. An on-disk
