@@ -221,11 +221,7 @@ def quality(args, name, d) -> dict:
     bs = args.batch_size
     bs = None if bs == "none" else (bs if bs == "auto" else int(bs))
     if args.jaxsel_results:  # the same protocol's jaxsel and kNN rows from an earlier run: the released code only
-        out = json.loads(Path(args.jaxsel_results).read_text())["quality"][name]
-        if out["gene_folds"] != len(held) or out["epochs"] != args.epochs:
-            raise SystemExit(f"{args.jaxsel_results} holds {out['gene_folds']} gene folds x {out['epochs']} epochs, "
-                             f"not {len(held)} x {args.epochs}")
-        out["jaxsel_from"] = args.jaxsel_results
+        out = _earlier_rows(args, "quality", name, gene_folds=len(held), epochs=args.epochs)
         _reference_subset(args, d, held, out)
         return out
     est = StAI(n_calibration_folds=K, epochs=args.epochs, batch_size=bs, random_state=0)
@@ -256,6 +252,27 @@ def quality(args, name, d) -> dict:
     return out
 
 
+def _earlier_rows(args, phase: str, name: str, **expect) -> dict:
+    """The ``phase`` rows of dataset ``name`` in ``--jaxsel-results``, refused unless
+    they were run with the settings ``expect`` (e.g. the same gene folds and epochs)."""
+    res = json.loads(Path(args.jaxsel_results).read_text())
+    out = res.get(phase, {}).get(name)
+    if out is None:
+        raise SystemExit(f"{args.jaxsel_results} holds no {phase} results for {name}")
+    got = {k: out.get(k) for k in expect}
+    if got != expect:
+        raise SystemExit(f"{args.jaxsel_results} holds {name} {phase} results for {got}, not {expect}")
+    out["jaxsel_from"] = args.jaxsel_results
+    return out
+
+
+def _scored_cells(d):
+    """The reference's classes and the spatial cells scored for annotation (a type the
+    reference has; STARmap's unassigned "NA" cells are not scored)."""
+    classes = np.unique(d["y_ref"])
+    return classes, np.isin(d["y_sp"], classes) & (d["y_sp"] != "NA")
+
+
 def _reference_subset(args, d, held, out):
     """The released code on the first ``--ref-quality-folds`` held-out folds, scored like
     jaxsel, against jaxsel's per-gene PCC on the same genes (``out["jaxsel"]``)."""
@@ -280,11 +297,7 @@ def _reference_subset(args, d, held, out):
 
 def annotation(args, name, d) -> dict:
     if args.jaxsel_results:  # the jaxsel and kNN rows of an earlier run: the released code only
-        out = json.loads(Path(args.jaxsel_results).read_text())["annotation"][name]
-        if out["epochs"] != args.annotation_epochs:
-            raise SystemExit(f"{args.jaxsel_results} holds {out['epochs']} annotation epochs, "
-                             f"not {args.annotation_epochs}")
-        out["jaxsel_from"] = args.jaxsel_results
+        out = _earlier_rows(args, "annotation", name, epochs=args.annotation_epochs)
         _reference_annotation(args, d, out)
         return out
     # unassigned cells (STARmap's "NA") stay in the reference but are not scored
@@ -304,8 +317,7 @@ def annotation(args, name, d) -> dict:
     onehot = np.eye(inp["n_classes"], dtype=np.float32)[inp["labels"]]
     vote = np.asarray(baselines.knn_pca_impute(inp["x1"], inp["x2"], onehot,
                                                n_components=min(30, inp["x1"].shape[1]), n_neighbors=10))
-    classes = np.unique(d["y_ref"])
-    known = np.isin(d["y_sp"], classes) & (d["y_sp"] != "NA")
+    classes, known = _scored_cells(d)
     knn = metrics.annotation_scores(d["y_sp"][known], classes[vote.argmax(1)][known])
     print(f"{name} annotation: jaxsel acc {ours['accuracy']:.3f} F1 {ours['macro_f1']:.3f}; "
           f"kNN acc {knn['accuracy']:.3f} F1 {knn['macro_f1']:.3f}", flush=True)
@@ -322,8 +334,7 @@ def _reference_annotation(args, d, out):
     if not (args.ref_annotation and args.stai_path and args.ref_python):
         return
     inp = fold_inputs(d, np.array([], np.int64), 0)
-    classes = np.unique(d["y_ref"])
-    known = np.isin(d["y_sp"], classes) & (d["y_sp"] != "NA")
+    classes, known = _scored_cells(d)
     inp["sp_labels"] = np.where(known, np.searchsorted(classes, d["y_sp"]), -1)
     ref = run_reference(args, inp, args.annotation_epochs, task="annotate")
     pred = classes[np.asarray(ref["imputed"]).argmax(1)]
@@ -429,6 +440,12 @@ def main(argv=None):
         e, bs, dev = json.loads(args.jaxsel_speed)
         print(json.dumps(jaxsel_speed(speed_inputs(load("osmfish"))[1], e, bs, dev)))
         return
+    wants_ref = args.ref_quality_folds or args.ref_annotation
+    if wants_ref and not (args.stai_path and args.ref_python):
+        ap.error("--ref-quality-folds and --ref-annotation run the released code: pass --stai-path and --ref-python")
+    if args.jaxsel_results and not wants_ref:
+        ap.error("--jaxsel-results reuses jaxsel's rows to run only the released code: pass --ref-quality-folds "
+                 "and/or --ref-annotation")
     if args.report:
         res = json.loads(Path(args.report).read_text())
         print(render(res))
