@@ -355,6 +355,18 @@ def test_sparse_bottleneck_streams_x_and_recovers_the_planted_genes(tmp_path):
         np.testing.assert_allclose(getattr(est, m)(a.X), getattr(est, m)(x0), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="in memory only"):
         est.fit(a.X, y, checkpoint=tmp_path / "ck.npz")
+    # bad input is refused before any training, by name
+    with pytest.raises(ValueError, match="chunk_size=16 must be at least batch_size=32"):
+        jaxsel.SparseBottleneck(chunk_size=16).fit(a.X, y)
+    with pytest.raises(TypeError, match="chunk_size"):
+        jaxsel.SparseBottleneck(chunk_size=128.5).fit(a.X, y)
+    with pytest.raises(ValueError, match="X and Y must have the same number of cells, got 480 and 479"):
+        jaxsel.SparseBottleneck(chunk_size=128).fit(a.X, y[:-1])
+    bad = x.copy()
+    bad[300, 2] = np.nan
+    anndata.AnnData(X=bad).write_h5ad(tmp_path / "nan.h5ad")
+    with pytest.raises(ValueError, match=r"NaN or infinite values \(in rows 256\.\.383\)"):
+        jaxsel.SparseBottleneck(chunk_size=128).fit(tmp_path / "nan.h5ad", y)
     anndata.AnnData(X=x[:, :30]).write_h5ad(tmp_path / "narrow.h5ad")
     with pytest.raises(ValueError, match="X has 30 features, but SparseBottleneck is expecting 40"):
         est.predict(tmp_path / "narrow.h5ad")
