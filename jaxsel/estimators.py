@@ -1241,7 +1241,14 @@ class SparseBottleneck(_PairedSelector):
             each; run again with the same path, settings and data and the fit goes on
             where it stopped, with the result of an uninterrupted fit, bit for bit. A
             file from other settings, other data or another jaxsel version is an error.
-            In-memory ``X`` only.
+            ``X`` on disk: every stage writes its own file every ``checkpoint_every``
+            epochs, named after the stage (``fit.npz`` gives ``fit.pretrain.npz``,
+            ``fit.frozen.npz``, ...; :func:`jaxsel.methods.sbnn.stage_checkpoint_path`);
+            run again, finished stages are read back without another pass over ``X``
+            (only the gene means' pass and the validation cells are read again) and the
+            interrupted one goes on, with the uninterrupted streamed fit's result bit
+            for bit. The data on disk is identified by its shape, gene means,
+            validation cells' values and ``Y``, not by every value.
         checkpoint_every : int
             Epochs per segment (default 10).
 
@@ -1257,10 +1264,7 @@ class SparseBottleneck(_PairedSelector):
         from .methods import sbnn
 
         if streaming.is_source(X):
-            if checkpoint is not None:
-                raise ValueError("checkpoint is supported for a SparseBottleneck fitted in memory only, not for X "
-                                 "streamed from disk.")
-            return self._fit_stream(X, Y)
+            return self._fit_stream(X, Y, checkpoint, checkpoint_every)
         x = _check_X(self, X, reset=True)
         y = _check_Y(Y, x.shape[0])
         cfg = self._config(x.shape[1], y.shape[1])
@@ -1288,7 +1292,7 @@ class SparseBottleneck(_PairedSelector):
         self._set_fit(res.genes, res.gene_norms, res.y_mean, n_outputs)
         self.history_ = {k: np.asarray(v) for k, v in res.history.items()}
 
-    def _fit_stream(self, X, Y):
+    def _fit_stream(self, X, Y, checkpoint=None, checkpoint_every=10):
         """:meth:`fit` with ``X`` streamed from disk (:func:`jaxsel.methods.sbnn.fit_stream`)."""
         from .methods import sbnn
 
@@ -1314,9 +1318,12 @@ class SparseBottleneck(_PairedSelector):
             def read(rows):
                 return {"x": src.read_rows(rows), "y": y[rows], "c": c[rows]}
 
+            digest = "" if checkpoint is None else engine.fingerprint(
+                type(self).__name__, fit_settings(self), seed, [n_cells, n_genes], y)
             res, info = sbnn.fit_stream(cfg, jax.random.key(seed), read, everyone, val, x_mean,
                                         y.mean(axis=0, dtype=np.float64), pre_rows=pre, chunk_size=chunk,
-                                        progress=progress_label(self))
+                                        progress=progress_label(self), checkpoint=checkpoint,
+                                        checkpoint_every=checkpoint_every, fingerprint=digest)
         self._store(cfg, res, y.shape[1])
         _fitted_from_disk(self, n_genes)
         self.stream_info_ = info

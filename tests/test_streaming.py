@@ -247,12 +247,15 @@ def test_markermap_streamed_from_disk_finds_the_planted_markers(files, streamed)
     np.testing.assert_array_equal(again.history_["val_loss"], sel.history_["val_loss"])
 
 
-def _die_after_first_checkpoint(monkeypatch):
-    """Make the streamed loop crash right after it writes its first checkpoint."""
+def _die_after_first_checkpoint(monkeypatch, where=lambda path: True):
+    """Make the streamed loop crash right after it writes its first checkpoint (to a
+    path for which ``where(path)`` holds)."""
     real = engine_stream.write_checkpoint
 
-    def write_then_die(*args, **kw):
-        real(*args, **kw)
+    def write_then_die(path, *args, **kw):
+        real(path, *args, **kw)
+        if not where(path):
+            return
         monkeypatch.setattr(engine_stream, "write_checkpoint", real)
         raise KeyboardInterrupt
 
@@ -331,7 +334,7 @@ def test_gimvi_streams_the_reference_and_imputes_within_a_budget(files, tmp_path
         model.latent(modality="reference")
 
 
-def test_sparse_bottleneck_streams_x_and_recovers_the_planted_genes(tmp_path):
+def test_sparse_bottleneck_streams_x_and_recovers_the_planted_genes(tmp_path, monkeypatch):
     """X on disk (a dense .h5ad opened backed), Y in memory: every stage trains chunk by
     chunk (4 chunks of 128 cells), pre-training included; the planted genes come out, and
     inference on disk gives the in-memory numbers."""
@@ -353,8 +356,26 @@ def test_sparse_bottleneck_streams_x_and_recovers_the_planted_genes(tmp_path):
     assert est.score(x, y) > 0.5
     for m in ("predict", "latent", "reconstruct_genes"):
         np.testing.assert_allclose(getattr(est, m)(a.X), getattr(est, m)(x0), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="in memory only"):
-        est.fit(a.X, y, checkpoint=tmp_path / "ck.npz")
+    # checkpointed: one file per stage; killed in the middle of the third stage (after its
+    # first write) and run again, the finished stages are read back and the result is the
+    # uninterrupted streamed fit's, bit for bit
+    ck = tmp_path / "ck.npz"
+    resumed = sklearn.base.clone(est)
+    _die_after_first_checkpoint(monkeypatch, lambda path: "unfrozen" in str(path))
+    with pytest.raises(KeyboardInterrupt):
+        resumed.fit(a.X, y, checkpoint=ck, checkpoint_every=4)
+    assert sorted(p.name for p in tmp_path.glob("ck.*.npz")) == ["ck.frozen.npz", "ck.pretrain.npz",
+                                                                  "ck.unfrozen.npz"]
+    resumed.fit(a.X, y, checkpoint=ck, checkpoint_every=4)
+    assert resumed.stream_info_["unfrozen"]["first_epoch"] == 4 and resumed.stream_info_["finetune"]["first_epoch"] == 0
+    assert resumed.stream_info_["frozen"]["epoch_seconds"] == []  # read back, not trained again
+    for u, r in zip(jax.tree.leaves((est.result_, est.history_)), jax.tree.leaves((resumed.result_, resumed.history_))):
+        np.testing.assert_array_equal(u, r)
+    other = sklearn.base.clone(est).set_params(lasso=0.05)
+    with pytest.raises(ValueError, match="belongs to a fit with other settings or other data"):
+        other.fit(a.X, y, checkpoint=ck)
+    with pytest.raises(TypeError, match="checkpoint_every"):
+        sklearn.base.clone(est).fit(a.X, y, checkpoint=tmp_path / "x.npz", checkpoint_every=2.5)
     # bad input is refused before any training, by name
     with pytest.raises(ValueError, match="chunk_size=16 must be at least batch_size=32"):
         jaxsel.SparseBottleneck(chunk_size=16).fit(a.X, y)

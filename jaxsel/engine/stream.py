@@ -443,7 +443,7 @@ def fit_stream(
 
     ck = None
     if checkpoint is not None:
-        template = _checkpoint_template(method, loop, prepare, k_init, chunk_shape, resident, val_data, val_w)
+        template = _checkpoint_template(method, loop, prepare, k_init, chunk_shape, resident, val_data, val_w, params)
         ck = read_checkpoint(checkpoint, template, ck_key)
     start = 0 if ck is None else int(ck.epoch)
     ended = ck is not None and (start >= loop.max_epochs or bool(ck.state.stopped))
@@ -559,11 +559,14 @@ def _padded(history: dict, max_epochs: int) -> dict:
     return out
 
 
-def _checkpoint_template(method, loop, prepare, key, chunk, resident, val_data, val_w):
+def _checkpoint_template(method, loop, prepare, key, chunk, resident, val_data, val_w, params=None):
     """Shapes and dtypes of a streamed fit's :class:`~jaxsel.engine.Checkpoint` (nothing
-    is computed): the loop state after :func:`_init_program` on a chunk of shape
-    ``chunk``, and the history keys :func:`_end_epoch` gives on the validation pieces."""
-    params, model_state = jax.eval_shape(_init_program, method, prepare, key, chunk, resident)
+    is computed): the loop state from the given ``(params, model_state)`` or after
+    :func:`_init_program` on a chunk of shape ``chunk``, and the history keys
+    :func:`_end_epoch` gives on the validation pieces."""
+    if params is None:
+        params = jax.eval_shape(_init_program, method, prepare, key, chunk, resident)
+    params, model_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), params)
     state = jax.eval_shape(lambda p, m: init_state(p, m, method.optimizer(jnp.float32(method.learning_rate))),
                            params, model_state)
     sums = jax.eval_shape(_step_shapes, method, loop, prepare, chunk, state, key, jnp.float32(0), resident)

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -72,6 +73,7 @@ import numpy as np
 import optax
 
 from .. import engine, losses
+from ..engine.checkpoint import check_checkpoint_args
 from ..nn.selectors import hard_topk
 
 __all__ = [
@@ -86,6 +88,7 @@ __all__ = [
     "fit_folds",
     "fit_folds_checkpointed",
     "fit_stream",
+    "stage_checkpoint_path",
     "predict",
     "latent",
     "reconstruct_genes",
@@ -639,7 +642,8 @@ def fit(cfg: SparseBottleneckConfig, key, data: dict, split: engine.Splits, pre_
 
 
 def fit_stream(cfg: SparseBottleneckConfig, key, read, train_rows, val_rows, x_mean, y_mean, *, pre_rows=None,
-               chunk_size: int, block_size: int | None = None, prefetch: int = 2, progress: str | None = None):
+               chunk_size: int, block_size: int | None = None, prefetch: int = 2, progress: str | None = None,
+               checkpoint=None, checkpoint_every: int = 10, fingerprint: str = ""):
     """The whole schedule on cells streamed from the host (``X`` larger than memory).
 
     Every stage runs :func:`jaxsel.engine.fit_stream` from the parameters the previous
@@ -661,11 +665,22 @@ def fit_stream(cfg: SparseBottleneckConfig, key, read, train_rows, val_rows, x_m
         device, decide its early stopping).
     chunk_size, block_size, prefetch : as for :func:`jaxsel.engine.fit_stream`.
     progress : a label for the progress line, per stage and epoch.
+    checkpoint : path, optional: every stage writes its streamed loop's state every
+        ``checkpoint_every`` epochs and when it ends, to its own file
+        (:func:`stage_checkpoint_path`: ``fit.npz`` gives ``fit.pretrain.npz``,
+        ``fit.frozen.npz``, ...). Run again with the same path, the finished stages'
+        files give their results without a pass over the training rows (their
+        validation rows are read again to check the file), the interrupted stage goes
+        on from its file, and the result equals the uninterrupted streamed fit bit for
+        bit. ``fingerprint`` (the caller's digest of its settings and data) ties the
+        files to this fit, as for :func:`jaxsel.engine.fit_stream`.
 
     Returns
     -------
     ``(SparseBottleneckResult, info)`` with the engine's host-side ``info`` per stage.
     """
+    if checkpoint is not None:
+        checkpoint_every = check_checkpoint_args(checkpoint, checkpoint_every)
     if cfg.pretrain_epochs and pre_rows is None:
         raise ValueError("cfg.pretrain_epochs > 0 needs pre_rows (the pre-training train / held-out rows)")
     if len(val_rows) > chunk_size:
@@ -678,18 +693,26 @@ def fit_stream(cfg: SparseBottleneckConfig, key, read, train_rows, val_rows, x_m
 
     def run(name, m, k, start):
         tr, va = pre_rows if name == "pretrain" else (train_rows, val_rows)
+        ck = None if checkpoint is None else stage_checkpoint_path(checkpoint, name)
         out = engine.fit_stream(m, getattr(loops, name), k, read, tr, va, chunk_size=chunk_size,
-                                block_size=block_size, prefetch=prefetch, params=(start, {}))
+                                block_size=block_size, prefetch=prefetch, params=(start, {}), checkpoint=ck,
+                                checkpoint_every=checkpoint_every, fingerprint=f"{fingerprint}/{name}")
         info[name] = out.info
         return out.result
 
     return _schedule(cfg, loops, key, x_mean, y_mean, _init_program(cfg, key), run), info
 
 
+def stage_checkpoint_path(path, stage: str) -> Path:
+    """The file a streamed fit (:func:`fit_stream`) checkpoints stage ``stage`` to: the
+    stage's name before the suffix of ``path`` (``fit.npz`` -> ``fit.unfrozen.npz``)."""
+    p = Path(path)
+    return p.with_name(f"{p.stem}.{stage}{p.suffix}")
+
+
 @jax.jit
 def _init_program(cfg, key):
     return init_params(cfg, _stage_keys(key)[0])
-
 
 
 class FitCheckpoint(NamedTuple):
