@@ -531,8 +531,8 @@ def summary_stai(r: dict, ref_ok: bool) -> list:
         part = f"{name} median PCC {q['jaxsel']['pcc']:.3f} vs kNN baseline {q['knn']['pcc']:.3f}"
         if q.get("reference_subset"):
             rs = q["reference_subset"]
-            part += (f", released code {rs['median_pcc']:.3f} vs {rs['jaxsel_median_pcc']:.3f} "
-                     f"on {len(rs['genes'])} genes")
+            part += (f"; on the {len(rs['genes'])} genes the released code ran, jaxsel {rs['jaxsel_median_pcc']:.3f} "
+                     f"vs released code {rs['median_pcc']:.3f}")
         qual_parts.append(part + f" ({q['gene_folds']} gene folds, {q['epochs']} epochs)")
     if not s and not qual_parts:
         return []
