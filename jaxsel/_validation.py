@@ -46,8 +46,9 @@ def refuse_on_disk(x, name: str = "X", who: str | None = None):
     if streaming.is_source(x):
         raise TypeError(
             f"{who or 'this method'} needs {name} in memory, got data on disk ({type(x).__name__}); load it "
-            "(adata.to_memory(), or adata.X[:] for a backed AnnData). MarkerMap, ConcreteVAE, GlobalGumbelVAE, "
-            "SparseBottleneck (fit and inference) and GimVI (its reference) stream from disk.")
+            "(adata.to_memory(), or adata.X[:] for a backed AnnData). MarkerMap, ConcreteVAE, GlobalGumbelVAE "
+            "(fit, cross_validate and inference), SparseBottleneck (fit and inference) and GimVI (its reference) "
+            "stream from disk.")
 
 
 def check_matrix(

@@ -603,6 +603,20 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
             with the result of an uninterrupted run bit for bit (as :meth:`fit`).
         checkpoint_every : int, default 10
 
+        Notes
+        -----
+        An ``X`` on disk (a path, a backed AnnData, an h5py/zarr array or a
+        :class:`jaxsel.streaming.RowSource`, as in :meth:`fit`) is cross-validated
+        fold after fold, each fold a streamed fit (:func:`jaxsel.engine.fit_stream`)
+        on the same folds and per-fold keys as in memory: ``n_folds`` passes over
+        the data per epoch, host memory bounded by ``chunk_size``, and a fold's
+        validation part capped at ``chunk_size`` cells. With ``checkpoint``, each fold
+        writes its own file (``cv.npz`` gives ``cv.fold0.npz``, ``cv.fold1.npz``,
+        ...), and a run killed in fold ``i`` goes on there, finished folds read back.
+        The classifiers then read only the selected genes' columns (of every cell,
+        ``n_cells`` x the union of the folds' markers in memory). ``batch_size`` does
+        not apply (one fold at a time).
+
         Returns
         -------
         dict
@@ -616,14 +630,30 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
             arrays [n_folds].
         """
         if streaming.is_source(X):
-            raise TypeError("cross_validate needs X in memory (its folds share one compiled program over all "
-                            "cells); fit() streams an on-disk X.")
+            with streaming.open_source(X) as src:
+                return self._cross_validate_stream(src, y, n_folds, classifiers, checkpoint, checkpoint_every)
         x = _check_X(BaseEstimator(), X, reset=True)  # leaves self untouched
         n_cells, n_genes = x.shape
+        batch_size = fold_batch_size(batch_size)
+        cfg, loop, codes, seed, folds = self._cv_setup(n_cells, n_genes, y, n_folds)
+        splits = engine.make_splits([f[0] for f in folds], [f[1] for f in folds])
+        keys = engine.fold_keys(jax.random.key(seed), n_folds)
+        labels = codes if cfg.use_clf else None
+        if checkpoint is None:
+            res = mm.fit_folds(cfg, loop, keys, x, labels, splits, batch_size=batch_size)
+        else:
+            digest = engine.fingerprint(type(self).__name__, "cross_validate", fit_settings(self), seed, x, labels,
+                                        n_folds, batch_size, [f[0] for f in folds], [f[1] for f in folds])
+            res = mm.fit_folds_checkpointed(cfg, loop, keys, x, labels, splits, path=checkpoint,
+                                            every=checkpoint_every, fingerprint=digest, batch_size=batch_size)
+        return self._cv_output(jax.device_get(res), folds, codes, classifiers, seed, lambda markers: (x, markers))
+
+    def _cv_setup(self, n_cells: int, n_genes: int, y, n_folds):
+        """Checked settings and the folds of :meth:`cross_validate`: ``(cfg, loop, codes,
+        seed, folds)`` with ``folds`` as :func:`jaxsel.preprocessing.kfold_indices`."""
         n_folds = check_int(n_folds, "n_folds", 2)
         if n_folds > n_cells:
             raise ValueError(f"n_folds must be in [2, n_cells={n_cells}], got {n_folds}.")
-        batch_size = fold_batch_size(batch_size)
         cfg, loop, codes, _, seed, vf = self._setup(n_cells, n_genes, y)
         folds = preprocessing.kfold_indices(
             n_cells if codes is None else codes,
@@ -638,17 +668,53 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
                 f"batch_size={loop.batch_size} is larger than the smallest fold's {min_train} "
                 f"training cells; lower batch_size (the estimator's) or n_folds."
             )
-        splits = engine.make_splits([f[0] for f in folds], [f[1] for f in folds])
-        keys = engine.fold_keys(jax.random.key(seed), n_folds)
-        labels = codes if cfg.use_clf else None
-        if checkpoint is None:
-            res = mm.fit_folds(cfg, loop, keys, x, labels, splits, batch_size=batch_size)
-        else:
-            digest = engine.fingerprint(type(self).__name__, "cross_validate", fit_settings(self), seed, x, labels,
-                                        n_folds, batch_size, [f[0] for f in folds], [f[1] for f in folds])
-            res = mm.fit_folds_checkpointed(cfg, loop, keys, x, labels, splits, path=checkpoint,
-                                            every=checkpoint_every, fingerprint=digest, batch_size=batch_size)
-        res = jax.device_get(res)
+        return cfg, loop, codes, seed, folds
+
+    def _cross_validate_stream(self, src, y, n_folds, classifiers, checkpoint, checkpoint_every):
+        """:meth:`cross_validate` of an on-disk ``X``: one streamed fit per fold."""
+        chunk = check_int(self.chunk_size, "chunk_size", 1)
+        if checkpoint is not None:
+            checkpoint_every = engine.check_checkpoint_args(checkpoint, checkpoint_every)
+        n_cells, n_genes = src.shape
+        if isinstance(y, str):
+            y = src.obs_column(y)
+        cfg, loop, codes, seed, folds = self._cv_setup(n_cells, n_genes, y, n_folds)
+        if chunk < loop.batch_size:
+            raise ValueError(f"chunk_size={chunk} must be at least batch_size={loop.batch_size}.")
+        labels = codes.astype(np.int32) if cfg.use_clf else np.zeros(n_cells, np.int32)
+
+        def read(rows):
+            return {"x": src.read_rows(rows), "y": labels[rows]}
+
+        keys = engine.fold_keys(jax.random.key(seed), len(folds))
+        results, infos = [], []
+        for i, (tr, va, _) in enumerate(folds):
+            tr, va = streaming.cap_validation(tr, va, chunk, seed)
+            path, digest = None, ""
+            if checkpoint is not None:
+                path = engine.tagged_path(checkpoint, f"fold{i}")
+                digest = engine.fingerprint(type(self).__name__, "cross_validate", fit_settings(self), seed,
+                                            [n_cells, n_genes], labels, len(folds), i)
+            res, info = mm.fit_stream(cfg, loop, keys[i], read, tr, va, chunk_size=chunk, checkpoint=path,
+                                      checkpoint_every=checkpoint_every, fingerprint=digest)
+            results.append(jax.device_get(res))
+            infos.append(info)
+        res = jax.tree.map(lambda *a: np.stack([np.asarray(v) for v in a]), *results)
+
+        def marker_columns(markers):
+            # every cell's values of the genes some fold selected, read in blocks
+            cols = np.unique(markers)
+            xs = np.concatenate([b[:, cols] for _, _, b in src.iter_blocks(chunk)])
+            return xs, np.searchsorted(cols, markers)
+
+        out = self._cv_output(res, folds, codes, classifiers, seed, marker_columns)
+        out["stream_info"] = infos
+        return out
+
+    def _cv_output(self, res, folds, codes, classifiers, seed, columns):
+        """:meth:`cross_validate`'s dict from the folds' stacked result (host arrays);
+        ``columns(markers)`` gives the cells' values of the markers' genes and the
+        markers as indices into them."""
         engine.check_history(res.history, res.n_epochs, model=type(self).__name__, hint=_DIVERGED_HINT)
         markers = np.asarray(res.markers).astype(np.intp)
         out = {
@@ -668,10 +734,11 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
                 "f1_macro",
                 "f1_weighted",
             )
+            x, cols = columns(markers)
             per_fold = []
             for i, (tr, _, te) in enumerate(folds):
                 ev = metrics.evaluate_markers(
-                    x[tr], codes[tr], x[te], codes[te], markers[i],
+                    x[tr], codes[tr], x[te], codes[te], cols[i],
                     classifiers=classifiers, reconstruction=False, random_state=seed,
                 )
                 per_fold.append(ev["classification"])
@@ -1107,10 +1174,11 @@ class _PairedSelector(PersistMixin, SelectorMixin, BaseEstimator):
         y = _check_Y(Y, x.shape[0])
         return metrics.r2_score(y, self.predict(x), center=self.y_mean_)
 
-    @staticmethod
-    def _cv_inputs(X, Y, batch_size):
+    @classmethod
+    def _cv_inputs(cls, X, Y, batch_size):
         """Validated ``(x, y, batch_size)`` for a cross-validation that leaves the
         estimator untouched (``batch_size`` resolved by :func:`fold_batch_size`)."""
+        refuse_on_disk(X, "X", f"{cls.__name__}'s cross-validation")
         x = _check_X(BaseEstimator(), X, reset=True)
         y = _check_Y(Y, x.shape[0])
         return x, y, fold_batch_size(batch_size)
@@ -1243,7 +1311,7 @@ class SparseBottleneck(_PairedSelector):
             file from other settings, other data or another jaxsel version is an error.
             ``X`` on disk: every stage writes its own file every ``checkpoint_every``
             epochs, named after the stage (``fit.npz`` gives ``fit.pretrain.npz``,
-            ``fit.frozen.npz``, ...; :func:`jaxsel.methods.sbnn.stage_checkpoint_path`);
+            ``fit.frozen.npz``, ...; :func:`jaxsel.engine.tagged_path`);
             run again, finished stages are read back without another pass over ``X``
             (only the gene means' pass and the validation cells are read again) and the
             interrupted one goes on, with the uninterrupted streamed fit's result bit

@@ -107,8 +107,8 @@ def test_bad_sources_are_clear_errors(files):
         streaming.count_stats(streaming.RowSource(np.full((4, 3), 0.5, np.float32)))
     with pytest.raises(ValueError, match="chunk_size"):
         jaxsel.MarkerMap(**{**MM, "chunk_size": 10}).fit(files["h5ad"], "cell_type")
-    with pytest.raises(TypeError, match="in memory"):
-        jaxsel.MarkerMap(**MM).cross_validate(files["h5ad"], files["labels"])
+    with pytest.raises(TypeError, match="SparseBottleneck's cross-validation needs X in memory"):
+        jaxsel.SparseBottleneck().cross_validate(files["h5ad"], np.zeros((N_CELLS, 2), np.float32))
     with pytest.raises(TypeError, match="in memory"):
         jaxsel.GimVI().cross_validate_genes(files["h5ad"], files["counts"][:, :5], ref_genes=files["genes"],
                                             spatial_genes=files["genes"][:5])
@@ -277,6 +277,45 @@ def test_markermap_streamed_fit_resumes_from_a_checkpoint(files, streamed, tmp_p
             np.testing.assert_array_equal(again.history_[k], sel.history_[k])
         with pytest.raises(ValueError, match="other settings or other data"):
             jaxsel.MarkerMap(**{**MM, "random_state": 1}).fit(src, "cell_type", checkpoint=path)
+
+
+def test_markermap_cross_validates_data_on_disk_fold_by_fold(files, streamed, tmp_path, monkeypatch):
+    """cross_validate of an on-disk X: the in-memory folds, one streamed fit each; the
+    planted markers in every fold; the classifiers' scores those of the same markers
+    on the matrix in memory (only the markers' columns are read); killed in fold 1 and
+    run again, fold 0 is read back and the result is the uninterrupted run's."""
+    _, x = streamed
+    kw = {**MM, "max_epochs": 4, "min_epochs": 2}
+    codes = np.unique(files["labels"], return_inverse=True)[1]
+    with streaming.markermap_recipe(files["h5ad"]) as src:
+        out = jaxsel.MarkerMap(**kw).cross_validate(src, "cell_type", n_folds=3, classifiers=("knn",))
+        assert out["markers"].shape == (3, 12) and out["history"]["val_loss"].shape == (3, 4)
+        assert len(out["stream_info"]) == 3 and out["stream_info"][2]["first_epoch"] == 0
+        planted = set(files["info"]["marker_genes"].ravel().tolist())
+        for m in out["markers"]:
+            assert len(planted & set(m.tolist())) >= 0.8 * len(planted)
+        folds = pp.kfold_indices(codes, 3, random_state=0, stratify=True, validation_fraction=0.1)
+        for i, (tr, _, te) in enumerate(folds):
+            np.testing.assert_array_equal(out["test_indices"][i], te)
+            ref = jaxsel.metrics.classification_scores(x[tr], codes[tr], x[te], codes[te], out["markers"][i], "knn")
+            assert out["classification"]["knn"]["accuracy"][i] == ref["accuracy"] > 0.9
+        ck = tmp_path / "cv.npz"
+        _die_after_first_checkpoint(monkeypatch, lambda path: "fold1" in str(path))
+        with pytest.raises(KeyboardInterrupt):
+            jaxsel.MarkerMap(**kw).cross_validate(src, "cell_type", n_folds=3, classifiers=("knn",), checkpoint=ck,
+                                                  checkpoint_every=2)
+        assert sorted(p.name for p in tmp_path.glob("cv.*")) == ["cv.fold0.npz", "cv.fold1.npz"]
+        again = jaxsel.MarkerMap(**kw).cross_validate(src, "cell_type", n_folds=3, classifiers=("knn",),
+                                                      checkpoint=ck, checkpoint_every=2)
+        assert again["stream_info"][0]["epoch_seconds"] == [] and again["stream_info"][1]["first_epoch"] == 2
+        for key in ("markers", "scores", "n_epochs", "best_epoch"):
+            np.testing.assert_array_equal(again[key], out[key])
+        for key in out["history"]:
+            np.testing.assert_array_equal(again["history"][key], out["history"][key])
+        with pytest.raises(ValueError, match="chunk_size=16 must be at least batch_size=64"):
+            jaxsel.MarkerMap(**{**kw, "chunk_size": 16}).cross_validate(src, "cell_type", n_folds=3)
+        with pytest.raises(ValueError, match=r"n_folds must be in \[2, n_cells=3000\], got 3001"):
+            jaxsel.MarkerMap(**kw).cross_validate(src, "cell_type", n_folds=3001)
 
 
 def test_markermap_chunked_inference_equals_unchunked(files, streamed):

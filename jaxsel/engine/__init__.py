@@ -1,11 +1,13 @@
 """Method-agnostic training engine: one compiled program per fit, folds as a leading axis."""
 
 from .checkpoint import (
+    check_checkpoint_args,
     fingerprint,
     fit_checkpointed,
     fit_folds_checkpointed,
     read_checkpoint,
     run_checkpointed,
+    tagged_path,
     write_checkpoint,
 )
 from .faults import DivergenceError, check_history, first_divergence
@@ -33,7 +35,9 @@ from .stream import StreamFit, fit_stream
 __all__ = [
     "AdamState",
     "adam",
+    "check_checkpoint_args",
     "fingerprint",
+    "tagged_path",
     "fit_checkpointed",
     "fit_folds_checkpointed",
     "read_checkpoint",

@@ -93,6 +93,13 @@ def check_checkpoint_args(path, every) -> int:
     return check_int(every, "checkpoint_every", 1)
 
 
+def tagged_path(path, tag: str) -> Path:
+    """The file of one part of a fit checkpointed part by part (a stage, a fold): ``tag``
+    before the suffix of ``path`` (``fit.npz`` -> ``fit.fold0.npz``)."""
+    p = Path(path)
+    return p.with_name(f"{p.stem}.{tag}{p.suffix}")
+
+
 def run_checkpointed(start_fn, segment_fn, path, every: int, key: str, *, max_epochs: int, done=None):
     """Run a fit in segments of ``every`` epochs, checkpointing to ``path`` after each.
 

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -73,7 +72,6 @@ import numpy as np
 import optax
 
 from .. import engine, losses
-from ..engine.checkpoint import check_checkpoint_args
 from ..nn.selectors import hard_topk
 
 __all__ = [
@@ -88,7 +86,6 @@ __all__ = [
     "fit_folds",
     "fit_folds_checkpointed",
     "fit_stream",
-    "stage_checkpoint_path",
     "predict",
     "latent",
     "reconstruct_genes",
@@ -667,7 +664,7 @@ def fit_stream(cfg: SparseBottleneckConfig, key, read, train_rows, val_rows, x_m
     progress : a label for the progress line, per stage and epoch.
     checkpoint : path, optional: every stage writes its streamed loop's state every
         ``checkpoint_every`` epochs and when it ends, to its own file
-        (:func:`stage_checkpoint_path`: ``fit.npz`` gives ``fit.pretrain.npz``,
+        (:func:`jaxsel.engine.tagged_path`: ``fit.npz`` gives ``fit.pretrain.npz``,
         ``fit.frozen.npz``, ...). Run again with the same path, the finished stages'
         files give their results without a pass over the training rows (their
         validation rows are read again to check the file), the interrupted stage goes
@@ -680,7 +677,7 @@ def fit_stream(cfg: SparseBottleneckConfig, key, read, train_rows, val_rows, x_m
     ``(SparseBottleneckResult, info)`` with the engine's host-side ``info`` per stage.
     """
     if checkpoint is not None:
-        checkpoint_every = check_checkpoint_args(checkpoint, checkpoint_every)
+        checkpoint_every = engine.check_checkpoint_args(checkpoint, checkpoint_every)
     if cfg.pretrain_epochs and pre_rows is None:
         raise ValueError("cfg.pretrain_epochs > 0 needs pre_rows (the pre-training train / held-out rows)")
     if len(val_rows) > chunk_size:
@@ -693,7 +690,7 @@ def fit_stream(cfg: SparseBottleneckConfig, key, read, train_rows, val_rows, x_m
 
     def run(name, m, k, start):
         tr, va = pre_rows if name == "pretrain" else (train_rows, val_rows)
-        ck = None if checkpoint is None else stage_checkpoint_path(checkpoint, name)
+        ck = None if checkpoint is None else engine.tagged_path(checkpoint, name)
         out = engine.fit_stream(m, getattr(loops, name), k, read, tr, va, chunk_size=chunk_size,
                                 block_size=block_size, prefetch=prefetch, params=(start, {}), checkpoint=ck,
                                 checkpoint_every=checkpoint_every, fingerprint=f"{fingerprint}/{name}")
@@ -701,13 +698,6 @@ def fit_stream(cfg: SparseBottleneckConfig, key, read, train_rows, val_rows, x_m
         return out.result
 
     return _schedule(cfg, loops, key, x_mean, y_mean, _init_program(cfg, key), run), info
-
-
-def stage_checkpoint_path(path, stage: str) -> Path:
-    """The file a streamed fit (:func:`fit_stream`) checkpoints stage ``stage`` to: the
-    stage's name before the suffix of ``path`` (``fit.npz`` -> ``fit.unfrozen.npz``)."""
-    p = Path(path)
-    return p.with_name(f"{p.stem}.{stage}{p.suffix}")
 
 
 @jax.jit
