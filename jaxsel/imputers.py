@@ -896,49 +896,66 @@ class GimVI(PersistMixin, BaseEstimator):
 
     def _fit_stream(self, X_ref, X_spatial, ref_genes, spatial_genes, seed, checkpoint=None, checkpoint_every=10):
         """:meth:`fit` with the reference streamed from disk (:mod:`jaxsel.streaming`)."""
+        with streaming.open_source(X_ref, "X_ref") as src:
+            s = self._stream_setup(src, X_spatial, ref_genes, spatial_genes)
+            digest = "" if checkpoint is None else engine.fingerprint(
+                "GimVI", fit_settings(self), seed, [src.n_obs, src.n_vars], s["ref_names"].tolist(),
+                s["sp_names"].tolist())
+            model, out = self._stream_model(s, src, np.ones(s["sp_names"].size, np.float32), seed, checkpoint,
+                                            checkpoint_every, digest)
+        res = out.result
+        self.seed_ = seed
+        self._set_fitted(s["cfg"], model, res.params, res.model_state,
+                         {k: np.asarray(v) for k, v in res.history.items()}, s["ref_names"], s["sp_names"], s["xs"],
+                         None)
+        self.stream_info_ = out.info
+        return self
+
+    def _stream_setup(self, src, X_spatial, ref_genes, spatial_genes) -> dict:
+        """What every model streamed from the on-disk reference ``src`` shares: checked
+        settings and spatial counts, the gene matching, and one pass over the reference
+        (its counts checked, the library-size prior)."""
         chunk = check_int(self.chunk_size, "chunk_size", 1)
         loop = self._loop()
         if chunk < loop.batch_size:
             raise ValueError(f"chunk_size={chunk} must be at least batch_size={loop.batch_size}.")
-        with streaming.open_source(X_ref, "X_ref") as src:
-            xs = _counts_matrix(X_spatial, "X_spatial")
-            ref_names, sp_names, pos = _gimvi_genes(ref_genes, spatial_genes, src.n_vars, xs.shape[1])
-            if src.n_obs < 2 or xs.shape[0] < 2:
-                raise ValueError("X_ref and X_spatial need at least 2 cells each.")
-            _zero_library(xs, "X_spatial", " in the spatial genes")
-            train_size = check_real(self.train_size, "train_size", low=0.0, high=1.0, low_open=True)
-            cfg = self._config(ref_names.size, sp_names.size)
-            stats = streaming.count_stats(src, name="X_ref")  # one pass: counts checked, library prior
-            rng = np.random.default_rng(seed)
-            tr0, va0 = _train_val(src.n_obs, train_size, rng)
-            tr1, va1 = _train_val(xs.shape[0], train_size, rng)
-            if va0 is tr0:  # train_size=1: validate on (at most chunk_size of) the training cells
-                va0 = np.sort(rng.choice(tr0, min(chunk, tr0.size), replace=False))
-                tr0 = np.sort(tr0)
-            else:
-                tr0, va0 = streaming.cap_validation(tr0, va0, chunk, seed)
-            model = gv.GimVIModel(cfg, jnp.ones(sp_names.size, jnp.float32),
-                                  jnp.asarray([pos[g] for g in sp_names], jnp.int32),
-                                  jnp.float32(stats["log_library_mean"]), jnp.float32(stats["log_library_var"]))
-            del stats
-            spatial = gv.stream_prepare({"x": jnp.asarray(xs)})
-            sp_split = engine.make_splits([tr1], [va1]).fold(0)
+        xs = _counts_matrix(X_spatial, "X_spatial")
+        ref_names, sp_names, pos = _gimvi_genes(ref_genes, spatial_genes, src.n_vars, xs.shape[1])
+        if src.n_obs < 2 or xs.shape[0] < 2:
+            raise ValueError("X_ref and X_spatial need at least 2 cells each.")
+        _zero_library(xs, "X_spatial", " in the spatial genes")
+        train_size = check_real(self.train_size, "train_size", low=0.0, high=1.0, low_open=True)
+        stats = streaming.count_stats(src, name="X_ref")
+        return dict(chunk=chunk, loop=loop, xs=xs, ref_names=ref_names, sp_names=sp_names,
+                    sp_index=np.asarray([pos[g] for g in sp_names], np.int64), train_size=train_size,
+                    cfg=self._config(ref_names.size, sp_names.size), log_lib=(stats["log_library_mean"],
+                                                                              stats["log_library_var"]))
 
-            def read(rows):
-                return {"x": src.read_rows(rows)}
+    def _stream_model(self, s, src, mask, seed, checkpoint, every, digest):
+        """One model (observed spatial genes ``mask``, seed ``seed``: its key and the
+        splits :meth:`_splits` draws) fitted with the reference streamed from ``src``;
+        ``(model, StreamFit)``."""
+        chunk = s["chunk"]
+        rng = np.random.default_rng(seed)
+        tr0, va0 = _train_val(src.n_obs, s["train_size"], rng)
+        tr1, va1 = _train_val(s["xs"].shape[0], s["train_size"], rng)
+        if va0 is tr0:  # train_size=1: validate on (at most chunk_size of) the training cells
+            va0 = np.sort(rng.choice(tr0, min(chunk, tr0.size), replace=False))
+            tr0 = np.sort(tr0)
+        else:
+            tr0, va0 = streaming.cap_validation(tr0, va0, chunk, seed)
+        model = gv.GimVIModel(s["cfg"], jnp.asarray(mask, jnp.float32), jnp.asarray(s["sp_index"], jnp.int32),
+                              jnp.float32(s["log_lib"][0]), jnp.float32(s["log_lib"][1]))
+        spatial = gv.stream_prepare({"x": jnp.asarray(s["xs"])})
+        sp_split = engine.make_splits([tr1], [va1]).fold(0)
 
-            digest = "" if checkpoint is None else engine.fingerprint(
-                "GimVI", fit_settings(self), seed, [src.n_obs, src.n_vars], ref_names.tolist(), sp_names.tolist())
-            out = gv.fit_stream(model, loop, jax.random.key(seed), read, tr0, va0, spatial, sp_split,
-                                chunk_size=chunk, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                                fingerprint=digest)
-        res = out.result
-        _check_diverged(res)
-        self.seed_ = seed
-        self._set_fitted(cfg, model, res.params, res.model_state, {k: np.asarray(v) for k, v in res.history.items()},
-                         ref_names, sp_names, xs, None)
-        self.stream_info_ = out.info
-        return self
+        def read(rows):
+            return {"x": src.read_rows(rows)}
+
+        out = gv.fit_stream(model, s["loop"], jax.random.key(seed), read, tr0, va0, spatial, sp_split,
+                            chunk_size=chunk, checkpoint=checkpoint, checkpoint_every=every, fingerprint=digest)
+        _check_diverged(out.result)
+        return model, out
 
     def _set_fitted(self, cfg, model, params, state, history, ref_names, sp_names, xs, xr=None):
         self.cfg_ = cfg
@@ -1103,14 +1120,24 @@ class GimVI(PersistMixin, BaseEstimator):
             (:func:`jaxsel.engine.fit_folds_checkpointed`); a resumed run equals an
             uninterrupted one bit for bit.
 
+        Notes
+        -----
+        ``X_ref`` on disk (as in :meth:`fit`): the same models run one after the other,
+        each a streamed fit of the reference (:func:`jaxsel.methods.gimvi.fit_stream`;
+        ``n_models`` passes over the file per epoch), with ``checkpoint`` one file per
+        model (``cv.npz`` gives ``cv.model0.npz``, ...; a rerun reads finished models
+        back and goes on in the interrupted one, bit for bit); the reference latents in
+        ``latent`` are computed block by block; per-model timing in
+        ``cv_stream_info_``. ``X_spatial`` must be in memory.
+
         Returns
         -------
         list of :class:`GeneCVResult`, one per seed (``genes`` are the spatial genes;
         ``history`` arrays [n_folds, epochs]).
         """
-        if streaming.is_source(X_ref) or streaming.is_source(X_spatial):
-            raise TypeError("cross_validate_genes needs X_ref and X_spatial in memory (all its models share one "
-                            "compiled program over all cells); fit() streams an on-disk X_ref.")
+        if streaming.is_source(X_spatial):
+            raise TypeError("cross_validate_genes needs X_spatial in memory (every model trains on all spatial "
+                            "cells at once); an on-disk X_ref is streamed.")
         seed = check_random_state(self.random_state)
         n_seeds = check_int(n_seeds, "n_seeds", 1)
         if seed + n_seeds > 2**32:
@@ -1118,51 +1145,112 @@ class GimVI(PersistMixin, BaseEstimator):
                              f"{seed} + {n_seeds}.")
         n_samples = check_int(n_samples, "n_samples", 0)
         chunk = check_int(self.chunk, "chunk", 1)
+        if streaming.is_source(X_ref):
+            with streaming.open_source(X_ref, "X_ref") as src:
+                return self._cross_validate_stream(src, X_spatial, ref_genes, spatial_genes, gene_folds, seed,
+                                                   n_seeds, n_samples, chunk, checkpoint, checkpoint_every)
         d = self._inputs(X_ref, X_spatial, ref_genes, spatial_genes)
-        G = d["sp_names"].size
-        held = _held_out_folds(gene_folds, d["sp_names"], seed)
-        if any(h.size == G for h in held):
-            raise ValueError("a gene fold holds out every spatial gene; the model needs some to encode the cells.")
-        masks = np.ones((len(held), G), np.float32)
-        for f, h in enumerate(held):
-            masks[f, h] = 0.0
-            lib = d["xs"] @ masks[f]
-            if (lib <= 0).any():
-                raise ValueError(f"with the genes of fold {f} held out ({d['sp_names'][h][:5].tolist()}), "
-                                 f"{int((lib <= 0).sum())} spatial cell(s) have no counts left.")
-        seeds = [seed + s for s in range(n_seeds) for _ in held]
-        all_masks = np.tile(masks, (n_seeds, 1))
-        cfg, models, data, res = self._fit_models(d, all_masks, seeds, engine.fold_mesh(), checkpoint,
+        held, masks, seeds = _gene_cv_models(d["xs"], d["sp_names"], gene_folds, seed, n_seeds)
+        cfg, models, data, res = self._fit_models(d, masks, seeds, engine.fold_mesh(), checkpoint,
                                                   checkpoint_every)
-        truth = preprocessing.log_normalize(d["xs"], name="X_spatial")
-        results = []
-        for s in range(n_seeds):
-            imputed = np.full(truth.shape, np.nan, np.float32)
-            std = np.zeros_like(imputed)
-            fold_of_gene = np.full(G, -1, np.int64)
-            latents = []
-            for f, h in enumerate(held):
-                m = s * len(held) + f
-                pick = lambda t: jax.tree.map(lambda a: a[m], t)  # noqa: E731
-                p, st_, mod = pick(res.params), pick(res.model_state), pick(models)
-                key = jax.random.key(seeds[m])
-                cols = d["sp_index"][h]
-                post = gv.impute(cfg, p, st_, mod, data[1]["x"], key, n_samples=0, chunk=chunk)
-                imputed[:, h] = np.asarray(post.lognorm)[:, cols]
-                if n_samples:
-                    draws = gv.impute(cfg, p, st_, mod, data[1]["x"], key, n_samples=n_samples, chunk=chunk)
-                    std[:, h] = np.sqrt(np.asarray(draws.lognorm_var)[:, cols])
-                fold_of_gene[h] = f
-                latents.append((np.asarray(gv.latent(cfg, p, st_, mod, data[0]["x"], 0)),
-                                np.asarray(gv.latent(cfg, p, st_, mod, data[1]["x"], 1))))
-            done = np.flatnonzero(fold_of_gene >= 0)
-            scores = {m_: np.full(G, np.nan) for m_ in _SCORES}
-            for name, v in metrics.imputation_scores(truth[:, done], imputed[:, done]).items():
-                scores[name][done] = v
-            hist = {k: np.asarray(v)[s * len(held):(s + 1) * len(held)] for k, v in res.history.items()}
-            results.append(GeneCVResult(genes=d["sp_names"], imputed=imputed, std=std, truth=truth, **scores,
-                                        fold_of_gene=fold_of_gene, history=hist, latent=latents))
+        res = jax.device_get(res)
+
+        def model(m):
+            pick = lambda t: jax.tree.map(lambda a: a[m], t)  # noqa: E731
+            return pick(res.params), pick(res.model_state), pick(models)
+
+        ref_latent = lambda p, st_, mod: np.asarray(gv.latent(cfg, p, st_, mod, data[0]["x"], 0))  # noqa: E731
+        return _gene_cv_results(cfg, d["xs"], d["sp_names"], d["sp_index"], held, seeds, n_samples, chunk,
+                                model, ref_latent, res.history)
+
+    def _cross_validate_stream(self, src, X_spatial, ref_genes, spatial_genes, gene_folds, seed, n_seeds,
+                               n_samples, chunk, checkpoint, every):
+        """:meth:`cross_validate_genes` with the reference on disk: the same models one
+        after the other, each a streamed fit (checkpointed to its own file), and the
+        reference latents read block by block."""
+        if checkpoint is not None:
+            every = engine.check_checkpoint_args(checkpoint, every)
+        s = self._stream_setup(src, X_spatial, ref_genes, spatial_genes)
+        held, masks, seeds = _gene_cv_models(s["xs"], s["sp_names"], gene_folds, seed, n_seeds)
+        fitted, histories, infos = [], [], []
+        for m, (mask, sd) in enumerate(zip(masks, seeds)):
+            path, digest = None, ""
+            if checkpoint is not None:
+                path = engine.tagged_path(checkpoint, f"model{m}")
+                digest = engine.fingerprint("GimVI.cross_validate_genes", fit_settings(self), sd, mask,
+                                            [src.n_obs, src.n_vars], s["ref_names"].tolist(), s["sp_names"].tolist())
+            model, out = self._stream_model(s, src, mask, sd, path, every, digest)
+            res = jax.device_get(out.result)
+            fitted.append((res.params, res.model_state, model))
+            histories.append(res.history)
+            infos.append(out.info)
+        cfg = s["cfg"]
+
+        def ref_latent(p, st_, mod):
+            return np.concatenate([np.asarray(gv.latent(cfg, p, st_, mod, jnp.asarray(b, jnp.float32), 0))
+                                   for _, _, b in src.iter_blocks(s["chunk"])])
+
+        results = _gene_cv_results(cfg, s["xs"], s["sp_names"], s["sp_index"], held, seeds, n_samples, chunk,
+                                   fitted.__getitem__, ref_latent,
+                                   {k: np.stack([np.asarray(h[k]) for h in histories]) for k in histories[0]})
+        self.cv_stream_info_ = infos
         return results
+
+
+def _gene_cv_models(xs, sp_names, gene_folds, seed: int, n_seeds: int):
+    """The models of a held-out-gene CV: ``(held, masks, seeds)``, the held-out spatial
+    gene columns of each fold, and per model (seed-major) its observed-gene mask [G']
+    and PRNG seed. A fold that holds out every gene, or leaves a cell without counts, is
+    a ``ValueError``."""
+    G = sp_names.size
+    held = _held_out_folds(gene_folds, sp_names, seed)
+    if any(h.size == G for h in held):
+        raise ValueError("a gene fold holds out every spatial gene; the model needs some to encode the cells.")
+    masks = np.ones((len(held), G), np.float32)
+    for f, h in enumerate(held):
+        masks[f, h] = 0.0
+        lib = xs @ masks[f]
+        if (lib <= 0).any():
+            raise ValueError(f"with the genes of fold {f} held out ({sp_names[h][:5].tolist()}), "
+                             f"{int((lib <= 0).sum())} spatial cell(s) have no counts left.")
+    seeds = [seed + s for s in range(n_seeds) for _ in held]
+    return held, np.tile(masks, (n_seeds, 1)), seeds
+
+
+def _gene_cv_results(cfg, xs, sp_names, sp_index, held, seeds, n_samples: int, chunk: int, model, ref_latent,
+                     history) -> list:
+    """One :class:`GeneCVResult` per seed from the fitted models (``model(m)`` gives model
+    ``m``'s ``(params, state, GimVIModel)``; ``ref_latent(params, state, model)`` the
+    reference cells' posterior means; ``history`` arrays [n_models, epochs])."""
+    G = sp_names.size
+    x_sp = jnp.asarray(xs)
+    truth = preprocessing.log_normalize(xs, name="X_spatial")
+    results = []
+    for s in range(len(seeds) // len(held)):
+        imputed = np.full(truth.shape, np.nan, np.float32)
+        std = np.zeros_like(imputed)
+        fold_of_gene = np.full(G, -1, np.int64)
+        latents = []
+        for f, h in enumerate(held):
+            m = s * len(held) + f
+            p, st_, mod = model(m)
+            key = jax.random.key(seeds[m])
+            cols = sp_index[h]
+            post = gv.impute(cfg, p, st_, mod, x_sp, key, n_samples=0, chunk=chunk)
+            imputed[:, h] = np.asarray(post.lognorm)[:, cols]
+            if n_samples:
+                draws = gv.impute(cfg, p, st_, mod, x_sp, key, n_samples=n_samples, chunk=chunk)
+                std[:, h] = np.sqrt(np.asarray(draws.lognorm_var)[:, cols])
+            fold_of_gene[h] = f
+            latents.append((ref_latent(p, st_, mod), np.asarray(gv.latent(cfg, p, st_, mod, x_sp, 1))))
+        done = np.flatnonzero(fold_of_gene >= 0)
+        scores = {m_: np.full(G, np.nan) for m_ in _SCORES}
+        for name, v in metrics.imputation_scores(truth[:, done], imputed[:, done]).items():
+            scores[name][done] = v
+        hist = {k: np.asarray(v)[s * len(held):(s + 1) * len(held)] for k, v in history.items()}
+        results.append(GeneCVResult(genes=sp_names, imputed=imputed, std=std, truth=truth, **scores,
+                                    fold_of_gene=fold_of_gene, history=hist, latent=latents))
+    return results
 
 
 def _check_diverged(res) -> None:
