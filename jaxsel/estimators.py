@@ -627,7 +627,8 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
             ``test_indices`` list of int arrays; and, when ``y`` is given,
             ``classification``: ``{classifier: {"accuracy", "misclassification_rate",
             "average_misclassification_rate", "f1_macro", "f1_weighted"}}`` of float
-            arrays [n_folds].
+            arrays [n_folds]; for ``X`` on disk, ``stream_info``: per fold the
+            streamed loop's timing (:func:`jaxsel.engine.fit_stream`).
         """
         if streaming.is_source(X):
             with streaming.open_source(X) as src:

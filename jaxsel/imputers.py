@@ -137,7 +137,9 @@ class GeneCVResult:
     ``jsd`` [G] per gene (:func:`jaxsel.metrics.imputation_scores`); ``fold_of_gene`` [G] (``-1``,
     and NaN imputations and scores, for genes no fold held out);
     ``history`` per-epoch loss terms, arrays [n_folds, k, epochs]; ``latent`` (gimVI)
-    per fold the ``(reference, spatial)`` posterior means of the model that held it out.
+    per fold the ``(reference, spatial)`` posterior means of the model that held it out;
+    ``stream_info`` (gimVI with the reference on disk) per fold the streamed loop's
+    timing (:func:`jaxsel.engine.fit_stream`).
     """
 
     genes: np.ndarray
@@ -151,6 +153,7 @@ class GeneCVResult:
     fold_of_gene: np.ndarray
     history: dict
     latent: list | None = None
+    stream_info: list | None = None
 
     def medians(self) -> dict:
         """Median PCC, Spearman, RMSE and JSD over the held-out genes (NaN correlations of
@@ -1127,8 +1130,8 @@ class GimVI(PersistMixin, BaseEstimator):
         ``n_models`` passes over the file per epoch), with ``checkpoint`` one file per
         model (``cv.npz`` gives ``cv.model0.npz``, ...; a rerun reads finished models
         back and goes on in the interrupted one, bit for bit); the reference latents in
-        ``latent`` are computed block by block; per-model timing in
-        ``cv_stream_info_``. ``X_spatial`` must be in memory.
+        ``latent`` are computed block by block; per-fold timing in each result's
+        ``stream_info``. ``X_spatial`` must be in memory.
 
         Returns
         -------
@@ -1190,11 +1193,9 @@ class GimVI(PersistMixin, BaseEstimator):
             return np.concatenate([np.asarray(gv.latent(cfg, p, st_, mod, jnp.asarray(b, jnp.float32), 0))
                                    for _, _, b in src.iter_blocks(s["chunk"])])
 
-        results = _gene_cv_results(cfg, s["xs"], s["sp_names"], s["sp_index"], held, seeds, n_samples, chunk,
-                                   fitted.__getitem__, ref_latent,
-                                   {k: np.stack([np.asarray(h[k]) for h in histories]) for k in histories[0]})
-        self.cv_stream_info_ = infos
-        return results
+        return _gene_cv_results(cfg, s["xs"], s["sp_names"], s["sp_index"], held, seeds, n_samples, chunk,
+                                fitted.__getitem__, ref_latent,
+                                {k: np.stack([np.asarray(h[k]) for h in histories]) for k in histories[0]}, infos)
 
 
 def _gene_cv_models(xs, sp_names, gene_folds, seed: int, n_seeds: int):
@@ -1218,10 +1219,11 @@ def _gene_cv_models(xs, sp_names, gene_folds, seed: int, n_seeds: int):
 
 
 def _gene_cv_results(cfg, xs, sp_names, sp_index, held, seeds, n_samples: int, chunk: int, model, ref_latent,
-                     history) -> list:
+                     history, stream_info=None) -> list:
     """One :class:`GeneCVResult` per seed from the fitted models (``model(m)`` gives model
     ``m``'s ``(params, state, GimVIModel)``; ``ref_latent(params, state, model)`` the
-    reference cells' posterior means; ``history`` arrays [n_models, epochs])."""
+    reference cells' posterior means; ``history`` arrays [n_models, epochs];
+    ``stream_info`` per model, for streamed fits)."""
     G = sp_names.size
     x_sp = jnp.asarray(xs)
     truth = preprocessing.log_normalize(xs, name="X_spatial")
@@ -1248,8 +1250,9 @@ def _gene_cv_results(cfg, xs, sp_names, sp_index, held, seeds, n_samples: int, c
         for name, v in metrics.imputation_scores(truth[:, done], imputed[:, done]).items():
             scores[name][done] = v
         hist = {k: np.asarray(v)[s * len(held):(s + 1) * len(held)] for k, v in history.items()}
+        info = None if stream_info is None else stream_info[s * len(held):(s + 1) * len(held)]
         results.append(GeneCVResult(genes=sp_names, imputed=imputed, std=std, truth=truth, **scores,
-                                    fold_of_gene=fold_of_gene, history=hist, latent=latents))
+                                    fold_of_gene=fold_of_gene, history=hist, latent=latents, stream_info=info))
     return results
 
 

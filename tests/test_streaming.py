@@ -401,8 +401,8 @@ def test_gimvi_gene_cross_validation_streams_the_reference(files, tmp_path, monk
     np.testing.assert_array_equal(res.fold_of_gene, [0] * 3 + [1] * 3 + [-1] * 24)
     assert np.isfinite(res.imputed[:, :6]).all() and np.isnan(res.imputed[:, 6:]).all()
     assert np.isfinite(res.pcc[:6]).all() and np.isnan(res.pcc[6:]).all()
-    assert res.history["val_loss"].shape == (2, 2) and len(model.cv_stream_info_) == 2
-    assert not hasattr(model, "params_")  # the estimator itself is not fitted
+    assert res.history["val_loss"].shape == (2, 2) and len(res.stream_info) == 2
+    assert not hasattr(model, "params_") and not hasattr(model, "stream_info_")  # the estimator is not fitted
     # the reference latents, read in blocks, are those of the counts in memory
     ref_z, sp_z = res.latent[1]
     assert ref_z.shape == (N_CELLS, 4) and sp_z.shape == (400, 4)
@@ -414,7 +414,7 @@ def test_gimvi_gene_cross_validation_streams_the_reference(files, tmp_path, monk
                                    checkpoint=ck, checkpoint_every=1)
     (again,) = model.cross_validate_genes(backed, xs, ref_genes=genes, spatial_genes=panel, gene_folds=folds,
                                           checkpoint=ck, checkpoint_every=1)
-    assert model.cv_stream_info_[0]["epoch_seconds"] == [] and model.cv_stream_info_[1]["first_epoch"] == 1
+    assert again.stream_info[0]["epoch_seconds"] == [] and again.stream_info[1]["first_epoch"] == 1
     for a, b in zip(jax.tree.leaves((res.imputed, res.pcc, res.history, res.latent)),
                     jax.tree.leaves((again.imputed, again.pcc, again.history, again.latent))):
         np.testing.assert_array_equal(a, b)
