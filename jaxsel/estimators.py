@@ -486,31 +486,38 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
 
     def _fit_stream(self, X, y, checkpoint=None, checkpoint_every=10):
         """:meth:`fit` on a matrix streamed from disk (:mod:`jaxsel.streaming`)."""
-        chunk = check_int(self.chunk_size, "chunk_size", 1)
         with streaming.open_source(X) as src:
             n_cells, n_genes = src.shape
             if isinstance(y, str):
                 y = src.obs_column(y)
             cfg, loop, codes, classes, seed, vf = self._setup(n_cells, n_genes, y)
-            if chunk < loop.batch_size:
-                raise ValueError(f"chunk_size={chunk} must be at least batch_size={loop.batch_size}.")
             tr, va = preprocessing.split_indices(
                 n_cells if codes is None else codes, (1.0 - vf, vf), random_state=seed, stratify=codes is not None,
             )
-            tr, va = streaming.cap_validation(tr, va, chunk, seed)
-            labels = codes.astype(np.int32) if cfg.use_clf else np.zeros(n_cells, np.int32)
-
-            def read(rows):
-                return {"x": src.read_rows(rows), "y": labels[rows]}
-
-            digest = "" if checkpoint is None else engine.fingerprint(
-                type(self).__name__, fit_settings(self), seed, [n_cells, n_genes], labels)
-            result, info = mm.fit_stream(cfg, loop, jax.random.key(seed), read, tr, va, chunk_size=chunk,
-                                         checkpoint=checkpoint, checkpoint_every=checkpoint_every, fingerprint=digest)
+            result, info = self._stream_one(src, cfg, loop, codes, seed, jax.random.key(seed), tr, va, checkpoint,
+                                            checkpoint_every)
         self._store_fit(cfg, jax.device_get(result), classes)
         _fitted_from_disk(self, n_genes)
         self.stream_info_ = info
         return self
+
+    def _stream_one(self, src, cfg, loop, codes, seed, key, tr, va, checkpoint, every, tag=(), extra=()):
+        """One streamed fit (:func:`jaxsel.methods.markermap.fit_stream`) of the on-disk
+        ``src`` on the rows ``tr``, validated on ``va`` (at most ``chunk_size`` of them,
+        the others join ``tr``); ``tag``/``extra`` go into the checkpoint's fingerprint
+        before/after the settings and data. ``(MarkerMapResult, info)``."""
+        chunk = streaming.check_chunk_size(self.chunk_size, loop.batch_size)
+        n_cells, n_genes = src.shape
+        labels = codes.astype(np.int32) if cfg.use_clf else np.zeros(n_cells, np.int32)
+
+        def read(rows):
+            return {"x": src.read_rows(rows), "y": labels[rows]}
+
+        tr, va = streaming.cap_validation(tr, va, chunk, seed)
+        digest = "" if checkpoint is None else engine.fingerprint(
+            type(self).__name__, *tag, fit_settings(self), seed, [n_cells, n_genes], labels, *extra)
+        return mm.fit_stream(cfg, loop, key, read, tr, va, chunk_size=chunk, checkpoint=checkpoint,
+                             checkpoint_every=every, fingerprint=digest)
 
     def _get_support_mask(self):
         return _support_mask(self)
@@ -673,31 +680,19 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
 
     def _cross_validate_stream(self, src, y, n_folds, classifiers, checkpoint, checkpoint_every):
         """:meth:`cross_validate` of an on-disk ``X``: one streamed fit per fold."""
-        chunk = check_int(self.chunk_size, "chunk_size", 1)
         if checkpoint is not None:
             checkpoint_every = engine.check_checkpoint_args(checkpoint, checkpoint_every)
         n_cells, n_genes = src.shape
         if isinstance(y, str):
             y = src.obs_column(y)
         cfg, loop, codes, seed, folds = self._cv_setup(n_cells, n_genes, y, n_folds)
-        if chunk < loop.batch_size:
-            raise ValueError(f"chunk_size={chunk} must be at least batch_size={loop.batch_size}.")
-        labels = codes.astype(np.int32) if cfg.use_clf else np.zeros(n_cells, np.int32)
-
-        def read(rows):
-            return {"x": src.read_rows(rows), "y": labels[rows]}
-
+        chunk = streaming.check_chunk_size(self.chunk_size, loop.batch_size)
         keys = engine.fold_keys(jax.random.key(seed), len(folds))
         results, infos = [], []
         for i, (tr, va, _) in enumerate(folds):
-            tr, va = streaming.cap_validation(tr, va, chunk, seed)
-            path, digest = None, ""
-            if checkpoint is not None:
-                path = engine.tagged_path(checkpoint, f"fold{i}")
-                digest = engine.fingerprint(type(self).__name__, "cross_validate", fit_settings(self), seed,
-                                            [n_cells, n_genes], labels, len(folds), i)
-            res, info = mm.fit_stream(cfg, loop, keys[i], read, tr, va, chunk_size=chunk, checkpoint=path,
-                                      checkpoint_every=checkpoint_every, fingerprint=digest)
+            path = None if checkpoint is None else engine.tagged_path(checkpoint, f"fold{i}")
+            res, info = self._stream_one(src, cfg, loop, codes, seed, keys[i], tr, va, path, checkpoint_every,
+                                         tag=("cross_validate",), extra=(len(folds), i))
             results.append(jax.device_get(res))
             infos.append(info)
         res = jax.tree.map(lambda *a: np.stack([np.asarray(v) for v in a]), *results)
@@ -1365,13 +1360,13 @@ class SparseBottleneck(_PairedSelector):
         """:meth:`fit` with ``X`` streamed from disk (:func:`jaxsel.methods.sbnn.fit_stream`)."""
         from .methods import sbnn
 
-        chunk = check_int(self.chunk_size, "chunk_size", 1)
+        if checkpoint is not None:  # before the pass over X for the gene means
+            checkpoint_every = engine.check_checkpoint_args(checkpoint, checkpoint_every)
         with streaming.open_source(X) as src:
             n_cells, n_genes = src.shape
             y = _check_Y(Y, n_cells)
             cfg = self._config(n_genes, y.shape[1])
-            if chunk < cfg.batch_size:
-                raise ValueError(f"chunk_size={chunk} must be at least batch_size={cfg.batch_size}.")
+            chunk = streaming.check_chunk_size(self.chunk_size, cfg.batch_size)
             seed = check_random_state(self.random_state)
             everyone = np.arange(n_cells)
             x_mean = streaming.column_means(src, block_rows=chunk, name="X")

@@ -82,6 +82,16 @@ def map_row_blocks(fn, read, n: int, rows: int, *, fill: float = 0.0):
     return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
+def check_chunk_size(chunk_size, batch_size: int) -> int:
+    """``chunk_size`` as an int, checked to hold at least one minibatch of ``batch_size``."""
+    from ._validation import check_int
+
+    chunk = check_int(chunk_size, "chunk_size", 1)
+    if chunk < batch_size:
+        raise ValueError(f"chunk_size={chunk} must be at least batch_size={batch_size}.")
+    return chunk
+
+
 def cap_validation(train, val, cap: int, seed: int):
     """At most ``cap`` validation rows (a random subset; the others join the training
     rows), both returned sorted: a streaming fit keeps its validation cells in memory."""
