@@ -875,6 +875,8 @@ class GimVI(PersistMixin, BaseEstimator):
         seed = check_random_state(self.random_state)
         check_int(self.chunk, "chunk", 1)
         if streaming.is_source(X_ref):
+            if checkpoint is not None:  # before the pass over the reference
+                checkpoint_every = engine.check_checkpoint_args(checkpoint, checkpoint_every)
             return self._fit_stream(X_ref, X_spatial, ref_genes, spatial_genes, seed, checkpoint, checkpoint_every)
         d = self._inputs(X_ref, X_spatial, ref_genes, spatial_genes)
         masks = np.ones((1, d["sp_names"].size), np.float32)
@@ -918,10 +920,8 @@ class GimVI(PersistMixin, BaseEstimator):
         """What every model streamed from the on-disk reference ``src`` shares: checked
         settings and spatial counts, the gene matching, and one pass over the reference
         (its counts checked, the library-size prior)."""
-        chunk = check_int(self.chunk_size, "chunk_size", 1)
         loop = self._loop()
-        if chunk < loop.batch_size:
-            raise ValueError(f"chunk_size={chunk} must be at least batch_size={loop.batch_size}.")
+        chunk = streaming.check_chunk_size(self.chunk_size, loop.batch_size)
         xs = _counts_matrix(X_spatial, "X_spatial")
         ref_names, sp_names, pos = _gimvi_genes(ref_genes, spatial_genes, src.n_vars, xs.shape[1])
         if src.n_obs < 2 or xs.shape[0] < 2:
@@ -929,7 +929,8 @@ class GimVI(PersistMixin, BaseEstimator):
         _zero_library(xs, "X_spatial", " in the spatial genes")
         train_size = check_real(self.train_size, "train_size", low=0.0, high=1.0, low_open=True)
         stats = streaming.count_stats(src, name="X_ref")
-        return dict(chunk=chunk, loop=loop, xs=xs, ref_names=ref_names, sp_names=sp_names,
+        return dict(chunk=chunk, loop=loop, xs=xs, spatial=gv.stream_prepare({"x": jnp.asarray(xs)}),
+                    ref_names=ref_names, sp_names=sp_names,
                     sp_index=np.asarray([pos[g] for g in sp_names], np.int64), train_size=train_size,
                     cfg=self._config(ref_names.size, sp_names.size), log_lib=(stats["log_library_mean"],
                                                                               stats["log_library_var"]))
@@ -949,13 +950,12 @@ class GimVI(PersistMixin, BaseEstimator):
             tr0, va0 = streaming.cap_validation(tr0, va0, chunk, seed)
         model = gv.GimVIModel(s["cfg"], jnp.asarray(mask, jnp.float32), jnp.asarray(s["sp_index"], jnp.int32),
                               jnp.float32(s["log_lib"][0]), jnp.float32(s["log_lib"][1]))
-        spatial = gv.stream_prepare({"x": jnp.asarray(s["xs"])})
         sp_split = engine.make_splits([tr1], [va1]).fold(0)
 
         def read(rows):
             return {"x": src.read_rows(rows)}
 
-        out = gv.fit_stream(model, s["loop"], jax.random.key(seed), read, tr0, va0, spatial, sp_split,
+        out = gv.fit_stream(model, s["loop"], jax.random.key(seed), read, tr0, va0, s["spatial"], sp_split,
                             chunk_size=chunk, checkpoint=checkpoint, checkpoint_every=every, fingerprint=digest)
         _check_diverged(out.result)
         return model, out
@@ -1156,7 +1156,6 @@ class GimVI(PersistMixin, BaseEstimator):
         held, masks, seeds = _gene_cv_models(d["xs"], d["sp_names"], gene_folds, seed, n_seeds)
         cfg, models, data, res = self._fit_models(d, masks, seeds, engine.fold_mesh(), checkpoint,
                                                   checkpoint_every)
-        res = jax.device_get(res)
 
         def model(m):
             pick = lambda t: jax.tree.map(lambda a: a[m], t)  # noqa: E731
@@ -1189,9 +1188,9 @@ class GimVI(PersistMixin, BaseEstimator):
             infos.append(out.info)
         cfg = s["cfg"]
 
-        def ref_latent(p, st_, mod):
-            return np.concatenate([np.asarray(gv.latent(cfg, p, st_, mod, jnp.asarray(b, jnp.float32), 0))
-                                   for _, _, b in src.iter_blocks(s["chunk"])])
+        def ref_latent(p, st_, mod):  # blocks of one shape (the last padded): one compiled program
+            return streaming.map_row_blocks(lambda block, _: gv.latent(cfg, p, st_, mod, block, 0), src.read,
+                                            src.n_obs, s["chunk"])
 
         return _gene_cv_results(cfg, s["xs"], s["sp_names"], s["sp_index"], held, seeds, n_samples, chunk,
                                 fitted.__getitem__, ref_latent,
