@@ -637,12 +637,14 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
             arrays [n_folds]; for ``X`` on disk, ``stream_info``: per fold the
             streamed loop's timing (:func:`jaxsel.engine.fit_stream`).
         """
+        batch_size = fold_batch_size(batch_size)  # checked also where it does not apply (X on disk)
+        if y is not None:  # a bad classifier before any training, not after
+            metrics.named_classifiers(classifiers)
         if streaming.is_source(X):
             with streaming.open_source(X) as src:
                 return self._cross_validate_stream(src, y, n_folds, classifiers, checkpoint, checkpoint_every)
         x = _check_X(BaseEstimator(), X, reset=True)  # leaves self untouched
         n_cells, n_genes = x.shape
-        batch_size = fold_batch_size(batch_size)
         cfg, loop, codes, seed, folds = self._cv_setup(n_cells, n_genes, y, n_folds)
         splits = engine.make_splits([f[0] for f in folds], [f[1] for f in folds])
         keys = engine.fold_keys(jax.random.key(seed), n_folds)

@@ -116,6 +116,31 @@ def _make_classifier(classifier, random_state: int, n_neighbors: int, n_train: i
     return clone(classifier)
 
 
+def named_classifiers(classifiers) -> dict:
+    """``classifiers`` of :func:`evaluate_markers` as ``{result key: classifier}``, each
+    checked (a name it knows or an object with ``fit``/``predict``), so that a caller
+    can refuse a bad one before training anything."""
+    if isinstance(classifiers, dict):
+        named = dict(classifiers)
+    else:
+        if isinstance(classifiers, str) or hasattr(classifiers, "fit"):
+            classifiers = (classifiers,)
+        if not hasattr(classifiers, "__iter__"):
+            raise TypeError(
+                f"classifiers must be a name ('knn', 'rf'), a scikit-learn classifier, or a "
+                f"sequence or dict of them, got {classifiers!r}."
+            )
+        named = {}
+        for clf in classifiers:
+            key = clf if isinstance(clf, str) else type(clf).__name__
+            if key in named:
+                raise ValueError(f"classifiers contains {key!r} twice; pass a dict to name them.")
+            named[key] = clf
+    for clf in named.values():
+        _make_classifier(clf, 0, 1, 1)
+    return named
+
+
 def classification_scores(
     x_train,
     y_train,
@@ -309,22 +334,7 @@ def evaluate_markers(
     """
     x_train, x_test = _check_pair(x_train, x_test)
     idx = _check_markers(markers, x_train.shape[1], allow_none=False)
-    if isinstance(classifiers, dict):
-        named = dict(classifiers)
-    else:
-        if isinstance(classifiers, str) or hasattr(classifiers, "fit"):
-            classifiers = (classifiers,)
-        if not hasattr(classifiers, "__iter__"):
-            raise TypeError(
-                f"classifiers must be a name ('knn', 'rf'), a scikit-learn classifier, or a "
-                f"sequence or dict of them, got {classifiers!r}."
-            )
-        named = {}
-        for clf in classifiers:
-            key = clf if isinstance(clf, str) else type(clf).__name__
-            if key in named:
-                raise ValueError(f"classifiers contains {key!r} twice; pass a dict to name them.")
-            named[key] = clf
+    named = named_classifiers(classifiers)
     out = {"n_markers": int(idx.shape[0]), "classification": {}}
     for key, clf in named.items():
         out["classification"][key] = classification_scores(

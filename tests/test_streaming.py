@@ -317,6 +317,11 @@ def test_markermap_cross_validates_data_on_disk_fold_by_fold(files, streamed, tm
             jaxsel.MarkerMap(**{**kw, "chunk_size": 16}).cross_validate(src, "cell_type", n_folds=3)
         with pytest.raises(ValueError, match=r"n_folds must be in \[2, n_cells=3000\], got 3001"):
             jaxsel.MarkerMap(**kw).cross_validate(src, "cell_type", n_folds=3001)
+        # refused before any training: batch_size (unused on disk) and the classifiers
+        with pytest.raises(ValueError, match="batch_size must be a positive int, None or 'auto'"):
+            jaxsel.MarkerMap(**kw).cross_validate(src, "cell_type", n_folds=3, batch_size="x")
+        with pytest.raises(ValueError, match="classifier must be 'knn', 'rf'"):
+            jaxsel.MarkerMap(**kw).cross_validate(src, "cell_type", n_folds=3, classifiers=("svm",))
 
 
 def test_markermap_chunked_inference_equals_unchunked(files, streamed):
