@@ -475,6 +475,8 @@ def main(argv=None):
     wants_ref = args.ref_quality_folds or args.ref_annotation
     if wants_ref and not (args.stai_path and args.ref_python):
         ap.error("--ref-quality-folds and --ref-annotation run the released code: pass --stai-path and --ref-python")
+    if args.ref_cache and not args.ref_quality_folds:
+        ap.error("--ref-cache keeps the released code's per-fold imputation scores: pass --ref-quality-folds")
     if args.jaxsel_results and not wants_ref:
         ap.error("--jaxsel-results reuses jaxsel's rows to run only the released code: pass --ref-quality-folds "
                  "and/or --ref-annotation")
