@@ -1360,8 +1360,6 @@ class SparseBottleneck(_PairedSelector):
 
     def _fit_stream(self, X, Y, checkpoint=None, checkpoint_every=10):
         """:meth:`fit` with ``X`` streamed from disk (:func:`jaxsel.methods.sbnn.fit_stream`)."""
-        from .methods import sbnn
-
         if checkpoint is not None:  # before the pass over X for the gene means
             checkpoint_every = engine.check_checkpoint_args(checkpoint, checkpoint_every)
         with streaming.open_source(X) as src:
@@ -1372,28 +1370,93 @@ class SparseBottleneck(_PairedSelector):
             seed = check_random_state(self.random_state)
             everyone = np.arange(n_cells)
             x_mean = streaming.column_means(src, block_rows=chunk, name="X")
-            c, pre = np.zeros(n_cells, np.int32), None
-            if cfg.pretrain_epochs:
-                clusters, pre_tr, pre_va = preprocessing.pretraining_clusters(
-                    y, [everyone], n_clusters=cfg.n_clusters, random_state=seed)
-                c = np.maximum(clusters[0], 0).astype(np.int32)
-                pre = streaming.cap_validation(pre_tr[0], pre_va[0], chunk, seed)
-            rng = np.random.default_rng(seed)
-            val = np.sort(rng.choice(n_cells, min(chunk, n_cells), replace=False))
-
-            def read(rows):
-                return {"x": src.read_rows(rows), "y": y[rows], "c": c[rows]}
-
-            digest = "" if checkpoint is None else engine.fingerprint(
-                type(self).__name__, fit_settings(self), seed, [n_cells, n_genes], y)
-            res, info = sbnn.fit_stream(cfg, jax.random.key(seed), read, everyone, val, x_mean,
-                                        y.mean(axis=0, dtype=np.float64), pre_rows=pre, chunk_size=chunk,
-                                        progress=progress_label(self), checkpoint=checkpoint,
-                                        checkpoint_every=checkpoint_every, fingerprint=digest)
+            (res, info), = self._stream_fits(src, y, cfg, seed, [jax.random.key(seed)], [everyone], [None],
+                                             x_mean[None], checkpoint, checkpoint_every)
         self._store(cfg, res, y.shape[1])
         _fitted_from_disk(self, n_genes)
         self.stream_info_ = info
         return self
+
+    def _stream_fits(self, src, y, cfg, seed, keys, train_sets, val_sets, x_means, checkpoint, every, tag=(),
+                     part="fold"):
+        """Streamed fits (:func:`jaxsel.methods.sbnn.fit_stream`) of the on-disk ``src``
+        one after another: fit ``i`` trains on ``train_sets[i]`` with ``keys[i]``,
+        centres with ``x_means[i]`` and the training rows' mean of ``y``, pre-trains on
+        k-means clusters of its training ``Y`` (as in memory), and tracks R^2 on
+        ``val_sets[i]`` (``None``: a random ``chunk_size`` of the cells; more than that
+        many: a random ``chunk_size`` of them). With ``checkpoint``, fit ``i`` of
+        several writes its stages' files under ``tagged_path(checkpoint, f"{part}{i}")``;
+        ``tag`` goes into the fingerprint. A list of ``(host result, info)``."""
+        from .methods import sbnn
+
+        n_cells, n_genes = src.shape
+        chunk = streaming.check_chunk_size(self.chunk_size, cfg.batch_size)
+        c = np.zeros((len(train_sets), n_cells), np.int32)
+        pre = [None] * len(train_sets)
+        if cfg.pretrain_epochs:
+            clusters, pre_tr, pre_va = preprocessing.pretraining_clusters(
+                y, train_sets, n_clusters=cfg.n_clusters, random_state=seed)
+            c = np.maximum(clusters, 0).astype(np.int32)
+            pre = [streaming.cap_validation(t, v, chunk, seed) for t, v in zip(pre_tr, pre_va)]
+        rng = np.random.default_rng(seed)
+        out = []
+        for i, rows in enumerate(train_sets):
+            val = np.arange(n_cells) if val_sets[i] is None else np.asarray(val_sets[i])
+            if len(val) > chunk:
+                val = np.sort(rng.choice(val, chunk, replace=False))
+
+            def read(r, ci=c[i]):
+                return {"x": src.read_rows(r), "y": y[r], "c": ci[r]}
+
+            path, digest = checkpoint, ""
+            if checkpoint is not None:
+                if len(train_sets) > 1:
+                    path = engine.tagged_path(checkpoint, f"{part}{i}")
+                digest = engine.fingerprint(type(self).__name__, *tag, fit_settings(self), seed, [n_cells, n_genes],
+                                            y, len(train_sets), i)
+            res, info = sbnn.fit_stream(cfg, keys[i], read, np.asarray(rows), val, x_means[i],
+                                        y[rows].mean(axis=0, dtype=np.float64), pre_rows=pre[i], chunk_size=chunk,
+                                        progress=progress_label(self), checkpoint=path, checkpoint_every=every,
+                                        fingerprint=digest)
+            out.append((jax.device_get(res), info))
+        return out
+
+    def _folds_stream(self, X, Y, sets, what, checkpoint, every):
+        """:meth:`cross_validate` (``tests``: the test folds) or
+        :meth:`selection_stability` (``tests`` None) of an on-disk ``X``: one streamed fit
+        per fold or restart after one pass for the per-fold gene means. ``sets(n_cells,
+        seed)`` gives the training sets and the test folds (``None`` for restarts).
+        ``(cfg, y, stacked host result, infos, preds)`` with ``preds[i]`` fold ``i``'s
+        prediction of ``Y`` on all its test cells, read in blocks (``None`` for restarts)."""
+        from .methods import sbnn
+
+        if checkpoint is not None:  # before any pass over X
+            every = engine.check_checkpoint_args(checkpoint, every)
+        with streaming.open_source(X) as src:
+            n_cells, n_genes = src.shape
+            y = _check_Y(Y, n_cells)
+            cfg = self._config(n_genes, y.shape[1])
+            chunk = streaming.check_chunk_size(self.chunk_size, cfg.batch_size)
+            seed = check_random_state(self.random_state)
+            train_sets, test_sets = sets(n_cells, seed)
+            if test_sets is None:
+                x_means = np.repeat(streaming.column_means(src, block_rows=chunk, name="X")[None], len(train_sets), 0)
+            else:
+                fold_of = np.full(n_cells, -1, np.int64)
+                for i, te in enumerate(test_sets):
+                    fold_of[te] = i
+                x_means = streaming.column_means(src, block_rows=chunk, name="X", exclude=fold_of)
+            keys = engine.fold_keys(jax.random.key(seed), len(train_sets))
+            vals = [None] * len(train_sets) if test_sets is None else test_sets
+            fits = self._stream_fits(src, y, cfg, seed, keys, train_sets, vals, x_means, checkpoint, every,
+                                     tag=(what,), part="fold" if test_sets is not None else "restart")
+            res = jax.tree.map(lambda *a: np.stack([np.asarray(v) for v in a]), *[r for r, _ in fits])
+            preds = None
+            if test_sets is not None:  # every test fold predicted in full (R^2 was tracked on at most a chunk)
+                preds = [streaming.map_row_blocks(
+                    lambda block, _, r=r: sbnn.predict(cfg, r, block, chunk=chunk),
+                    lambda a, b, te=te: src.read_rows(te[a:b]), len(te), chunk) for (r, _), te in zip(fits, test_sets)]
+        return cfg, y, res, [info for _, info in fits], preds
 
     def _infer(self, fn, X):
         """``fn(cfg, result, x)`` over ``X`` in memory, or over an on-disk ``X`` read in
@@ -1439,14 +1502,32 @@ class SparseBottleneck(_PairedSelector):
         training histories (test-fold metrics to the last bit:
         :func:`jaxsel.methods.sbnn.fit_folds_checkpointed`).
 
+        Notes
+        -----
+        An ``X`` on disk (as in :meth:`fit`; ``Y`` stays in memory) is cross-validated
+        fold after fold on the same folds and per-fold keys as in memory: one pass
+        gives every fold's training gene means, then each fold is a streamed fit
+        (:meth:`fit`'s Notes), so ``n_folds`` passes over the data per epoch with host
+        memory bounded by ``chunk_size``. The history's test R^2 is tracked on at most
+        ``chunk_size`` of a fold's test cells (a random subset when the fold is
+        larger); ``test_r2`` and ``test_r2_per_feature`` are computed on all of them
+        after training, reading them in blocks. With ``checkpoint``, every fold's
+        stages write their own files (``cv.npz`` gives ``cv.fold0.pretrain.npz``,
+        ``cv.fold0.frozen.npz``, ..., ``cv.fold1.pretrain.npz``, ...) and a run killed
+        in fold ``i`` goes on there, finished folds read back. ``batch_size`` does not
+        apply (one fold at a time).
+
         Returns
         -------
         dict
             ``test_r2`` / ``train_r2`` float [n_folds] (final parameters),
             ``test_r2_per_feature`` [n_folds, n_features], ``history`` dict of
             [n_folds, n_epochs(, ...)] arrays, ``genes`` int [n_folds, n_genes],
-            ``test_indices`` list of arrays.
+            ``test_indices`` list of arrays; for ``X`` on disk, ``stream_info``: per
+            fold the streamed loop's timing per stage.
         """
+        if streaming.is_source(X):
+            return self._cross_validate_stream(X, Y, n_folds, batch_size, checkpoint, checkpoint_every)
         x, y, batch_size = self._cv_inputs(X, Y, batch_size)
         cfg = self._config(x.shape[1], y.shape[1])
         seed = check_random_state(self.random_state)
@@ -1480,7 +1561,17 @@ class SparseBottleneck(_PairedSelector):
             ``genes`` [n_restarts, n_genes]; ``frequency`` [n_features] (fraction of
             restarts selecting each gene); ``counts``; ``mean_pairwise_overlap`` (genes
             shared by two restarts, averaged over pairs); ``always_selected``.
+
+        An ``X`` on disk is streamed as in :meth:`cross_validate`: one restart after
+        another, each a streamed fit on all cells (checkpoint files ``restart0``,
+        ``restart1``, ...).
         """
+        if streaming.is_source(X):
+            fold_batch_size(batch_size)  # checked also where it does not apply
+            n_restarts = check_int(n_restarts, "n_restarts", 2)
+            _, _, res, _, _ = self._folds_stream(X, Y, lambda n, seed: ([np.arange(n)] * n_restarts, None),
+                                                 "selection_stability", checkpoint, checkpoint_every)
+            return _selection_stability(np.asarray(res.genes), res.x_mean.shape[1])
         x, y, batch_size = self._cv_inputs(X, Y, batch_size)
         n_restarts = check_int(n_restarts, "n_restarts", 2)
         cfg = self._config(x.shape[1], y.shape[1])
@@ -1493,6 +1584,30 @@ class SparseBottleneck(_PairedSelector):
         res = self._fit_folds(cfg, keys, x, y, splits, clusters, pre, batch_size, checkpoint, checkpoint_every,
                               "selection_stability", seed)
         return _selection_stability(np.asarray(res.genes), x.shape[1])
+
+    def _cross_validate_stream(self, X, Y, n_folds, batch_size, checkpoint, every):
+        """:meth:`cross_validate` of an on-disk ``X`` (see its Notes)."""
+        fold_batch_size(batch_size)  # checked also where it does not apply
+        folds = []
+
+        def sets(n_cells, seed):
+            folds.extend(_paired_folds(n_cells, n_folds, seed))
+            return [f[0] for f in folds], [f[2] for f in folds]
+
+        _, y, res, infos, preds = self._folds_stream(X, Y, sets, "cross_validate", checkpoint, every)
+        hist = {k: np.asarray(v) for k, v in res.history.items()}
+        tests = [f[2] for f in folds]
+        per_feature = np.stack([metrics.r2_score(y[te], p, center=c, per_feature=True)
+                                for te, p, c in zip(tests, preds, res.y_mean)])
+        return {
+            "test_r2": np.array([metrics.r2_score(y[te], p, center=c) for te, p, c in zip(tests, preds, res.y_mean)]),
+            "train_r2": hist["train_r2"][:, -1],
+            "test_r2_per_feature": per_feature,
+            "history": hist,
+            "genes": np.asarray(res.genes).astype(np.intp),
+            "test_indices": tests,
+            "stream_info": infos,
+        }
 
     def _fit_folds(self, cfg, keys, x, y, splits, clusters, pre, batch_size, checkpoint, every, what, seed):
         """The fold-parallel program, checkpointed when ``checkpoint`` is a path."""

@@ -429,16 +429,33 @@ def count_stats(source: RowSource, *, block_rows: int = 16384, name: str = "X") 
     return {"library": total, "log_library_mean": float(log_lib.mean()), "log_library_var": float(log_lib.var())}
 
 
-def column_means(source: RowSource, *, block_rows: int = 16384, name: str = "X") -> np.ndarray:
+def column_means(source: RowSource, *, block_rows: int = 16384, name: str = "X", exclude=None) -> np.ndarray:
     """One pass over the (transformed) rows: every column's mean (float64 sums, returned
-    as float32 [n_vars]); a NaN or infinite value is a ``ValueError`` naming its rows."""
+    as float32 [n_vars]); a NaN or infinite value is a ``ValueError`` naming its rows.
+
+    ``exclude``: int array [n_obs] of group labels (``-1``: in no group). The result is
+    then [n_groups, n_vars]: row ``g`` is the mean over the rows *not* in group ``g``
+    (each cross-validation fold's training mean, the test folds being the groups), all
+    groups from the same single pass."""
+    groups = None if exclude is None else np.asarray(exclude, dtype=np.int64).reshape(-1)
+    if groups is not None and groups.shape[0] != source.n_obs:
+        raise ValueError(f"exclude must have one label per row ({source.n_obs}), got {groups.shape[0]}.")
+    n_groups = 0 if groups is None else int(groups.max(initial=-1)) + 1
     total = np.zeros(source.n_vars, np.float64)
+    per_group = np.zeros((n_groups, source.n_vars), np.float64)
     for a, b, blk in source.iter_blocks(block_rows):
         blk = np.asarray(blk)
         if not np.isfinite(blk).all():
             raise ValueError(f"{name} contains NaN or infinite values (in rows {a}..{b - 1}).")
         total += blk.sum(axis=0, dtype=np.float64)
-    return (total / max(source.n_obs, 1)).astype(np.float32)
+        if n_groups:
+            g = groups[a:b]
+            for k in np.unique(g[g >= 0]):
+                per_group[k] += blk[g == k].sum(axis=0, dtype=np.float64)
+    if groups is None:
+        return (total / max(source.n_obs, 1)).astype(np.float32)
+    counts = source.n_obs - np.bincount(groups[groups >= 0], minlength=n_groups)
+    return ((total - per_group) / np.maximum(counts, 1)[:, None]).astype(np.float32)
 
 
 def _normalize_log1p(block, target_sum: float):

@@ -108,8 +108,8 @@ def test_bad_sources_are_clear_errors(files):
         streaming.count_stats(streaming.RowSource(np.full((4, 3), 0.5, np.float32)))
     with pytest.raises(ValueError, match="chunk_size"):
         jaxsel.MarkerMap(**{**MM, "chunk_size": 10}).fit(files["h5ad"], "cell_type")
-    with pytest.raises(TypeError, match="SparseBottleneck's cross-validation needs X in memory"):
-        jaxsel.SparseBottleneck().cross_validate(files["h5ad"], np.zeros((N_CELLS, 2), np.float32))
+    with pytest.raises(TypeError, match="SparseRRR's cross-validation needs X in memory"):
+        jaxsel.SparseRRR(n_genes=3).cross_validate(files["h5ad"], np.zeros((N_CELLS, 2), np.float32))
     with pytest.raises(TypeError, match="cross_validate_genes needs X_spatial in memory"):
         jaxsel.GimVI().cross_validate_genes(files["counts"], files["h5ad"], ref_genes=files["genes"],
                                             spatial_genes=files["genes"])
@@ -488,6 +488,91 @@ def test_sparse_bottleneck_streams_x_and_recovers_the_planted_genes(tmp_path, mo
                                 epochs={"pretrain": 2, "frozen": 2, "unfrozen": 4, "finetune": 2, "ae": 0},
                                 chunk_size=128, random_state=0)
     assert a.isbacked and a.var["sparse_bottleneck"].sum() == 4 and a.obsm["X_sparse_bottleneck"].shape == (480, 2)
+
+
+def test_column_means_leaving_out_each_group_in_one_pass():
+    """``exclude``: every fold's training mean (all rows but the fold's) from one pass,
+    rows in no group (-1) always counted; the numpy means of the same rows."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(103, 7)).astype(np.float32) * 10 + 3
+    groups = rng.integers(-1, 4, size=103)
+    src = streaming.RowSource(x)
+    got = streaming.column_means(src, block_rows=16, exclude=groups)
+    assert got.shape == (4, 7)
+    for g in range(4):
+        np.testing.assert_allclose(got[g], x[groups != g].mean(0, dtype=np.float64), rtol=1e-6)
+    np.testing.assert_allclose(streaming.column_means(src, block_rows=16), x.mean(0, dtype=np.float64), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"exclude must have one label per row \(103\), got 5"):
+        streaming.column_means(src, exclude=np.zeros(5, int))
+
+
+SB_CV = dict(n_genes=4, hidden=(32, 16), learning_rate=3e-3, lasso=0.03, n_clusters=4, random_state=0,
+             epochs={"pretrain": 2, "frozen": 3, "unfrozen": 20, "finetune": 4, "ae": 0})
+
+
+def test_sparse_bottleneck_cross_validates_x_on_disk(tmp_path, monkeypatch):
+    """cross_validate / selection_stability of an on-disk X: the in-memory folds, one
+    streamed fit each, gene means per fold from one pass; the planted genes in every fold;
+    test R^2 over each whole test fold (here the tracked R^2 of the last epoch, as the
+    fold fits in a chunk) and within 0.02 of the in-memory CV's; killed in fold 1 and run
+    again, fold 0 is read back and the result is the uninterrupted run's, bit for bit."""
+    x, y, info = datasets.make_paired(n_cells=480, n_genes=40, n_outputs=5, n_informative=4, random_state=1)
+    path = tmp_path / "paired.h5ad"
+    anndata.AnnData(X=x).write_h5ad(path)
+    a = anndata.read_h5ad(path, backed="r")
+    y0 = y.copy()
+    est = jaxsel.SparseBottleneck(**SB_CV, chunk_size=160)
+    out = est.cross_validate(a.X, y, n_folds=3)
+    np.testing.assert_array_equal(y, y0)
+    assert not hasattr(est, "genes_")  # the estimator is not fitted
+    for i, (tr, _, te) in enumerate(pp.kfold_indices(480, 3, random_state=0)):
+        np.testing.assert_array_equal(out["test_indices"][i], te)
+    assert out["genes"].shape == (3, 4) and out["history"]["test_r2"].shape == (3, 27)
+    for g in out["genes"]:
+        np.testing.assert_array_equal(np.sort(g), info["informative_genes"])
+    assert len(out["stream_info"]) == 3 and out["stream_info"][0]["unfrozen"]["chunks_per_epoch"] == 2
+    np.testing.assert_allclose(out["test_r2"], out["history"]["test_r2"][:, -1], rtol=1e-5)
+    np.testing.assert_allclose(out["test_r2_per_feature"], out["history"]["test_r2_per_feature"][:, -1], rtol=1e-4,
+                               atol=1e-5)
+    mem = jaxsel.SparseBottleneck(**SB_CV).cross_validate(x, y, n_folds=3)
+    np.testing.assert_allclose(out["test_r2"], mem["test_r2"], atol=0.02)
+    assert (out["test_r2"] > 0.5).all()
+    # a test fold larger than a chunk: R^2 tracked on a chunk of it, reported on all of it
+    small = jaxsel.SparseBottleneck(**SB_CV, chunk_size=128).cross_validate(a.X, y, n_folds=3)
+    assert not np.allclose(small["test_r2"], small["history"]["test_r2"][:, -1], rtol=1e-5)
+    np.testing.assert_allclose(small["test_r2"], mem["test_r2"], atol=0.02)
+
+    ck = tmp_path / "cv.npz"
+    _die_after_first_checkpoint(monkeypatch, lambda p: "fold1" in str(p))
+    with pytest.raises(KeyboardInterrupt):
+        jaxsel.SparseBottleneck(**SB_CV, chunk_size=160).cross_validate(a.X, y, n_folds=3, checkpoint=ck,
+                                                                        checkpoint_every=5)
+    assert sorted(p.name for p in tmp_path.glob("cv.*")) == [
+        "cv.fold0.finetune.npz", "cv.fold0.frozen.npz", "cv.fold0.pretrain.npz", "cv.fold0.unfrozen.npz",
+        "cv.fold1.pretrain.npz"]
+    again = jaxsel.SparseBottleneck(**SB_CV, chunk_size=160).cross_validate(a.X, y, n_folds=3, checkpoint=ck,
+                                                                            checkpoint_every=5)
+    assert again["stream_info"][0]["unfrozen"]["epoch_seconds"] == []  # read back
+    assert again["stream_info"][1]["pretrain"]["first_epoch"] == 2 and again["stream_info"][1]["frozen"]["first_epoch"] == 0
+    for k in ("test_r2", "train_r2", "test_r2_per_feature", "genes"):
+        np.testing.assert_array_equal(again[k], out[k])
+    for k in out["history"]:
+        np.testing.assert_array_equal(again["history"][k], out["history"][k])
+
+    stab = jaxsel.SparseBottleneck(**SB_CV, chunk_size=160).selection_stability(a.X, y, n_restarts=2)
+    assert stab["genes"].shape == (2, 4) and stab["frequency"].shape == (40,)
+    assert stab["frequency"][info["informative_genes"]].mean() >= 0.75
+    # bad input refused by name before any training
+    with pytest.raises(ValueError, match="X and Y must have the same number of cells, got 480 and 479"):
+        jaxsel.SparseBottleneck(**SB_CV).cross_validate(a.X, y[:-1], n_folds=3)
+    with pytest.raises(ValueError, match="n_folds must be an int >= 2, got 1"):
+        jaxsel.SparseBottleneck(**SB_CV).cross_validate(a.X, y, n_folds=1)
+    with pytest.raises(ValueError, match="batch_size must be a positive int, None or 'auto'"):
+        jaxsel.SparseBottleneck(**SB_CV).cross_validate(a.X, y, n_folds=3, batch_size="x")
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        jaxsel.SparseBottleneck(**SB_CV).cross_validate(a.X, y, n_folds=3, checkpoint=ck, checkpoint_every=0)
+    with pytest.raises(ValueError, match="n_restarts"):
+        jaxsel.SparseBottleneck(**SB_CV).selection_stability(a.X, y, n_restarts=1)
 
 
 def test_tl_on_a_backed_anndata_streams_or_says_what_it_needs(files):
