@@ -1360,20 +1360,11 @@ class SparseBottleneck(_PairedSelector):
 
     def _fit_stream(self, X, Y, checkpoint=None, checkpoint_every=10):
         """:meth:`fit` with ``X`` streamed from disk (:func:`jaxsel.methods.sbnn.fit_stream`)."""
-        if checkpoint is not None:  # before the pass over X for the gene means
-            checkpoint_every = engine.check_checkpoint_args(checkpoint, checkpoint_every)
-        with streaming.open_source(X) as src:
-            n_cells, n_genes = src.shape
-            y = _check_Y(Y, n_cells)
-            cfg = self._config(n_genes, y.shape[1])
-            chunk = streaming.check_chunk_size(self.chunk_size, cfg.batch_size)
-            seed = check_random_state(self.random_state)
-            everyone = np.arange(n_cells)
-            x_mean = streaming.column_means(src, block_rows=chunk, name="X")
-            (res, info), = self._stream_fits(src, y, cfg, seed, [jax.random.key(seed)], [everyone], [None],
-                                             x_mean[None], checkpoint, checkpoint_every)
+        cfg, y, fits, _ = self._folds_stream(X, Y, lambda n, seed: ([np.arange(n)], None), "fit", checkpoint,
+                                             checkpoint_every)
+        (res, info), = fits
         self._store(cfg, res, y.shape[1])
-        _fitted_from_disk(self, n_genes)
+        _fitted_from_disk(self, res.x_mean.shape[0])
         self.stream_info_ = info
         return self
 
@@ -1422,12 +1413,13 @@ class SparseBottleneck(_PairedSelector):
         return out
 
     def _folds_stream(self, X, Y, sets, what, checkpoint, every):
-        """:meth:`cross_validate` (``tests``: the test folds) or
-        :meth:`selection_stability` (``tests`` None) of an on-disk ``X``: one streamed fit
-        per fold or restart after one pass for the per-fold gene means. ``sets(n_cells,
-        seed)`` gives the training sets and the test folds (``None`` for restarts).
-        ``(cfg, y, stacked host result, infos, preds)`` with ``preds[i]`` fold ``i``'s
-        prediction of ``Y`` on all its test cells, read in blocks (``None`` for restarts)."""
+        """:meth:`fit`, :meth:`cross_validate` or :meth:`selection_stability` of an
+        on-disk ``X``: one pass for the gene means (each fold's training means), then one
+        streamed fit per fold or restart. ``sets(n_cells, seed)`` gives the training sets
+        and the test folds (``None`` for :meth:`fit` and restarts); one fit has the key
+        ``key(seed)``, several the per-fold keys. ``(cfg, y, [(host result, info)],
+        preds)`` with ``preds[i]`` fold ``i``'s prediction of ``Y`` on all its test
+        cells, read in blocks (``None`` without test folds)."""
         from .methods import sbnn
 
         if checkpoint is not None:  # before any pass over X
@@ -1446,17 +1438,17 @@ class SparseBottleneck(_PairedSelector):
                 for i, te in enumerate(test_sets):
                     fold_of[te] = i
                 x_means = streaming.column_means(src, block_rows=chunk, name="X", exclude=fold_of)
-            keys = engine.fold_keys(jax.random.key(seed), len(train_sets))
+            keys = ([jax.random.key(seed)] if len(train_sets) == 1
+                    else engine.fold_keys(jax.random.key(seed), len(train_sets)))
             vals = [None] * len(train_sets) if test_sets is None else test_sets
             fits = self._stream_fits(src, y, cfg, seed, keys, train_sets, vals, x_means, checkpoint, every,
                                      tag=(what,), part="fold" if test_sets is not None else "restart")
-            res = jax.tree.map(lambda *a: np.stack([np.asarray(v) for v in a]), *[r for r, _ in fits])
             preds = None
             if test_sets is not None:  # every test fold predicted in full (R^2 was tracked on at most a chunk)
                 preds = [streaming.map_row_blocks(
                     lambda block, _, r=r: sbnn.predict(cfg, r, block, chunk=chunk),
                     lambda a, b, te=te: src.read_rows(te[a:b]), len(te), chunk) for (r, _), te in zip(fits, test_sets)]
-        return cfg, y, res, [info for _, info in fits], preds
+        return cfg, y, fits, preds
 
     def _infer(self, fn, X):
         """``fn(cfg, result, x)`` over ``X`` in memory, or over an on-disk ``X`` read in
@@ -1569,9 +1561,9 @@ class SparseBottleneck(_PairedSelector):
         if streaming.is_source(X):
             fold_batch_size(batch_size)  # checked also where it does not apply
             n_restarts = check_int(n_restarts, "n_restarts", 2)
-            _, _, res, _, _ = self._folds_stream(X, Y, lambda n, seed: ([np.arange(n)] * n_restarts, None),
-                                                 "selection_stability", checkpoint, checkpoint_every)
-            return _selection_stability(np.asarray(res.genes), res.x_mean.shape[1])
+            _, _, fits, _ = self._folds_stream(X, Y, lambda n, seed: ([np.arange(n)] * n_restarts, None),
+                                               "selection_stability", checkpoint, checkpoint_every)
+            return _selection_stability(np.stack([r.genes for r, _ in fits]), fits[0][0].x_mean.shape[0])
         x, y, batch_size = self._cv_inputs(X, Y, batch_size)
         n_restarts = check_int(n_restarts, "n_restarts", 2)
         cfg = self._config(x.shape[1], y.shape[1])
@@ -1594,7 +1586,9 @@ class SparseBottleneck(_PairedSelector):
             folds.extend(_paired_folds(n_cells, n_folds, seed))
             return [f[0] for f in folds], [f[2] for f in folds]
 
-        _, y, res, infos, preds = self._folds_stream(X, Y, sets, "cross_validate", checkpoint, every)
+        _, y, fits, preds = self._folds_stream(X, Y, sets, "cross_validate", checkpoint, every)
+        res = jax.tree.map(lambda *a: np.stack([np.asarray(v) for v in a]), *[r for r, _ in fits])
+        infos = [info for _, info in fits]
         hist = {k: np.asarray(v) for k, v in res.history.items()}
         tests = [f[2] for f in folds]
         per_feature = np.stack([metrics.r2_score(y[te], p, center=c, per_feature=True)
