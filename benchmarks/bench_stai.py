@@ -56,7 +56,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench_markermap import PeakRSS, machine_info, write_results  # noqa: E402
-from jaxsel import datasets, metrics  # noqa: E402
+from jaxsel import datasets, engine, metrics  # noqa: E402
 from jaxsel import preprocessing as pp  # noqa: E402
 from jaxsel.imputers import StAI, _gene_masks  # noqa: E402
 from jaxsel.methods import baselines  # noqa: E402
@@ -145,8 +145,6 @@ def speed_inputs(d):
 
 def jaxsel_speed(inp, epochs: int, batch_size, devices: int) -> dict:
     """jaxsel's k submodels on ``inp`` (this process's devices): compile and run apart."""
-    from jaxsel import engine
-
     G = inp["x1"].shape[1]
     cfg = st.StAIConfig(n_genes=G, n_classes=int(inp["n_classes"]), epochs=epochs, n_inputs=G - G // K)
     data = st.StAIData(jnp.asarray(inp["x1"]), jnp.asarray(pp.spatial_knn_graph(inp["coords"], 10)),
@@ -278,25 +276,8 @@ def _cached_reference_fold(args, d, held, f, inp):
     With ``--ref-cache DIR`` each fold's scores are kept in a JSON file named after the
     dataset, fold and epochs, tied to its genes and inputs by a digest, and reused by a
     later run: a run of hours resumes after its last finished fold."""
-    import hashlib
-
-    digest = hashlib.sha256()
-
-    def feed(value):  # an object array (the calibration folds) by its elements, not their addresses
-        a = np.asarray(value)
-        if a.dtype == object:
-            digest.update(str(a.shape).encode())
-            for v in a.ravel():
-                feed(v)
-        else:
-            digest.update(f"{a.dtype}{a.shape}".encode())
-            digest.update(np.ascontiguousarray(a).tobytes())
-
-    for k in sorted(inp):
-        digest.update(k.encode())
-        feed(inp[k])
     key = dict(dataset=d["name"], fold=int(f), genes=d["genes"][held].tolist(), epochs=int(args.epochs),
-               inputs=digest.hexdigest())
+               inputs=engine.fingerprint(*(inp[k] for k in sorted(inp)), sorted(inp)))
     path = Path(args.ref_cache) / f"{d['name']}_fold{f}_e{args.epochs}.json" if args.ref_cache else None
     if path is not None and path.exists():
         hit = json.loads(path.read_text())

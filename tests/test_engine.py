@@ -222,6 +222,24 @@ def test_hyperparameter_grid_as_fold_axis():
     assert final[0] > final[1] > final[2]  # larger steps converge further in 5 epochs
 
 
+def test_fingerprint_is_of_values_not_objects():
+    """A checkpoint's key must be the same in a new process: equal values give equal
+    digests, also inside object arrays (whose bytes are element addresses), and a changed
+    value, dtype or shape gives another."""
+    def ragged(*sizes):
+        out = np.empty(len(sizes), dtype=object)
+        out[:] = [np.arange(n) for n in sizes]
+        return out
+
+    base = engine.fingerprint("m", {"lr": 0.1}, 3, np.ones((2, 3), np.float32), ragged(3, 2))
+    assert base == engine.fingerprint("m", {"lr": 0.1}, 3, np.ones((2, 3), np.float32), ragged(3, 2))
+    for other in (engine.fingerprint("m", {"lr": 0.1}, 3, np.ones((2, 3), np.float32), ragged(3, 3)),
+                  engine.fingerprint("m", {"lr": 0.1}, 3, np.ones((3, 2), np.float32), ragged(3, 2)),
+                  engine.fingerprint("m", {"lr": 0.1}, 3, np.ones((2, 3), np.float64), ragged(3, 2)),
+                  engine.fingerprint("m", {"lr": 0.2}, 3, np.ones((2, 3), np.float32), ragged(3, 2))):
+        assert other != base
+
+
 def test_checkpointed_fold_axis_equals_the_one_program(tmp_path):
     """A grid on the fold axis run in checkpointed segments of 2 epochs (vmapped, and
     looped in the program): the same results as the uninterrupted program."""
