@@ -1445,8 +1445,8 @@ class SparseBottleneck(_PairedSelector):
                                      tag=(what,), part="fold" if test_sets is not None else "restart")
             preds = None
             if test_sets is not None:  # every test fold predicted in full (R^2 was tracked on at most a chunk)
-                preds = [streaming.map_row_blocks(
-                    lambda block, _, r=r: sbnn.predict(cfg, r, block, chunk=chunk),
+                preds = [streaming.map_row_blocks(  # the fold's parameters moved to the device once
+                    lambda block, _, r=jax.device_put(r): sbnn.predict(cfg, r, block, chunk=chunk),
                     lambda a, b, te=te: src.read_rows(te[a:b]), len(te), chunk) for (r, _), te in zip(fits, test_sets)]
         return cfg, y, fits, preds
 
@@ -1558,14 +1558,13 @@ class SparseBottleneck(_PairedSelector):
         another, each a streamed fit on all cells (checkpoint files ``restart0``,
         ``restart1``, ...).
         """
+        n_restarts = check_int(n_restarts, "n_restarts", 2)
         if streaming.is_source(X):
             fold_batch_size(batch_size)  # checked also where it does not apply
-            n_restarts = check_int(n_restarts, "n_restarts", 2)
             _, _, fits, _ = self._folds_stream(X, Y, lambda n, seed: ([np.arange(n)] * n_restarts, None),
                                                "selection_stability", checkpoint, checkpoint_every)
             return _selection_stability(np.stack([r.genes for r, _ in fits]), fits[0][0].x_mean.shape[0])
         x, y, batch_size = self._cv_inputs(X, Y, batch_size)
-        n_restarts = check_int(n_restarts, "n_restarts", 2)
         cfg = self._config(x.shape[1], y.shape[1])
         seed = check_random_state(self.random_state)
         everyone = np.arange(x.shape[0])

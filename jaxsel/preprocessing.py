@@ -530,13 +530,17 @@ def pretraining_clusters(
     rng = np.random.default_rng(seed)
     clusters = np.full((len(train_sets), y.shape[0]), -1, dtype=np.int32)
     pre_train, pre_val = [], []
+    fitted = {}  # restarts share their training cells: one k-means per distinct set
     for i, train in enumerate(train_sets):
         if train.shape[0] < n_clusters:
             raise ValueError(
                 f"fold {i} has {train.shape[0]} training cells, fewer than n_clusters={n_clusters}."
             )
-        km = KMeans(n_clusters=int(n_clusters), n_init=n_init, random_state=seed).fit(y[train])
-        labels = km.labels_.astype(np.int32)
+        key = train.tobytes()
+        if key not in fitted:
+            km = KMeans(n_clusters=int(n_clusters), n_init=n_init, random_state=seed).fit(y[train])
+            fitted[key] = km.labels_.astype(np.int32)
+        labels = fitted[key]
         clusters[i, train] = labels
         sizes = np.bincount(labels, minlength=n_clusters)
         keep = train[sizes[labels] >= min_cluster_size]

@@ -437,9 +437,15 @@ def column_means(source: RowSource, *, block_rows: int = 16384, name: str = "X",
     then [n_groups, n_vars]: row ``g`` is the mean over the rows *not* in group ``g``
     (each cross-validation fold's training mean, the test folds being the groups), all
     groups from the same single pass."""
-    groups = None if exclude is None else np.asarray(exclude, dtype=np.int64).reshape(-1)
-    if groups is not None and groups.shape[0] != source.n_obs:
-        raise ValueError(f"exclude must have one label per row ({source.n_obs}), got {groups.shape[0]}.")
+    groups = None
+    if exclude is not None:
+        groups = np.asarray(exclude)
+        if groups.ndim != 1 or groups.shape[0] != source.n_obs:
+            raise ValueError(f"exclude must have one label per row ({source.n_obs}), got shape {groups.shape}.")
+        if groups.dtype.kind not in "iu" or (groups.size and groups.min() < -1):
+            raise ValueError(f"exclude must hold integer group labels >= -1, got dtype {groups.dtype}"
+                             f"{'' if groups.dtype.kind not in 'iu' else f' and {groups.min()}'}.")
+        groups = groups.astype(np.int64)
     n_groups = 0 if groups is None else int(groups.max(initial=-1)) + 1
     total = np.zeros(source.n_vars, np.float64)
     per_group = np.zeros((n_groups, source.n_vars), np.float64)

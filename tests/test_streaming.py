@@ -502,8 +502,12 @@ def test_column_means_leaving_out_each_group_in_one_pass():
     for g in range(4):
         np.testing.assert_allclose(got[g], x[groups != g].mean(0, dtype=np.float64), rtol=1e-6)
     np.testing.assert_allclose(streaming.column_means(src, block_rows=16), x.mean(0, dtype=np.float64), rtol=1e-6)
-    with pytest.raises(ValueError, match=r"exclude must have one label per row \(103\), got 5"):
+    with pytest.raises(ValueError, match=r"exclude must have one label per row \(103\), got shape \(5,\)"):
         streaming.column_means(src, exclude=np.zeros(5, int))
+    with pytest.raises(ValueError, match="exclude must hold integer group labels >= -1, got dtype float64"):
+        streaming.column_means(src, exclude=groups + 0.5)
+    with pytest.raises(ValueError, match="exclude must hold integer group labels >= -1, got dtype int64 and -2"):
+        streaming.column_means(src, exclude=np.where(groups == 0, -2, groups))
 
 
 SB_CV = dict(n_genes=4, hidden=(32, 16), learning_rate=3e-3, lasso=0.03, n_clusters=4, random_state=0,
