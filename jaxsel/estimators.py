@@ -103,14 +103,15 @@ def _map_blocks(est, fn, read, n: int, rows: int):
     return streaming.map_row_blocks(lambda block, _: fn(est.cfg_, est.result_, block, chunk=rows), read, n, rows)
 
 
-def _map_on_disk(est, X, fn, rows: int):
-    """:func:`_map_blocks` over an on-disk ``X``, after checking its gene count against
-    the fitted one."""
+def _map_on_disk(est, X, block_fn, rows: int):
+    """``block_fn(block)`` over an on-disk ``X`` in blocks of ``rows`` cells
+    (:func:`jaxsel.streaming.map_row_blocks`), after checking its gene count against the
+    fitted one."""
     with streaming.open_source(X) as src:
         if src.n_vars != est.n_features_in_:
             raise ValueError(f"X has {src.n_vars} features, but {type(est).__name__} is expecting "
                              f"{est.n_features_in_} features as input.")
-        return _map_blocks(est, fn, src.read, src.n_obs, rows)
+        return streaming.map_row_blocks(lambda block, _: block_fn(block), src.read, src.n_obs, rows)
 
 
 def _check_X(est, X, *, reset: bool, dense: bool = True):
@@ -535,7 +536,7 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
         rows = streaming.budget_rows(self.memory_budget, 4 * n_genes * width)
 
         if streaming.is_source(X):
-            return _map_on_disk(self, X, fn, rows)
+            return _map_on_disk(self, X, lambda b: fn(self.cfg_, self.result_, b, chunk=rows), rows)
         if sp.issparse(X):  # read it by rows too instead of densifying all of it
             x = _check_X(self, X, reset=False, dense=False)
             return _map_blocks(self, fn, streaming.RowSource(x.tocsr()).read, x.shape[0], rows)
@@ -1456,7 +1457,8 @@ class SparseBottleneck(_PairedSelector):
         if not streaming.is_source(X):
             return np.asarray(fn(self.cfg_, self.result_, self._fitted_x(X)))
         check_is_fitted(self, "genes_")
-        return _map_on_disk(self, X, fn, check_int(self.chunk_size, "chunk_size", 1))
+        rows = check_int(self.chunk_size, "chunk_size", 1)
+        return _map_on_disk(self, X, lambda b: fn(self.cfg_, self.result_, b, chunk=rows), rows)
 
     def predict(self, X):
         """Predicted ``Y`` from the selected genes, [n_cells, n_features]. An on-disk
@@ -1632,6 +1634,8 @@ class SparseRRR(_PairedSelector):
     alpha : float in (0, 1], default 1.0
         Lasso share of the elastic-net penalty (1 = pure group lasso).
     relaxed : bool, default True
+    chunk_size : int, default 16384
+        Cells read per block when ``X`` is on disk (see :meth:`fit`).
 
     Attributes
     ----------
@@ -1640,11 +1644,12 @@ class SparseRRR(_PairedSelector):
     coef_w_ [n_features_in_, rank], coef_v_ [n_outputs, rank], lambda_ : the fit.
     """
 
-    def __init__(self, rank=2, n_genes=25, *, alpha=1.0, relaxed=True):
+    def __init__(self, rank=2, n_genes=25, *, alpha=1.0, relaxed=True, chunk_size=streaming.DEFAULT_CHUNK_SIZE):
         self.rank = rank
         self.n_genes = n_genes
         self.alpha = alpha
         self.relaxed = relaxed
+        self.chunk_size = chunk_size
 
     def _check(self, p: int, q: int):
         rank = check_int(self.rank, "rank", 1)
@@ -1656,29 +1661,63 @@ class SparseRRR(_PairedSelector):
         return rank, n, alpha, bool(self.relaxed)
 
     def fit(self, X, Y):
-        """Fit on all cells (centred with their means). ``X`` is never modified."""
+        """Fit on all cells (centred with their means). ``X`` is never modified.
+
+        ``X`` larger than memory (a path to an ``.h5ad`` file or ``.zarr`` store, a backed
+        AnnData, an h5py/zarr array or a :class:`jaxsel.streaming.RowSource`) is read once
+        in blocks of ``chunk_size`` cells (``Y`` stays in memory): sRRR depends on the
+        data only through the means and the scatter matrix of ``[X, Y]``, accumulated in
+        float64 (:func:`jaxsel.streaming.paired_moments`, ``(p + q)^2`` values), and is
+        fitted on ``p + q`` rows with the same scatter
+        (:func:`jaxsel.streaming.square_root_rows`): the same problem, solved from
+        float32 grams rounded differently, so the same genes and coefficients to float32
+        precision, not the same bits.
+        """
         from .methods import srrr
 
+        if streaming.is_source(X):
+            with streaming.open_source(X) as src:
+                y = _check_Y(Y, src.n_obs)
+                rank, n, alpha, relaxed = self._check(src.n_vars, y.shape[1])
+                chunk = check_int(self.chunk_size, "chunk_size", 1)
+                mom = streaming.paired_moments(src, y, block_rows=chunk, name="X")
+            p = src.n_vars
+            everyone = np.ones(1, bool)
+            mean = mom.mean(everyone)
+            xr, yr = streaming.square_root_rows(mom.scatter_about(everyone, mean), p)
+            res = srrr.fit_n_genes(xr, yr, n, rank, alpha=alpha, relaxed=relaxed, n_cells=int(mom.n[0]))
+            _fitted_from_disk(self, p)
+            self.x_mean_ = mean[:p].astype(np.float32)
+            self.y_mean_ = mean[p:].astype(np.float32)
+            return self._store_result(res, y.shape[1])
         x = _check_X(self, X, reset=True)
         y = _check_Y(Y, x.shape[0])
         rank, n, alpha, relaxed = self._check(x.shape[1], y.shape[1])
         self.x_mean_ = x.mean(axis=0)
         self.y_mean_ = y.mean(axis=0)
         res = srrr.fit_n_genes(x - self.x_mean_, y - self.y_mean_, n, rank, alpha=alpha, relaxed=relaxed)
+        return self._store_result(res, y.shape[1])
+
+    def _store_result(self, res, n_outputs: int):
         res = jax.device_get(res)
         self.result_ = res
         self.coef_w_ = np.asarray(res.w)
         self.coef_v_ = np.asarray(res.v)
         self.lambda_ = float(res.lam)
-        self._set_fit(res.genes, np.sqrt(np.sum(self.coef_w_**2, axis=1)), self.y_mean_, y.shape[1])
+        self._set_fit(res.genes, np.sqrt(np.sum(self.coef_w_**2, axis=1)), self.y_mean_, n_outputs)
         return self
 
     def latent(self, X):
-        """The ``rank``-dimensional projection ``(X - mean) W``, [n_cells, rank]."""
+        """The ``rank``-dimensional projection ``(X - mean) W``, [n_cells, rank]. An
+        on-disk ``X`` is read in blocks of ``chunk_size`` cells."""
+        if streaming.is_source(X):
+            check_is_fitted(self, "genes_")
+            return _map_on_disk(self, X, lambda b: (b - self.x_mean_) @ self.coef_w_,
+                                check_int(self.chunk_size, "chunk_size", 1))
         return (self._fitted_x(X) - self.x_mean_) @ self.coef_w_
 
     def predict(self, X):
-        """Predicted ``Y``, [n_cells, n_outputs]."""
+        """Predicted ``Y``, [n_cells, n_outputs] (an on-disk ``X``: as :meth:`latent`)."""
         return self.latent(X) @ self.coef_v_.T + self.y_mean_
 
     def cross_validate(self, X, Y, n_folds=10, random_state=0, batch_size="auto"):
@@ -1690,6 +1729,15 @@ class SparseRRR(_PairedSelector):
         result is bit for bit the same on any number of devices (vmapped folds agree to
         float32 rounding only; see :func:`jaxsel.methods.srrr.cross_validate`).
 
+        ``X`` on disk (as in :meth:`fit`): one pass reads every test fold's moments
+        (:func:`jaxsel.streaming.paired_moments` with the folds as groups; memory
+        ``n_folds (p + q)^2`` float64), each fold's training scatter is the sum of the
+        other folds', centred with their mean, and all folds are fitted on their
+        :func:`jaxsel.streaming.square_root_rows` in one program
+        (:func:`jaxsel.methods.srrr.fit_n_genes_folds`). R^2 comes from each test fold's
+        scatter about its training mean (:func:`jaxsel.streaming.linear_r2`), in float64,
+        without reading the cells again. The same folds as in memory.
+
         Returns
         -------
         dict
@@ -1699,6 +1747,8 @@ class SparseRRR(_PairedSelector):
         """
         from .methods import srrr
 
+        if streaming.is_source(X):
+            return self._cross_validate_stream(X, Y, n_folds, random_state, fold_batch_size(batch_size))
         x, y, batch_size = self._cv_inputs(X, Y, batch_size)
         rank, n, alpha, relaxed = self._check(x.shape[1], y.shape[1])
         folds = _paired_folds(x.shape[0], n_folds, check_random_state(random_state))
@@ -1712,5 +1762,46 @@ class SparseRRR(_PairedSelector):
             "test_r2_per_feature": np.asarray(res.r2_test_per_feature),
             "genes": np.asarray(res.result.genes).astype(np.intp),
             "lambda": np.asarray(res.result.lam),
+            "test_indices": [f[2] for f in folds],
+        }
+
+    def _cross_validate_stream(self, X, Y, n_folds, random_state, batch_size):
+        """:meth:`cross_validate` of an on-disk ``X``: one pass for every fold's moments
+        (:func:`jaxsel.streaming.paired_moments` with the test folds as groups), every
+        fold fitted on its training rows' :func:`jaxsel.streaming.square_root_rows` in
+        one program, R^2 from each fold's scatter about its training mean."""
+        from .methods import srrr
+
+        with streaming.open_source(X) as src:
+            y = _check_Y(Y, src.n_obs)
+            rank, n, alpha, relaxed = self._check(src.n_vars, y.shape[1])
+            chunk = check_int(self.chunk_size, "chunk_size", 1)
+            folds = _paired_folds(src.n_obs, n_folds, check_random_state(random_state))
+            fold_of = np.full(src.n_obs, -1, np.int64)
+            for i, (_, _, te) in enumerate(folds):
+                fold_of[te] = i
+            mom = streaming.paired_moments(src, y, groups=fold_of, block_rows=chunk, name="X")
+        p = src.n_vars
+        rows, means, n_train = [], [], []
+        for i in range(len(folds)):
+            train = np.arange(len(folds)) != i
+            means.append(mom.mean(train))
+            rows.append(streaming.square_root_rows(mom.scatter_about(train, means[-1]), p))
+            n_train.append(mom.n[train].sum())
+        res = jax.device_get(srrr.fit_n_genes_folds(
+            np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]), np.asarray(n_train, np.float32), n,
+            rank, alpha=alpha, relaxed=relaxed, batch_size=batch_size))
+        coefs = [np.asarray(w, np.float64) @ np.asarray(v, np.float64).T for w, v in zip(res.w, res.v)]
+        r2 = {"test_r2": [], "train_r2": [], "test_r2_per_feature": []}
+        for i, (b, m) in enumerate(zip(coefs, means)):
+            test = np.arange(len(folds)) == i
+            s_test = mom.scatter_about(test, m)
+            r2["test_r2"].append(streaming.linear_r2(s_test, b, p))
+            r2["test_r2_per_feature"].append(streaming.linear_r2(s_test, b, p, per_feature=True))
+            r2["train_r2"].append(streaming.linear_r2(mom.scatter_about(~test, m), b, p))
+        return {
+            **{k: np.asarray(v, np.float32) for k, v in r2.items()},
+            "genes": np.asarray(res.genes).astype(np.intp),
+            "lambda": np.asarray(res.lam),
             "test_indices": [f[2] for f in folds],
         }

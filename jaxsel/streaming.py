@@ -43,6 +43,10 @@ __all__ = [
     "map_row_blocks",
     "cap_validation",
     "column_means",
+    "Moments",
+    "paired_moments",
+    "square_root_rows",
+    "linear_r2",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_MEMORY_BUDGET",
 ]
@@ -429,6 +433,17 @@ def count_stats(source: RowSource, *, block_rows: int = 16384, name: str = "X") 
     return {"library": total, "log_library_mean": float(log_lib.mean()), "log_library_var": float(log_lib.var())}
 
 
+def _check_groups(groups, n_obs: int, name: str) -> np.ndarray:
+    """Integer group labels, one per row, ``-1`` for rows in no group, as int64."""
+    groups = np.asarray(groups)
+    if groups.ndim != 1 or groups.shape[0] != n_obs:
+        raise ValueError(f"{name} must have one label per row ({n_obs}), got shape {groups.shape}.")
+    if groups.dtype.kind not in "iu" or (groups.size and groups.min() < -1):
+        raise ValueError(f"{name} must hold integer group labels >= -1, got dtype {groups.dtype}"
+                         f"{'' if groups.dtype.kind not in 'iu' else f' and {groups.min()}'}.")
+    return groups.astype(np.int64)
+
+
 def column_means(source: RowSource, *, block_rows: int = 16384, name: str = "X", exclude=None) -> np.ndarray:
     """One pass over the (transformed) rows: every column's mean (float64 sums, returned
     as float32 [n_vars]); a NaN or infinite value is a ``ValueError`` naming its rows.
@@ -437,15 +452,7 @@ def column_means(source: RowSource, *, block_rows: int = 16384, name: str = "X",
     then [n_groups, n_vars]: row ``g`` is the mean over the rows *not* in group ``g``
     (each cross-validation fold's training mean, the test folds being the groups), all
     groups from the same single pass."""
-    groups = None
-    if exclude is not None:
-        groups = np.asarray(exclude)
-        if groups.ndim != 1 or groups.shape[0] != source.n_obs:
-            raise ValueError(f"exclude must have one label per row ({source.n_obs}), got shape {groups.shape}.")
-        if groups.dtype.kind not in "iu" or (groups.size and groups.min() < -1):
-            raise ValueError(f"exclude must hold integer group labels >= -1, got dtype {groups.dtype}"
-                             f"{'' if groups.dtype.kind not in 'iu' else f' and {groups.min()}'}.")
-        groups = groups.astype(np.int64)
+    groups = None if exclude is None else _check_groups(exclude, source.n_obs, "exclude")
     n_groups = 0 if groups is None else int(groups.max(initial=-1)) + 1
     total = np.zeros(source.n_vars, np.float64)
     per_group = np.zeros((n_groups, source.n_vars), np.float64)
@@ -462,6 +469,101 @@ def column_means(source: RowSource, *, block_rows: int = 16384, name: str = "X",
         return (total / max(source.n_obs, 1)).astype(np.float32)
     counts = source.n_obs - np.bincount(groups[groups >= 0], minlength=n_groups)
     return ((total - per_group) / np.maximum(counts, 1)[:, None]).astype(np.float32)
+
+
+class Moments:
+    """First and second moments of the rows ``z = [x, y]`` of a paired data set, per
+    group of rows, in float64: ``n`` [n_groups] rows, ``sums`` [n_groups, d] of ``z -
+    shift`` and ``scatter`` [n_groups, d, d] of ``(z - shift)(z - shift)^T``, ``shift``
+    [d] a rough mean (the first block's), so that centring does not cancel digits.
+    From :func:`paired_moments`."""
+
+    def __init__(self, n, sums, scatter, shift):
+        self.n, self.sums, self.scatter, self.shift = n, sums, scatter, shift
+
+    def select(self, keep) -> tuple:
+        """``(n, sums, scatter)`` summed over the groups where ``keep`` [n_groups] is True."""
+        keep = np.asarray(keep, dtype=bool)
+        return self.n[keep].sum(), self.sums[keep].sum(axis=0), self.scatter[keep].sum(axis=0)
+
+    def mean(self, keep) -> np.ndarray:
+        """The mean row of the groups where ``keep`` is True, float64 [d]."""
+        n, s, _ = self.select(keep)
+        return self.shift + s / n
+
+    def scatter_about(self, keep, centre) -> np.ndarray:
+        """``sum (z - centre)(z - centre)^T`` over the rows of the groups where ``keep``
+        is True, float64 [d, d] (``centre`` [d], e.g. the training rows' mean)."""
+        n, s, sz = self.select(keep)
+        c = np.asarray(centre, np.float64) - self.shift
+        out = sz - np.outer(s, c) - np.outer(c, s) + n * np.outer(c, c)
+        return 0.5 * (out + out.T)
+
+
+def paired_moments(source: RowSource, y, *, groups=None, block_rows: int = 16384, name: str = "X") -> Moments:
+    """One pass over the (transformed) rows of ``source`` beside ``y`` [n_obs, q] in
+    memory: the :class:`Moments` of ``z = [x, y]`` per group of rows (``groups`` [n_obs]
+    integer labels, ``-1`` for rows left out; default: one group of every row). A NaN or
+    infinite value is a ``ValueError`` naming its rows.
+
+    Everything a linear model fitted by least squares needs, for every cross-validation
+    fold at once: the training scatter of fold ``f`` is that of the groups other than
+    ``f``, and the test residuals' sums of squares come from group ``f``'s scatter about
+    the training mean. Memory: ``n_groups (p + q)^2`` float64 (10 groups of 2000 genes:
+    320 MB); time: ``2 n (p + q)^2`` float64 flops."""
+    y = np.asarray(y, dtype=np.float64)
+    if y.ndim != 2 or y.shape[0] != source.n_obs:
+        raise ValueError(f"y must be [n_obs={source.n_obs}, n_outputs], got shape {y.shape}.")
+    g_all = np.zeros(source.n_obs, np.int64) if groups is None else _check_groups(groups, source.n_obs, "groups")
+    n_groups = int(g_all.max(initial=-1)) + 1
+    d = source.n_vars + y.shape[1]
+    n = np.zeros(n_groups, np.int64)
+    sums = np.zeros((n_groups, d))
+    scatter = np.zeros((n_groups, d, d))
+    shift = None
+    for a, b, blk in source.iter_blocks(block_rows):
+        blk = np.asarray(blk)
+        if not np.isfinite(blk).all():
+            raise ValueError(f"{name} contains NaN or infinite values (in rows {a}..{b - 1}).")
+        z = np.concatenate([blk.astype(np.float64), y[a:b]], axis=1)
+        g = g_all[a:b]
+        if shift is None:
+            inside = z[g >= 0]
+            shift = inside.mean(axis=0) if inside.shape[0] else np.zeros(d)
+        z -= shift
+        for k in np.unique(g[g >= 0]):
+            zk = z[g == k]
+            n[k] += zk.shape[0]
+            sums[k] += zk.sum(axis=0)
+            scatter[k] += zk.T @ zk
+    return Moments(n, sums, scatter, np.zeros(d) if shift is None else shift)
+
+
+def square_root_rows(scatter, p: int):
+    """Rows ``(x [d, p], y [d, q])`` float32 (``d = p + q``) whose grams are the
+    blocks of the float64 ``scatter`` [d, d]: ``x^T x``, ``x^T y`` and ``y^T y`` as
+    ``sum x x^T``, ``sum x y^T``, ``sum y y^T`` over the cells it summarises. Any least
+    squares fit of ``y`` on ``x`` (residuals included) is then the same on these ``d`` rows
+    as on the cells. From the eigendecomposition ``scatter = Q D Q^T``: the rows are
+    ``D^{1/2} Q^T`` (rounding's negative eigenvalues set to zero)."""
+    evals, evecs = np.linalg.eigh(np.asarray(scatter, np.float64))
+    rows = np.sqrt(np.maximum(evals, 0.0))[:, None] * evecs.T
+    return rows[:, :p].astype(np.float32), rows[:, p:].astype(np.float32)
+
+
+def linear_r2(scatter, coef, p: int, per_feature: bool = False):
+    """R^2 ``1 - sum (y - x B)^2 / sum y^2`` of the linear prediction ``x @ coef``
+    (``coef`` [p, q]) from the rows' ``scatter`` of ``[x, y]`` [p + q, p + q] about the
+    centre ``y`` is measured from (:meth:`Moments.scatter_about`), without the rows:
+    ``sum (y - x B)^2 = diag(M^T S M)`` with ``M = [-B; I]``. Per output with
+    ``per_feature``."""
+    coef = np.asarray(coef, np.float64)
+    m = np.concatenate([-coef, np.eye(coef.shape[1])], axis=0)
+    ss_res = np.einsum("iq,ij,jq->q", m, scatter, m)
+    ss_tot = np.diag(scatter)[p:]
+    if per_feature:  # undefined (NaN) where y equals the centre on every row, as metrics.r2_score
+        return np.where(ss_tot > 0, 1.0 - ss_res / np.where(ss_tot > 0, ss_tot, 1.0), np.nan)
+    return float(1.0 - ss_res.sum() / ss_tot.sum()) if ss_tot.sum() > 0 else float("nan")
 
 
 def _normalize_log1p(block, target_sum: float):

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import jaxsel
-from jaxsel import datasets, engine, preprocessing
+from jaxsel import datasets, engine, preprocessing, streaming
 
 N_DEV = jax.device_count()
 sharded = pytest.mark.skipif(N_DEV < 2, reason="needs several devices (JAX_NUM_CPU_DEVICES=4)")
@@ -149,6 +149,11 @@ def test_sparse_rrr_folds():
             ref = est.cross_validate(x, y, n_folds=5, batch_size=batch_size)
         # vmapped: batched matmuls of 5 vs 2 folds round differently (module docstring)
         _assert_identical(out, ref, exact=batch_size == 1)
+    # X on disk: every fold's moments from one pass, the folds fitted in one sharded program
+    out = est.cross_validate(streaming.RowSource(x), y, n_folds=5)
+    with _one_device():
+        ref = est.cross_validate(streaming.RowSource(x), y, n_folds=5)
+    _assert_identical(out, ref)
 
 
 def _stai_kw(a, b):

@@ -108,8 +108,6 @@ def test_bad_sources_are_clear_errors(files):
         streaming.count_stats(streaming.RowSource(np.full((4, 3), 0.5, np.float32)))
     with pytest.raises(ValueError, match="chunk_size"):
         jaxsel.MarkerMap(**{**MM, "chunk_size": 10}).fit(files["h5ad"], "cell_type")
-    with pytest.raises(TypeError, match="SparseRRR's cross-validation needs X in memory"):
-        jaxsel.SparseRRR(n_genes=3).cross_validate(files["h5ad"], np.zeros((N_CELLS, 2), np.float32))
     with pytest.raises(TypeError, match="cross_validate_genes needs X_spatial in memory"):
         jaxsel.GimVI().cross_validate_genes(files["counts"], files["h5ad"], ref_genes=files["genes"],
                                             spatial_genes=files["genes"])
@@ -510,6 +508,116 @@ def test_column_means_leaving_out_each_group_in_one_pass():
         streaming.column_means(src, exclude=np.where(groups == 0, -2, groups))
 
 
+def test_paired_moments_give_every_folds_scatter_and_r2_in_one_pass():
+    """Per-group moments of ``[x, y]`` from one pass: each fold's training mean, the
+    scatter about any centre, rows whose grams are that scatter, and R^2 of a linear
+    prediction without the rows; the numpy (float64) values of the same rows."""
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(157, 6)) * 3 + 50).astype(np.float32)  # far from 0: centring must not cancel
+    y = x[:, :2] @ rng.normal(size=(2, 3)) + rng.normal(size=(157, 3))
+    groups = rng.integers(-1, 4, size=157)
+    z = np.concatenate([x.astype(np.float64), y], axis=1)
+    mom = streaming.paired_moments(streaming.RowSource(x), y, groups=groups, block_rows=20)
+    np.testing.assert_array_equal(mom.n, np.bincount(groups[groups >= 0]))
+    for g in range(4):
+        train = np.arange(4) != g
+        rows = z[(groups != g) & (groups >= 0)]
+        m = mom.mean(train)
+        np.testing.assert_allclose(m, rows.mean(0), rtol=1e-12)
+        s = mom.scatter_about(train, m)
+        np.testing.assert_allclose(s, (rows - m).T @ (rows - m), rtol=1e-9, atol=1e-9)
+        xr, yr = streaming.square_root_rows(s, 6)
+        assert xr.shape == (9, 6) and yr.shape == (9, 3)
+        c = (rows - m)
+        np.testing.assert_allclose(xr.T.astype(np.float64) @ yr, c[:, :6].T @ c[:, 6:], rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(xr.T.astype(np.float64) @ xr, c[:, :6].T @ c[:, :6], rtol=1e-5, atol=1e-3)
+        # R^2 of a prediction of the held-out group, centred with the training mean
+        b = rng.normal(size=(6, 3)) * 0.1
+        test = z[groups == g] - m
+        pred = test[:, :6] @ b
+        s_test = mom.scatter_about(np.arange(4) == g, m)
+        np.testing.assert_allclose(streaming.linear_r2(s_test, b, 6),
+                                   jaxsel.metrics.r2_score(test[:, 6:], pred), rtol=1e-9)
+        np.testing.assert_allclose(streaming.linear_r2(s_test, b, 6, per_feature=True),
+                                   jaxsel.metrics.r2_score(test[:, 6:], pred, per_feature=True), rtol=1e-9)
+    whole = streaming.paired_moments(streaming.RowSource(x), y, block_rows=1000)
+    np.testing.assert_allclose(whole.mean([True]), z.mean(0), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"y must be \[n_obs=157, n_outputs\], got shape \(156, 3\)"):
+        streaming.paired_moments(streaming.RowSource(x), y[1:])
+    with pytest.raises(ValueError, match="groups must hold integer group labels"):
+        streaming.paired_moments(streaming.RowSource(x), y, groups=groups * 0.5)
+    bad = x.copy()
+    bad[100, 2] = np.nan
+    with pytest.raises(ValueError, match=r"X contains NaN or infinite values \(in rows 100..119\)"):
+        streaming.paired_moments(streaming.RowSource(bad), y, block_rows=20)
+
+
+def test_sparse_rrr_fits_and_cross_validates_x_on_disk(tmp_path):
+    """sRRR of an on-disk X from one pass of moments: the planted genes, the in-memory
+    fit's coefficients and predictions to float32 precision; cross-validation with the
+    in-memory folds, the same genes and R^2 to 1e-5; all folds in one program whose
+    looped folds equal each fold fitted alone, bit for bit; bad input by name."""
+    from jaxsel.methods import srrr
+
+    x, y, info = datasets.make_paired(n_cells=900, n_genes=50, n_outputs=6, n_informative=4, random_state=3)
+    path = tmp_path / "paired.h5ad"
+    anndata.AnnData(X=sp.csr_matrix(x)).write_h5ad(path)
+    a = anndata.read_h5ad(path, backed="r")
+    x0, y0 = x.copy(), y.copy()
+    mem = jaxsel.SparseRRR(rank=2, n_genes=4).fit(x, y)
+    disk = jaxsel.SparseRRR(rank=2, n_genes=4, chunk_size=256).fit(a.X, y)
+    np.testing.assert_array_equal(y, y0)
+    np.testing.assert_array_equal(np.sort(disk.genes_), info["informative_genes"])
+    np.testing.assert_array_equal(disk.genes_, mem.genes_)
+    assert disk.n_features_in_ == 50 and not hasattr(disk, "feature_names_in_")
+    np.testing.assert_allclose(disk.lambda_, mem.lambda_, rtol=1e-5)
+    np.testing.assert_allclose(disk.coef_w_, mem.coef_w_, atol=2e-5)
+    np.testing.assert_allclose(disk.x_mean_, mem.x_mean_, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(disk.predict(path), mem.predict(x), atol=2e-5)  # predict reads the file too
+    np.testing.assert_allclose(disk.latent(a.X), mem.latent(x), atol=2e-5)
+
+    cv_mem = jaxsel.SparseRRR(rank=2, n_genes=4).cross_validate(x, y, n_folds=4)
+    cv = jaxsel.SparseRRR(rank=2, n_genes=4, chunk_size=256).cross_validate(a.X, y, n_folds=4)
+    for i in range(4):
+        np.testing.assert_array_equal(cv["test_indices"][i], cv_mem["test_indices"][i])
+    np.testing.assert_array_equal(cv["genes"], cv_mem["genes"])
+    for k in ("test_r2", "train_r2", "test_r2_per_feature"):
+        np.testing.assert_allclose(cv[k], cv_mem[k], atol=1e-5)
+    np.testing.assert_allclose(cv["lambda"], cv_mem["lambda"], rtol=1e-5)
+    assert (cv["test_r2"] > 0.3).all()
+    np.testing.assert_array_equal(x, x0)
+
+    # the fold program (looped) against each fold's rows fitted alone
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=(3, 12, 8)).astype(np.float32)
+    ys = (xs[:, :, :2] @ rng.normal(size=(2, 3)) + 0.1 * rng.normal(size=(3, 12, 3))).astype(np.float32)
+    ns = np.array([40.0, 55.0, 70.0], np.float32)
+    folds = jax.device_get(srrr.fit_n_genes_folds(xs, ys, ns, 3, 2, batch_size=1, mesh=None))
+    for i in range(3):
+        alone = jax.device_get(srrr.fit_n_genes(xs[i], ys[i], 3, 2, n_cells=float(ns[i])))
+        for got, want in zip(jax.tree.leaves(folds), jax.tree.leaves(alone)):
+            np.testing.assert_array_equal(np.asarray(got)[i], want)
+    with pytest.raises(ValueError, match="n_cells must be a number >= 1"):
+        srrr.fit_n_genes(xs[0], ys[0], 3, 2, n_cells=0)
+    with pytest.raises(ValueError, match="must agree"):
+        srrr.fit_n_genes_folds(xs, ys, ns[:2], 3, 2)
+
+    with pytest.raises(ValueError, match="X and Y must have the same number of cells, got 900 and 899"):
+        jaxsel.SparseRRR(n_genes=4).fit(a.X, y[:-1])
+    with pytest.raises(ValueError, match="n_genes"):
+        jaxsel.SparseRRR(n_genes=51).cross_validate(a.X, y, n_folds=4)
+    with pytest.raises(ValueError, match="n_folds must be an int >= 2, got 1"):
+        jaxsel.SparseRRR(n_genes=4).cross_validate(a.X, y, n_folds=1)
+    with pytest.raises(ValueError, match="chunk_size"):
+        jaxsel.SparseRRR(n_genes=4, chunk_size=0).fit(a.X, y)
+    with pytest.raises(ValueError, match="X has 49 features, but SparseRRR is expecting 50"):
+        disk.predict(streaming.RowSource(x[:, 1:]))
+    bad = x.copy()
+    bad[300, 7] = np.inf
+    with pytest.raises(ValueError, match=r"X contains NaN or infinite values \(in rows 256..511\)"):
+        jaxsel.SparseRRR(n_genes=4, chunk_size=256).fit(streaming.RowSource(bad), y)
+
+
 SB_CV = dict(n_genes=4, hidden=(32, 16), learning_rate=3e-3, lasso=0.03, n_clusters=4, random_state=0,
              epochs={"pretrain": 2, "frozen": 3, "unfrozen": 20, "finetune": 4, "ae": 0})
 
@@ -582,8 +690,8 @@ def test_sparse_bottleneck_cross_validates_x_on_disk(tmp_path, monkeypatch):
 def test_tl_on_a_backed_anndata_streams_or_says_what_it_needs(files):
     """scanpy-style calls on ``read_h5ad(..., backed="r")``: the neural selectors stream
     it and write their keys into the (in-memory) var/uns; random markers need only its
-    shape; the baselines that score genes over all cells, and sRRR, refuse it by name
-    before any work; copy=True (which would write a new file) is refused up front."""
+    shape; the baselines that score genes over all cells refuse it by name before any
+    work; copy=True (which would write a new file) is refused up front."""
     a = anndata.read_h5ad(files["h5ad"], backed="r")
     jaxsel.tl.markermap(a, 6, "cell_type", max_epochs=2, min_epochs=1, hidden_size=16, chunk_size=1024,
                         random_state=0)
@@ -593,8 +701,6 @@ def test_tl_on_a_backed_anndata_streams_or_says_what_it_needs(files):
     for fn, kw in ((jaxsel.tl.hvg_markers, {}), (jaxsel.tl.de_markers, {"labels_key": "cell_type"})):
         with pytest.raises(TypeError, match="needs X in memory, got data on disk"):
             fn(a, 5, **kw)
-    with pytest.raises(TypeError, match="SparseRRR needs X in memory"):
-        jaxsel.SparseRRR(n_genes=3).fit(a.X, np.zeros((N_CELLS, 2), np.float32))
     with pytest.raises(TypeError, match=r"StAI \(full-batch training on every cell\) needs X_ref in memory"):
         jaxsel.StAI().fit(np.ones((5, 12)), a.X, coords=np.zeros((5, 2)), spatial_genes=files["genes"][:12],
                           ref_genes=files["genes"])

@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -88,6 +89,7 @@ __all__ = [
     "solve_w",
     "fit",
     "fit_n_genes",
+    "fit_n_genes_folds",
     "predict",
     "latent",
     "cv_fold",
@@ -637,8 +639,8 @@ def fit(
 
 
 @functools.partial(jax.jit, static_argnames=("n_genes", "rank", "alpha", "relaxed", "config"))
-def _fit_n_genes_jit(x, y, n_genes, rank, alpha, relaxed, config):
-    return _fit_n_genes(_problem(x, y), n_genes, rank, alpha, relaxed, config)
+def _fit_n_genes_jit(x, y, n, n_genes, rank, alpha, relaxed, config):
+    return _fit_n_genes(_problem(x, y, n), n_genes, rank, alpha, relaxed, config)
 
 
 def fit_n_genes(
@@ -650,6 +652,7 @@ def fit_n_genes(
     relaxed: bool = True,
     *,
     config: SolverConfig = SolverConfig(),
+    n_cells=None,
 ) -> SRRRResult:
     """Fit sRRR with exactly ``n_genes`` selected genes.
 
@@ -663,11 +666,65 @@ def fit_n_genes(
 
     ``x`` [n, p], ``y`` [n, q] must be centred; ``n_genes``, ``rank``, ``alpha`` (> 0)
     and ``relaxed`` are static.
+
+    ``n_cells``: the number of cells the rows stand for, when they are not the cells
+    themselves but rows with the same grams ``x^T x``, ``x^T y`` and ``y^T y`` (e.g.
+    :func:`jaxsel.streaming.square_root_rows` of data on disk, ``p + q`` rows for any
+    number of cells): the objective's ``1/n`` is ``1/n_cells``, and the fit is that of
+    the cells. Default: the number of rows.
     """
     x, y = _as_xy(x, y)
     _check_common(x.shape[1], y.shape[1], rank, alpha, config)
     _check_n_genes(n_genes, x.shape[1], alpha)
-    return _fit_n_genes_jit(x, y, n_genes, rank, float(alpha), bool(relaxed), config)
+    if n_cells is not None:
+        if not isinstance(n_cells, numbers.Real) or isinstance(n_cells, bool) or not n_cells >= 1:
+            raise ValueError(f"n_cells must be a number >= 1, got {n_cells!r}")
+        n_cells = jnp.asarray(n_cells, jnp.float32)
+    return _fit_n_genes_jit(x, y, n_cells, n_genes, rank, float(alpha), bool(relaxed), config)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("n_genes", "rank", "alpha", "relaxed", "config", "batch_size", "mesh")
+)
+def _fit_n_genes_folds_jit(xs, ys, ns, n_genes, rank, alpha, relaxed, config, batch_size, mesh):
+    def one(per_fold, _):
+        return _fit_n_genes(_problem(*per_fold), n_genes, rank, alpha, relaxed, config)
+
+    return engine.map_folds(one, (xs, ys, ns), None, batch_size=batch_size, mesh=mesh)
+
+
+def fit_n_genes_folds(
+    xs,
+    ys,
+    n_cells,
+    n_genes: int,
+    rank: int,
+    alpha: float = 1.0,
+    relaxed: bool = True,
+    *,
+    config: SolverConfig = SolverConfig(),
+    batch_size: int | None = 1,
+    mesh="auto",
+) -> SRRRResult:
+    """:func:`fit_n_genes` of every fold's (centred) rows ``xs`` [n_folds, m, p], ``ys``
+    [n_folds, m, q] standing for ``n_cells`` [n_folds] cells each, in one compiled
+    program (:func:`jaxsel.engine.map_folds`; ``batch_size`` and ``mesh`` as in
+    :func:`cross_validate`). The rows are typically each fold's
+    :func:`jaxsel.streaming.square_root_rows` (``m = p + q``): cross-validation of data
+    on disk from one pass of moments. Leaves of the result have a leading fold axis."""
+    xs = jnp.asarray(xs, jnp.float32)
+    ys = jnp.asarray(ys, jnp.float32)
+    ns = jnp.asarray(n_cells, jnp.float32)
+    if xs.ndim != 3 or ys.ndim != 3 or xs.shape[:2] != ys.shape[:2] or ns.shape != xs.shape[:1]:
+        raise ValueError(f"xs [n_folds, m, p], ys [n_folds, m, q] and n_cells [n_folds] must agree, got shapes "
+                         f"{xs.shape}, {ys.shape} and {ns.shape}")
+    _check_common(xs.shape[2], ys.shape[2], rank, alpha, config)
+    _check_n_genes(n_genes, xs.shape[2], alpha)
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    if mesh == "auto":
+        mesh = engine.fold_mesh()
+    return _fit_n_genes_folds_jit(xs, ys, ns, n_genes, rank, float(alpha), bool(relaxed), config, batch_size, mesh)
 
 
 def predict(result: SRRRResult, x):
