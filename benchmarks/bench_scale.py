@@ -1,4 +1,4 @@
-"""Scale: one MarkerMap epoch and one gimVI epoch streaming from disk, 10k to 1M cells.
+"""Scale: one MarkerMap epoch, one gimVI epoch and an sRRR fit streaming from disk, 10k to 1M cells.
 
     python benchmarks/bench_scale.py                                   # write data once, run all sizes
     python benchmarks/bench_scale.py --sizes 10000 100000 --methods markermap
@@ -22,6 +22,13 @@ by a background thread:
   adversarial) with the file as the scRNA-seq reference, streamed, and 10,000 spatial cells
   x 200 genes in memory (the first cells of the same file, a random 200-gene panel);
   the setup pass checks the counts and computes the library-size prior.
+
+- sRRR (``--methods srrr``; rank 2, 25 genes) of the same recipe's rows against the
+  standardised one-hot cell types (``Y``, in memory): no epochs, one pass over the file
+  for the moments of ``[X, Y]`` (float64 scatter, 2 n (p+q)^2 flops) and a solve on p + q
+  rows (:meth:`jaxsel.SparseRRR.fit` on disk); reported: the recipe's setup pass, the
+  moments pass, the solve, cells per second of the moments pass and the peak RSS, in a
+  table of its own, and the slope of the moments pass against cells.
 
 Reported per run: the setup pass, the first epoch's wall time and the XLA compilation
 inside it (``jax.monitoring``'s backend-compile events), the *steady* epoch (the last one,
@@ -108,6 +115,21 @@ def worker(method: str, path: str, epochs: int, chunk_size: int) -> dict:
     load_before = os.getloadavg()
 
     t0 = time.perf_counter()
+    if method == "srrr":
+        src = streaming.markermap_recipe(path)  # the setup pass: gene statistics
+        t_setup = time.perf_counter() - t0
+        types = np.unique(src.obs_column("cell_type"), return_inverse=True)[1]
+        y = np.eye(types.max() + 1, dtype=np.float32)[types]
+        y = (y - y.mean(0)) / y.std(0)
+        est = jaxsel.SparseRRR(rank=2, n_genes=25, chunk_size=chunk_size).fit(src, y)
+        src.close()
+        info = est.stream_info_
+        return {"method": method, "n_cells": info["n_cells"], "chunk_size": chunk_size, "setup_s": t_setup,
+                "moments_s": info["moments_seconds"], "solve_s": info["solve_seconds"],
+                "cells_per_s": info["n_cells"] / info["moments_seconds"], "total_s": time.perf_counter() - t0,
+                "compile_s": sum(d for _, d in compiles), "n_outputs": int(y.shape[1]),
+                "start_rss_mb": base_rss, "import_rss_mb": import_rss, "peak_rss_mb": _maxrss_mb(),
+                "end_rss_mb": _rss_mb(), "loadavg_before": load_before[0], "loadavg_after": os.getloadavg()[0]}
     if method == "markermap":
         src = streaming.markermap_recipe(path)  # the setup pass: gene statistics
         est = jaxsel.MarkerMap(n_markers=50, learning_rate=1e-3, max_epochs=epochs, min_epochs=0, patience=None,
@@ -193,7 +215,7 @@ def render(res: dict) -> str:
         "| input wait s | peak RSS MB | RSS after imports MB | load avg |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in res["runs"]:
+    for r in [r for r in res["runs"] if r["method"] != "srrr"]:
         lines.append(
             f"| {r['method']} | {r['n_cells']:,} | {r['setup_s']:.1f} | "
             f"{r['compile_first_epoch_s'] + r['compile_setup_s']:.1f} | {r['first_epoch_s']:.1f} | "
@@ -201,9 +223,20 @@ def render(res: dict) -> str:
             f"{1e6 * r['steady_epoch_s'] / r['cells_trained']:.0f} | "
             f"{r['ms_per_step']:.2f} | {r['input_wait_s']:.1f} | "
             f"{r['peak_rss_mb']:.0f} | {r['import_rss_mb']:.0f} | {r.get('loadavg_before', float('nan')):.1f} |")
+    srrr = [r for r in res["runs"] if r["method"] == "srrr"]
+    if srrr:
+        lines += ["", "sRRR of the same rows (rank 2, 25 genes): one pass for the moments of [X, Y], then a solve "
+                  "on p + q rows.", "",
+                  "| cells | recipe setup s | moments pass s | cells/s | solve s (compile s) | peak RSS MB "
+                  "| RSS after imports MB | load avg |", "|---|---|---|---|---|---|---|---|"]
+        for r in srrr:
+            lines.append(f"| {r['n_cells']:,} | {r['setup_s']:.1f} | {r['moments_s']:.1f} | {r['cells_per_s']:,.0f} | "
+                         f"{r['solve_s']:.1f} ({r['compile_s']:.1f}) | {r['peak_rss_mb']:.0f} | "
+                         f"{r['import_rss_mb']:.0f} | {r['loadavg_before']:.1f} |")
     lines.append("")
     for method, s in res.get("slopes", {}).items():
-        lines.append(f"- {method}: log-log slope of the steady epoch time against cells = {s:.3f} (1 = linear).")
+        what = "the moments pass" if method == "srrr" else "the steady epoch time"
+        lines.append(f"- {method}: log-log slope of {what} against cells = {s:.3f} (1 = linear).")
     if res.get("writes"):
         lines.append("")
         for n, w in res["writes"].items():
@@ -221,17 +254,17 @@ def figure(res: dict, out: Path):
     import numpy as np
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for method, marker in (("markermap", "o"), ("gimvi", "s")):
+    for method, marker in (("markermap", "o"), ("gimvi", "s"), ("srrr", "^")):
         rs = sorted([r for r in res["runs"] if r["method"] == method], key=lambda r: r["n_cells"])
         if not rs:
             continue
         n = np.array([r["n_cells"] for r in rs], float)
-        t = np.array([r["steady_epoch_s"] for r in rs])
+        t = np.array([r["moments_s" if method == "srrr" else "steady_epoch_s"] for r in rs])
         a1.loglog(n, t, marker=marker, label=f"{method} (slope {res['slopes'].get(method, float('nan')):.2f})")
         a1.loglog(n, t[-1] * n / n[-1], ls=":", color="grey")
         a2.semilogx(n, [r["peak_rss_mb"] / 1024 for r in rs], marker=marker, label=method)
     a1.set_xlabel("cells")
-    a1.set_ylabel("seconds per epoch (steady)")
+    a1.set_ylabel("seconds per epoch (steady; sRRR: its one pass)")
     a1.set_title("one epoch streaming from disk (dotted: linear through 1M)")
     a1.legend()
     a2.set_xlabel("cells")
@@ -248,13 +281,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, default=Path("/work/scale_data"))
     ap.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
-    ap.add_argument("--methods", nargs="+", default=["markermap", "gimvi"], choices=["markermap", "gimvi"])
+    ap.add_argument("--methods", nargs="+", default=["markermap", "gimvi", "srrr"],
+                    choices=["markermap", "gimvi", "srrr"])
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--chunk-size", type=int, default=16384)
     ap.add_argument("--timeout", type=float, default=4 * 3600)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_scale.json")
     ap.add_argument("--report", type=Path, help="re-render the markdown and figure of a results JSON")
-    ap.add_argument("--worker", choices=["markermap", "gimvi"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["markermap", "gimvi", "srrr"], help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -283,6 +317,13 @@ def main():
         for method in args.methods:
             print(f"{method}, {n:,} cells ...", flush=True)
             r = run_one(method, data_path(args.data_dir, n), args.epochs, args.chunk_size, args.timeout)
+            if method == "srrr":
+                print(f"  moments pass {r['moments_s']:.1f} s ({r['cells_per_s']:,.0f} cells/s), solve "
+                      f"{r['solve_s']:.1f} s, recipe setup {r['setup_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB",
+                      flush=True)
+                res["runs"].append(r)
+                _finish(res, args.out)
+                continue
             print(f"  steady epoch {r['steady_epoch_s']:.1f} s ({r['cells_per_s']:,.0f} cells/s), first "
                   f"{r['first_epoch_s']:.1f} s ({r['compile_first_epoch_s']:.1f} s compiling), setup "
                   f"{r['setup_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
@@ -295,10 +336,11 @@ def _finish(res, out: Path):
     from bench_markermap import write_results
 
     res["runs"].sort(key=lambda r: (r["method"], r["n_cells"]))
-    for method in ("markermap", "gimvi"):
+    for method in ("markermap", "gimvi", "srrr"):
         rs = [r for r in res["runs"] if r["method"] == method]
         if len(rs) >= 2:
-            res["slopes"][method] = slope([r["n_cells"] for r in rs], [r["steady_epoch_s"] for r in rs])
+            res["slopes"][method] = slope([r["n_cells"] for r in rs],
+                                          [r["moments_s" if method == "srrr" else "steady_epoch_s"] for r in rs])
     write_results(res, out, render)
     figure(res, out.with_suffix(".png"))
 

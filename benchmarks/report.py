@@ -24,7 +24,7 @@ stop the others):
   imputation and annotation quality against a kNN baseline);
 - ``gimvi``: ``bench_gimvi.py`` (side-by-side speed and the held-out gene protocol
   against scvi-tools' GIMVI);
-- ``scale``: ``bench_scale.py`` (one streamed epoch of MarkerMap and gimVI against the
+- ``scale``: ``bench_scale.py`` (one streamed epoch of MarkerMap and gimVI, and sRRR's pass, against the
   number of cells).
 
 The per-benchmark JSONs go to ``benchmarks/results/`` (``--full``) or
@@ -579,17 +579,23 @@ def summary_gimvi(r: dict, ref_ok: bool) -> list:
              "source": "bench_gimvi.json" + (f": speed {s['epochs'][0]}/{s['epochs'][1]} epochs" if s else "")}]
 
 
+# bench_scale's time per run that the cost curve is drawn with: an epoch, or sRRR's one pass
+_SCALE_TIME = {"markermap": ("steady_epoch_s", "steady epoch"), "gimvi": ("steady_epoch_s", "steady epoch"),
+               "srrr": ("moments_s", "its one pass (moments)")}
+
+
 def scale_line(r: dict) -> str | None:
     runs = r.get("runs") or []
     if not runs:
         return None
     parts = []
-    for method in ("markermap", "gimvi"):
+    for method in ("markermap", "gimvi", "srrr"):
         rs = sorted([x for x in runs if x["method"] == method], key=lambda x: x["n_cells"])
         if rs:
             sl = (r.get("slopes") or {}).get(method)
-            parts.append(f"{method}: steady epoch {rs[0]['steady_epoch_s']:.1f} s at {rs[0]['n_cells']:,} cells to "
-                         f"{rs[-1]['steady_epoch_s']:.1f} s at {rs[-1]['n_cells']:,}"
+            key, what = _SCALE_TIME[method]
+            parts.append(f"{method}: {what} {rs[0][key]:.1f} s at {rs[0]['n_cells']:,} cells to "
+                         f"{rs[-1][key]:.1f} s at {rs[-1]['n_cells']:,}"
                          + (f" (log-log slope {sl:.2f})" if sl is not None else "")
                          + f", peak RSS {rs[-1]['peak_rss_mb'] / 1024:.1f} GiB")
     return "Cost against cells (streamed from disk, `bench_scale.json`): " + "; ".join(parts) + "."
@@ -761,18 +767,18 @@ def fig_scale(r: dict, out: Path) -> str:
         raise ValueError("bench_scale.json has no runs")
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method, marker in (("markermap", "o"), ("gimvi", "s")):
+    for method, marker in (("markermap", "o"), ("gimvi", "s"), ("srrr", "^")):
         rs = sorted([x for x in runs if x["method"] == method], key=lambda x: x["n_cells"])
         if not rs:
             continue
         n = np.array([x["n_cells"] for x in rs], float)
-        t = np.array([x["steady_epoch_s"] for x in rs])
+        t = np.array([x[_SCALE_TIME[method][0]] for x in rs])
         sl = (r.get("slopes") or {}).get(method)
         a1.loglog(n, t, marker=marker, label=method + (f" (slope {sl:.2f})" if sl is not None else ""))
         a1.loglog(n, t[0] * n / n[0], ls=":", color="grey")
         a2.semilogx(n, [x["peak_rss_mb"] / 1024 for x in rs], marker=marker, label=method)
     a1.set_xlabel("cells")
-    a1.set_ylabel("seconds per epoch (steady)")
+    a1.set_ylabel("seconds per epoch (steady; sRRR: its one pass)")
     a1.set_title("one epoch streamed from disk (dotted: linear)", fontsize=10)
     a1.legend(fontsize=8)
     a2.set_xlabel("cells")

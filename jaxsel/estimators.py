@@ -26,6 +26,7 @@ is in rank order; ``X[:, np.sort(markers_)]`` equals ``transform(X)``.
 from __future__ import annotations
 
 import re
+import time
 
 import jax
 import numpy as np
@@ -1642,6 +1643,9 @@ class SparseRRR(_PairedSelector):
     genes_ (= ``markers_``) : int [n_genes], selected genes, largest row norm first.
     scores_ : float32 [n_features_in_], row norms of ``W`` (zero outside the selection).
     coef_w_ [n_features_in_, rank], coef_v_ [n_outputs, rank], lambda_ : the fit.
+    stream_info_ : dict, after a fit of ``X`` on disk: ``n_cells``, ``chunk_size``,
+        ``rows`` (``p + q``), ``moments_seconds`` (the pass over the file) and
+        ``solve_seconds``.
     """
 
     def __init__(self, rank=2, n_genes=25, *, alpha=1.0, relaxed=True, chunk_size=streaming.DEFAULT_CHUNK_SIZE):
@@ -1676,11 +1680,13 @@ class SparseRRR(_PairedSelector):
         from .methods import srrr
 
         if streaming.is_source(X):
+            t0 = time.perf_counter()
             with streaming.open_source(X) as src:
                 y = _check_Y(Y, src.n_obs)
                 rank, n, alpha, relaxed = self._check(src.n_vars, y.shape[1])
                 chunk = check_int(self.chunk_size, "chunk_size", 1)
                 mom = streaming.paired_moments(src, y, block_rows=chunk, name="X")
+            t1 = time.perf_counter()
             p = src.n_vars
             everyone = np.ones(1, bool)
             mean = mom.mean(everyone)
@@ -1689,7 +1695,10 @@ class SparseRRR(_PairedSelector):
             _fitted_from_disk(self, p)
             self.x_mean_ = mean[:p].astype(np.float32)
             self.y_mean_ = mean[p:].astype(np.float32)
-            return self._store_result(res, y.shape[1])
+            self._store_result(res, y.shape[1])
+            self.stream_info_ = {"n_cells": int(mom.n[0]), "chunk_size": chunk, "rows": int(xr.shape[0]),
+                                 "moments_seconds": t1 - t0, "solve_seconds": time.perf_counter() - t1}
+            return self
         x = _check_X(self, X, reset=True)
         y = _check_Y(Y, x.shape[0])
         rank, n, alpha, relaxed = self._check(x.shape[1], y.shape[1])
@@ -1743,7 +1752,8 @@ class SparseRRR(_PairedSelector):
         dict
             ``test_r2``, ``train_r2`` [n_folds]; ``test_r2_per_feature``
             [n_folds, n_outputs]; ``genes`` [n_folds, n_genes]; ``lambda`` [n_folds];
-            ``test_indices``.
+            ``test_indices``; on disk also ``stream_info`` (``moments_seconds``,
+            ``solve_seconds``).
         """
         from .methods import srrr
 
@@ -1772,6 +1782,7 @@ class SparseRRR(_PairedSelector):
         one program, R^2 from each fold's scatter about its training mean."""
         from .methods import srrr
 
+        t0 = time.perf_counter()
         with streaming.open_source(X) as src:
             y = _check_Y(Y, src.n_obs)
             rank, n, alpha, relaxed = self._check(src.n_vars, y.shape[1])
@@ -1781,6 +1792,7 @@ class SparseRRR(_PairedSelector):
             for i, (_, _, te) in enumerate(folds):
                 fold_of[te] = i
             mom = streaming.paired_moments(src, y, groups=fold_of, block_rows=chunk, name="X")
+        t1 = time.perf_counter()
         p = src.n_vars
         rows, means, n_train = [], [], []
         for i in range(len(folds)):
@@ -1804,4 +1816,6 @@ class SparseRRR(_PairedSelector):
             "genes": np.asarray(res.genes).astype(np.intp),
             "lambda": np.asarray(res.lam),
             "test_indices": [f[2] for f in folds],
+            "stream_info": {"n_cells": int(mom.n.sum()), "chunk_size": chunk, "moments_seconds": t1 - t0,
+                            "solve_seconds": time.perf_counter() - t1},
         }

@@ -531,8 +531,9 @@ def paired_moments(source: RowSource, y, *, groups=None, block_rows: int = 16384
             inside = z[g >= 0]
             shift = inside.mean(axis=0) if inside.shape[0] else np.zeros(d)
         z -= shift
-        for k in np.unique(g[g >= 0]):
-            zk = z[g == k]
+        ks = np.unique(g[g >= 0])
+        for k in ks:
+            zk = z if ks.size == 1 and g.min() >= 0 else z[g == k]  # one group: no copy of the block
             n[k] += zk.shape[0]
             sums[k] += zk.sum(axis=0)
             scatter[k] += zk.T @ zk

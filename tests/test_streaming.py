@@ -584,7 +584,8 @@ def test_sparse_rrr_fits_and_cross_validates_x_on_disk(tmp_path):
     for k in ("test_r2", "train_r2", "test_r2_per_feature"):
         np.testing.assert_allclose(cv[k], cv_mem[k], atol=1e-5)
     np.testing.assert_allclose(cv["lambda"], cv_mem["lambda"], rtol=1e-5)
-    assert (cv["test_r2"] > 0.3).all()
+    assert (cv["test_r2"] > 0.3).all() and cv["stream_info"]["n_cells"] == 900
+    assert disk.stream_info_["rows"] == 56 and disk.stream_info_["n_cells"] == 900
     np.testing.assert_array_equal(x, x0)
 
     # the fold program (looped) against each fold's rows fitted alone
