@@ -48,7 +48,8 @@ def refuse_on_disk(x, name: str = "X", who: str | None = None):
             f"{who or 'this method'} needs {name} in memory, got data on disk ({type(x).__name__}); load it "
             "(adata.to_memory(), or adata.X[:] for a backed AnnData). MarkerMap, ConcreteVAE, GlobalGumbelVAE "
             "(fit, cross_validate and inference), SparseBottleneck (fit, cross_validate, selection_stability and "
-            "inference), SparseRRR (fit, cross_validate and inference) and GimVI (its reference) stream from disk.")
+            "inference), SparseRRR (fit, cross_validate and inference), HVGMarkers, DEMarkers, RandomMarkers and "
+            "GimVI (its reference) stream from disk.")
 
 
 def check_matrix(

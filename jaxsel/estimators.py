@@ -964,6 +964,13 @@ class RandomMarkers(_BaselineSelector):
         return self
 
 
+def _negative_hvg_input(minimum, where: str = ""):
+    raise ValueError(
+        f"Negative values in data passed to HVGMarkers: X must be log1p-normalised "
+        f"expression (>= 0), found minimum {minimum:.4g}{where}; pass data before scaling."
+    )
+
+
 class HVGMarkers(_BaselineSelector):
     """Seurat-flavour highly variable genes (scanpy's ``flavor="seurat"``).
 
@@ -975,12 +982,22 @@ class HVGMarkers(_BaselineSelector):
     random_state : None
         Accepted for a uniform interface with the other selectors; unused (the
         selection is deterministic).
+    chunk_size : int, default 16384
+        Cells read per block when ``X`` is on disk.
 
     Notes
     -----
     ``X`` must be log1p-normalised expression (non-negative; e.g.
     :func:`jaxsel.preprocessing.normalize_total` then :func:`~jaxsel.preprocessing.log1p`),
     not scaled data.
+
+    ``X`` on disk (a path to an ``.h5ad`` file or ``.zarr`` store, a backed AnnData, an
+    h5py/zarr array or a :class:`jaxsel.streaming.RowSource`) is read once: every gene's
+    mean and variance of ``expm1(X)`` accumulate in float64
+    (:func:`jaxsel.streaming.group_moments`), then
+    :func:`jaxsel.methods.baselines.highly_variable_genes_from_moments` bins them as in
+    memory. The dispersions equal the in-memory ones to float32 rounding (the in-memory
+    moments are float32), so the markers are the same unless two genes are that close.
 
     Attributes
     ----------
@@ -991,10 +1008,11 @@ class HVGMarkers(_BaselineSelector):
     n_features_in_, feature_names_in_
     """
 
-    def __init__(self, n_markers=50, *, n_bins=20, random_state=None):
+    def __init__(self, n_markers=50, *, n_bins=20, random_state=None, chunk_size=streaming.DEFAULT_CHUNK_SIZE):
         self.n_markers = n_markers
         self.n_bins = n_bins
         self.random_state = random_state
+        self.chunk_size = chunk_size
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -1002,17 +1020,35 @@ class HVGMarkers(_BaselineSelector):
         return tags
 
     def fit(self, X, y=None):
-        """Rank genes by normalised dispersion; ``y`` is ignored."""
+        """Rank genes by normalised dispersion; ``y`` is ignored. ``X`` may be on disk
+        (see Notes)."""
+        if streaming.is_source(X):
+            with streaming.open_source(X) as src:
+                n_markers = _n_markers(self.n_markers, src.n_vars)
+                n_bins = check_int(self.n_bins, "n_bins", 1)
+                check_random_state(self.random_state)
+                chunk = check_int(self.chunk_size, "chunk_size", 1)
+
+                def non_negative(block, a, b):
+                    if block.size and block.min() < 0:
+                        _negative_hvg_input(block.min(), f" (rows {a}..{b - 1})")
+
+                mom = streaming.group_moments(src, block_rows=chunk, fn=np.expm1, check=non_negative)
+            if mom["n"][0] < 2:
+                raise ValueError(f"HVGMarkers needs at least 2 cells for a variance, got {mom['n'][0]}.")
+            var = mom["within_ss"][0] / (mom["n"][0] - 1)
+            markers, disp = baselines.highly_variable_genes_from_moments(mom["mean"][0], var, n_markers, n_bins)
+            _fitted_from_disk(self, src.n_vars)
+            self.markers_ = np.asarray(markers).astype(np.intp)
+            self.scores_ = np.asarray(disp, dtype=np.float32)
+            return self
         x = _check_X(self, X, reset=True)
         n_genes = x.shape[1]
         n_markers = _n_markers(self.n_markers, n_genes)
         n_bins = check_int(self.n_bins, "n_bins", 1)
         check_random_state(self.random_state)
         if x.min() < 0:
-            raise ValueError(
-                f"Negative values in data passed to HVGMarkers: X must be log1p-normalised "
-                f"expression (>= 0), found minimum {x.min():.4g}; pass data before scaling."
-            )
+            _negative_hvg_input(x.min())
         markers, disp = baselines.highly_variable_genes(x, n_markers, n_bins)
         self.markers_ = np.asarray(markers).astype(np.intp)
         self.scores_ = np.asarray(disp, dtype=np.float32)
@@ -1033,6 +1069,23 @@ class DEMarkers(_BaselineSelector):
         scanpy's score (``wilcoxon`` with tie correction).
     random_state : None
         Accepted for a uniform interface; unused (deterministic).
+    chunk_size : int, default 16384
+        Cells read per block when ``X`` is on disk.
+    memory_budget : int, default 2**28
+        Bytes of the genes held at once by a Wilcoxon test of ``X`` on disk.
+
+    Notes
+    -----
+    ``X`` on disk (a path to an ``.h5ad`` file or ``.zarr`` store, a backed AnnData, an
+    h5py/zarr array or a :class:`jaxsel.streaming.RowSource`; ``y`` an array or, with
+    a path or backed AnnData, an ``obs`` column name): the t-tests read it once, the
+    per-type sums and within-type sums of squares of every gene accumulating in float64
+    (:func:`jaxsel.streaming.group_moments`,
+    :func:`jaxsel.methods.baselines.de_scores_from_moments`; the scores equal the
+    in-memory ones to float32 rounding). The Wilcoxon test ranks every cell of a gene, so
+    it reads ``X`` once per block of genes (as many genes as ``memory_budget`` holds for
+    all cells; each block scored by :func:`jaxsel.methods.baselines.de_scores` as in
+    memory, so the scores are the in-memory ones).
 
     Attributes
     ----------
@@ -1047,10 +1100,13 @@ class DEMarkers(_BaselineSelector):
     n_features_in_, feature_names_in_
     """
 
-    def __init__(self, n_markers=50, *, method="t-test", random_state=None):
+    def __init__(self, n_markers=50, *, method="t-test", random_state=None,
+                 chunk_size=streaming.DEFAULT_CHUNK_SIZE, memory_budget=streaming.DEFAULT_MEMORY_BUDGET):
         self.n_markers = n_markers
         self.method = method
         self.random_state = random_state
+        self.chunk_size = chunk_size
+        self.memory_budget = memory_budget
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -1058,22 +1114,54 @@ class DEMarkers(_BaselineSelector):
         return tags
 
     def fit(self, X, y=None):
-        """Score genes against the labels ``y`` and pick markers round robin."""
-        x = _check_X(self, X, reset=True)
-        n_cells, n_genes = x.shape
-        n_markers = _n_markers(self.n_markers, n_genes)
-        if not isinstance(self.method, str) or self.method not in baselines.DE_METHODS:
-            raise ValueError(f"method must be one of {baselines.DE_METHODS}, got {self.method!r}.")
-        check_random_state(self.random_state)
-        _require_y(y, "DEMarkers", "pass cell labels y for differential expression.")
-        codes, classes = _check_y(y, n_cells, est_name="DEMarkers", need_classes=2)
-        scores = baselines.de_scores(x, codes, int(classes.shape[0]), self.method)
+        """Score genes against the labels ``y`` and pick markers round robin. ``X`` may
+        be on disk (see Notes)."""
+        if streaming.is_source(X):
+            with streaming.open_source(X) as src:
+                if isinstance(y, str):
+                    y = src.obs_column(y)
+                codes, classes, n_markers = self._check_fit(src.n_obs, src.n_vars, y)
+                scores = self._scores_on_disk(src, codes, int(classes.shape[0]))
+            _fitted_from_disk(self, src.n_vars)
+        else:
+            x = _check_X(self, X, reset=True)
+            codes, classes, n_markers = self._check_fit(*x.shape, y)
+            scores = baselines.de_scores(x, codes, int(classes.shape[0]), self.method)
         markers = baselines.round_robin_markers(scores, n_markers)
         self.class_scores_ = np.asarray(scores, dtype=np.float32)
         self.scores_ = self.class_scores_.max(axis=0)
         self.markers_ = np.asarray(markers).astype(np.intp)
         self.classes_ = classes
         return self
+
+    def _check_fit(self, n_cells: int, n_genes: int, y):
+        n_markers = _n_markers(self.n_markers, n_genes)
+        if not isinstance(self.method, str) or self.method not in baselines.DE_METHODS:
+            raise ValueError(f"method must be one of {baselines.DE_METHODS}, got {self.method!r}.")
+        check_random_state(self.random_state)
+        _require_y(y, "DEMarkers", "pass cell labels y for differential expression.")
+        codes, classes = _check_y(y, n_cells, est_name="DEMarkers", need_classes=2)
+        return codes, classes, n_markers
+
+    def _scores_on_disk(self, src, codes, n_classes: int):
+        """:meth:`fit`'s scores of an on-disk ``src`` (see the class Notes)."""
+        chunk = check_int(self.chunk_size, "chunk_size", 1)
+        if self.method != "wilcoxon":
+            mom = streaming.group_moments(src, codes, block_rows=chunk)  # every class has cells
+            return np.asarray(baselines.de_scores_from_moments(mom["n"], mom["sums"], mom["within_ss"], self.method))
+        width = streaming.budget_rows(self.memory_budget, 4 * src.n_obs, cap=src.n_vars)
+        if width > baselines.DE_GENE_BATCH:  # whole batches of de_scores' gene loop, as in memory
+            width -= width % baselines.DE_GENE_BATCH
+        out = []
+        for g0 in range(0, src.n_vars, width):
+            cols = np.arange(g0, min(src.n_vars, g0 + width))
+            block = np.empty((src.n_obs, cols.size), np.float32)
+            for a, b, rows in src.iter_blocks(chunk):
+                if not np.isfinite(rows).all():
+                    raise ValueError(f"X contains NaN or infinite values (in rows {a}..{b - 1}).")
+                block[a:b] = rows[:, cols]
+            out.append(np.asarray(baselines.de_scores(block, codes, n_classes, "wilcoxon")))
+        return np.concatenate(out, axis=1)
 
 
 # ------------------------------------------------------ paired-modality selectors

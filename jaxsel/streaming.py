@@ -45,6 +45,7 @@ __all__ = [
     "column_means",
     "Moments",
     "paired_moments",
+    "group_moments",
     "square_root_rows",
     "linear_r2",
     "DEFAULT_CHUNK_SIZE",
@@ -469,6 +470,50 @@ def column_means(source: RowSource, *, block_rows: int = 16384, name: str = "X",
         return (total / max(source.n_obs, 1)).astype(np.float32)
     counts = source.n_obs - np.bincount(groups[groups >= 0], minlength=n_groups)
     return ((total - per_group) / np.maximum(counts, 1)[:, None]).astype(np.float32)
+
+
+def group_moments(source: RowSource, groups=None, *, block_rows: int = 16384, name: str = "X", fn=None,
+                  check=None) -> dict:
+    """One pass over the (transformed) rows: every column's moments per group of rows
+    (``groups`` [n_obs] integer labels, ``-1`` for rows left out; default one group), in
+    float64 about a per-column shift (the first block's mean, so that nothing cancels):
+    ``{"n": [n_groups], "sums": [n_groups, n_vars] of (x - shift), "within_ss": [n_groups,
+    n_vars] sums of squared deviations from the group means, "mean": [n_groups,
+    n_vars], "shift": [n_vars]}``. ``fn`` maps each block first (e.g. ``np.expm1``);
+    ``check(block, start, stop)`` may raise on a block's values (before ``fn``). A NaN or
+    infinite value is a ``ValueError`` naming its rows. Memory: a few ``[n_groups,
+    n_vars]`` float64."""
+    g_all = np.zeros(source.n_obs, np.int64) if groups is None else _check_groups(groups, source.n_obs, "groups")
+    n_groups = int(g_all.max(initial=-1)) + 1
+    n = np.zeros(n_groups, np.int64)
+    sums = np.zeros((n_groups, source.n_vars))
+    sq = np.zeros((n_groups, source.n_vars))
+    shift = None
+    for a, b, blk in source.iter_blocks(block_rows):
+        blk = np.asarray(blk)
+        if not np.isfinite(blk).all():
+            raise ValueError(f"{name} contains NaN or infinite values (in rows {a}..{b - 1}).")
+        if check is not None:
+            check(blk, a, b)
+        z = blk.astype(np.float64)
+        if fn is not None:
+            z = fn(z)
+        g = g_all[a:b]
+        if shift is None:
+            inside = z[g >= 0]
+            shift = inside.mean(axis=0) if inside.shape[0] else np.zeros(source.n_vars)
+        z -= shift
+        onehot = np.zeros((z.shape[0], n_groups))
+        rows = np.flatnonzero(g >= 0)
+        onehot[rows, g[rows]] = 1.0
+        n += np.bincount(g[rows], minlength=n_groups)
+        sums += onehot.T @ z
+        sq += onehot.T @ np.square(z)
+    if shift is None:
+        shift = np.zeros(source.n_vars)
+    safe = np.maximum(n, 1)[:, None]
+    within = np.maximum(sq - np.square(sums) / safe, 0.0)
+    return {"n": n, "sums": sums, "within_ss": within, "mean": shift + sums / safe, "shift": shift}
 
 
 class Moments:

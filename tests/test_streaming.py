@@ -619,6 +619,47 @@ def test_sparse_rrr_fits_and_cross_validates_x_on_disk(tmp_path):
         jaxsel.SparseRRR(n_genes=4, chunk_size=256).fit(streaming.RowSource(bad), y)
 
 
+def test_hvg_and_de_markers_of_x_on_disk():
+    """HVG and the DE t-tests from one pass of moments (float64) give the in-memory
+    markers and scores to float32 rounding; Wilcoxon, by blocks of genes of all cells,
+    the in-memory scores; labels by obs name; bad values named with their rows."""
+    counts, y, _ = datasets.make_markers(n_cells=700, n_genes=300, n_types=4, n_markers_per_type=3, n_xor_genes=0,
+                                         random_state=0)
+    x = pp.log1p(pp.normalize_total(counts)).astype(np.float32)
+    x[:, 7] = 0.0  # an all-zero gene: NaN dispersion, zero scores
+    x[:, 9] = 1.5  # a constant gene
+    x0 = x.copy()
+    src = streaming.RowSource(sp.csr_matrix(x))
+    mem = jaxsel.HVGMarkers(n_markers=20).fit(x)
+    disk = jaxsel.HVGMarkers(n_markers=20, chunk_size=128).fit(src)
+    np.testing.assert_array_equal(disk.markers_, mem.markers_)
+    np.testing.assert_allclose(disk.scores_, mem.scores_, rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert np.isnan(disk.scores_[[7, 9]]).all() and disk.n_features_in_ == 300
+    for method in ("t-test", "t-test_overestim_var"):
+        m = jaxsel.DEMarkers(n_markers=12, method=method).fit(x, y)
+        d = jaxsel.DEMarkers(n_markers=12, method=method, chunk_size=100).fit(src, y)
+        np.testing.assert_array_equal(d.markers_, m.markers_)
+        np.testing.assert_allclose(d.class_scores_, m.class_scores_, rtol=1e-4, atol=1e-4)
+        assert (d.class_scores_[:, [7, 9]] == 0).all()
+    m = jaxsel.DEMarkers(n_markers=12, method="wilcoxon").fit(x, y)
+    d = jaxsel.DEMarkers(n_markers=12, method="wilcoxon", chunk_size=100, memory_budget=4 * 700 * 50).fit(src, y)
+    np.testing.assert_array_equal(d.class_scores_, m.class_scores_)  # 6 blocks of 50 genes, 7 passes
+    np.testing.assert_array_equal(d.markers_, m.markers_)
+    np.testing.assert_array_equal(x, x0)
+
+    bad = x.copy()
+    bad[300, 4] = -0.5
+    with pytest.raises(ValueError, match=r"found minimum -0.5 \(rows 300..399\)"):
+        jaxsel.HVGMarkers(n_markers=5, chunk_size=100).fit(streaming.RowSource(bad))
+    bad[300, 4] = np.nan
+    with pytest.raises(ValueError, match=r"X contains NaN or infinite values \(in rows 300..399\)"):
+        jaxsel.DEMarkers(n_markers=5, chunk_size=100).fit(streaming.RowSource(bad), y)
+    with pytest.raises(ValueError, match="n_markers"):
+        jaxsel.HVGMarkers(n_markers=301).fit(src)
+    with pytest.raises(ValueError, match="y"):
+        jaxsel.DEMarkers(n_markers=5).fit(src, y[:-1])
+
+
 SB_CV = dict(n_genes=4, hidden=(32, 16), learning_rate=3e-3, lasso=0.03, n_clusters=4, random_state=0,
              epochs={"pretrain": 2, "frozen": 3, "unfrozen": 20, "finetune": 4, "ae": 0})
 
@@ -691,17 +732,18 @@ def test_sparse_bottleneck_cross_validates_x_on_disk(tmp_path, monkeypatch):
 def test_tl_on_a_backed_anndata_streams_or_says_what_it_needs(files):
     """scanpy-style calls on ``read_h5ad(..., backed="r")``: the neural selectors stream
     it and write their keys into the (in-memory) var/uns; random markers need only its
-    shape; the baselines that score genes over all cells refuse it by name before any
-    work; copy=True (which would write a new file) is refused up front."""
+    shape and DE markers read it once; copy=True (which would write a new file) is
+    refused up front."""
     a = anndata.read_h5ad(files["h5ad"], backed="r")
     jaxsel.tl.markermap(a, 6, "cell_type", max_epochs=2, min_epochs=1, hidden_size=16, chunk_size=1024,
                         random_state=0)
     assert a.isbacked and a.var["markermap"].sum() == 6 and len(a.uns["markermap"]["markers"]) == 6
     jaxsel.tl.random_markers(a, 5, random_state=0)
     assert a.var["random_markers"].sum() == 5
-    for fn, kw in ((jaxsel.tl.hvg_markers, {}), (jaxsel.tl.de_markers, {"labels_key": "cell_type"})):
-        with pytest.raises(TypeError, match="needs X in memory, got data on disk"):
-            fn(a, 5, **kw)
+    jaxsel.tl.de_markers(a, 5, labels_key="cell_type")  # one pass of per-type moments
+    mem = a.to_memory()
+    jaxsel.tl.de_markers(mem, 5, labels_key="cell_type")
+    assert a.uns["de_markers"]["markers"] == mem.uns["de_markers"]["markers"]
     with pytest.raises(TypeError, match=r"StAI \(full-batch training on every cell\) needs X_ref in memory"):
         jaxsel.StAI().fit(np.ones((5, 12)), a.X, coords=np.zeros((5, 2)), spatial_genes=files["genes"][:12],
                           ref_genes=files["genes"])

@@ -36,7 +36,9 @@ __all__ = [
     "DE_METHODS",
     "random_markers",
     "highly_variable_genes",
+    "highly_variable_genes_from_moments",
     "de_scores",
+    "de_scores_from_moments",
     "de_markers",
     "round_robin_markers",
     "knn_pca_impute",
@@ -47,6 +49,7 @@ DE_METHODS = ("t-test", "t-test_overestim_var", "wilcoxon")
 """Differential-expression scores understood by :func:`de_scores` and :func:`de_markers`."""
 
 _DEFAULT_GENE_BATCH = 128
+DE_GENE_BATCH = _DEFAULT_GENE_BATCH  # genes per step of de_scores' loop (its default)
 
 
 def _check_n_markers(n_markers: int, n_genes: int) -> None:
@@ -160,6 +163,24 @@ def highly_variable_genes(
     shifted_mean = jnp.mean(shifted, axis=0)
     var = jnp.sum(jnp.square(shifted - shifted_mean), axis=0) / (n_cells - 1)
     mean = counts[0] + shifted_mean
+    return _normalised_dispersion(mean, var, n_markers, n_bins)
+
+
+@functools.partial(jax.jit, static_argnames=("n_markers", "n_bins"))
+def highly_variable_genes_from_moments(mean, var, n_markers: int, n_bins: int = 20):
+    """:func:`highly_variable_genes` from every gene's ``mean`` and ``var`` (``ddof=1``)
+    of ``expm1(x_log)`` [n_genes], e.g. accumulated in one pass over data on disk
+    (:func:`jaxsel.streaming.group_moments`). Same outputs."""
+    mean = jnp.asarray(mean, jnp.float32)
+    _check_n_markers(n_markers, mean.shape[0])
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    return _normalised_dispersion(mean, jnp.asarray(var, jnp.float32), n_markers, n_bins)
+
+
+def _normalised_dispersion(mean, var, n_markers: int, n_bins: int):
+    """Seurat's binned dispersion z-scores from each gene's mean and variance (see
+    :func:`highly_variable_genes`); ``(markers, dispersions_norm)``."""
     mean = jnp.where(mean == 0, 1e-12, mean)
     dispersion = var / mean
     dispersion = jnp.where(dispersion == 0, jnp.nan, dispersion)
@@ -227,11 +248,18 @@ def _t_scores(v: jax.Array, onehot: jax.Array, n_g: jax.Array, overestim_var: bo
         ``[n_classes]`` t statistics, NaN replaced by 0.
     """
     n = jnp.float32(v.shape[0])
-    n_r = n - n_g
     v = v - v[0]  # t is shift-invariant; shifting keeps float32 moments accurate
     s_g = _dot(v, onehot)
     m_g = jnp.where(n_g > 0, s_g / jnp.maximum(n_g, 1.0), 0.0)
     w_g = _dot(jnp.square(v - _dot(onehot, m_g)), onehot)  # within-group sums of squares
+    return _welch_t(n, n_g, s_g, m_g, w_g, overestim_var)
+
+
+def _welch_t(n, n_g, s_g, m_g, w_g, overestim_var: bool):
+    """Welch t of each group vs the rest for one gene from the group sizes ``n_g``, sums
+    ``s_g`` and means ``m_g`` of the (shifted) gene and within-group sums of squares
+    ``w_g`` [n_classes] (``n`` cells in all), NaN replaced by 0."""
+    n_r = n - n_g
     not_self = 1.0 - jnp.eye(n_g.shape[0], dtype=jnp.float32)  # [g, h]: h != g
     m_r = jnp.sum(not_self * s_g[None, :], axis=1) / n_r  # rest means  [n_classes]
     # SS_rest(g) = sum_{h != g} [W_h + n_h (m_h - m_r(g))^2]: a sum of non-negative terms
@@ -373,6 +401,24 @@ def de_scores(
     batch = max(1, min(gene_batch_size, n_genes))
     per_gene = lax.map(lambda j: score_one(x[:, j]), jnp.arange(n_genes), batch_size=batch)
     return per_gene.T  # [n_classes, n_genes]
+
+
+@functools.partial(jax.jit, static_argnames=("method",))
+def de_scores_from_moments(n_g, sums, within_ss, method: str = "t-test"):
+    """:func:`de_scores` of the t-tests from per-class moments of every gene: ``n_g``
+    [n_classes] cells, ``sums`` [n_classes, n_genes] of the gene (about any per-gene
+    shift: t is shift-invariant) and ``within_ss`` [n_classes, n_genes], the sums of
+    squared deviations from the class means; e.g. accumulated in one pass over data on
+    disk (:func:`jaxsel.streaming.group_moments`). Wilcoxon needs every cell's rank and
+    has no moment form. Returns ``[n_classes, n_genes]``."""
+    if method not in DE_METHODS or method == "wilcoxon":
+        raise ValueError(f"method must be 't-test' or 't-test_overestim_var' (moments), got {method!r}")
+    n_g = jnp.asarray(n_g, jnp.float32)
+    s = jnp.asarray(sums, jnp.float32).T  # [n_genes, n_classes]
+    w = jnp.asarray(within_ss, jnp.float32).T
+    m = jnp.where(n_g > 0, s / jnp.maximum(n_g, 1.0), 0.0)
+    one = functools.partial(_welch_t, jnp.sum(n_g), n_g, overestim_var=method == "t-test_overestim_var")
+    return jax.vmap(one)(s, m, w).T
 
 
 @functools.partial(jax.jit, static_argnames=("n_markers",))
