@@ -1,4 +1,4 @@
-"""Scale: one MarkerMap epoch, one gimVI epoch and an sRRR fit streaming from disk, 10k to 1M cells.
+"""Scale: MarkerMap and gimVI epochs and the one-pass fits (sRRR, HVG, DE) streaming from disk, 10k to 1M cells.
 
     python benchmarks/bench_scale.py                                   # write data once, run all sizes
     python benchmarks/bench_scale.py --sizes 10000 100000 --methods markermap
@@ -23,12 +23,15 @@ by a background thread:
   x 200 genes in memory (the first cells of the same file, a random 200-gene panel);
   the setup pass checks the counts and computes the library-size prior.
 
-- sRRR (``--methods srrr``; rank 2, 25 genes) of the same recipe's rows against the
-  standardised one-hot cell types (``Y``, in memory): no epochs, one pass over the file
-  for the moments of ``[X, Y]`` (float64 scatter, 2 n (p+q)^2 flops) and a solve on p + q
-  rows (:meth:`jaxsel.SparseRRR.fit` on disk); reported: the recipe's setup pass, the
-  moments pass, the solve, cells per second of the moments pass and the peak RSS, in a
-  table of its own, and the slope of the moments pass against cells.
+- the one-pass fits, no epochs: sRRR (``srrr``; rank 2, 25 genes) of the same recipe's
+  rows against the standardised one-hot cell types (``Y``, in memory): the moments of
+  ``[X, Y]`` (float64 scatter, 2 n (p+q)^2 flops) and a solve on p + q rows
+  (:meth:`jaxsel.SparseRRR.fit` on disk); HVG (``hvg``, 50 genes) of the normalised
+  log1p rows (:class:`jaxsel.HVGMarkers` on disk: every gene's mean and variance); the
+  DE t-test (``de``, 50 markers) of the recipe's rows against the cell types
+  (:class:`jaxsel.DEMarkers` on disk: per-type moments). Reported in a table of their
+  own: the recipe's setup pass, the pass, the solve (sRRR), cells per second of the
+  pass and the peak RSS; and the slope of the pass against cells.
 
 Reported per run: the setup pass, the first epoch's wall time and the XLA compilation
 inside it (``jax.monitoring``'s backend-compile events), the *steady* epoch (the last one,
@@ -57,6 +60,8 @@ sys.path.insert(0, str(HERE))
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
 N_GENES = 2000
 N_SPATIAL, N_PANEL = 10_000, 200
+ONE_PASS = ("srrr", "hvg", "de")  # fits that read the file once (no epochs)
+METHODS = ("markermap", "gimvi", *ONE_PASS)
 
 
 def _maxrss_mb() -> float:
@@ -130,6 +135,26 @@ def worker(method: str, path: str, epochs: int, chunk_size: int) -> dict:
                 "compile_s": sum(d for _, d in compiles), "n_outputs": int(y.shape[1]),
                 "start_rss_mb": base_rss, "import_rss_mb": import_rss, "peak_rss_mb": _maxrss_mb(),
                 "end_rss_mb": _rss_mb(), "loadavg_before": load_before[0], "loadavg_after": os.getloadavg()[0]}
+    if method in ("hvg", "de"):
+        if method == "hvg":
+            src = streaming.RowSource(path, transform=lambda b: streaming._normalize_log1p(b, 1e4).toarray())
+            est = jaxsel.HVGMarkers(n_markers=50, chunk_size=chunk_size)
+            t_setup, y = 0.0, None
+        else:
+            src = streaming.markermap_recipe(path)  # the setup pass: gene statistics
+            t_setup = time.perf_counter() - t0
+            y = src.obs_column("cell_type")
+            est = jaxsel.DEMarkers(n_markers=50, chunk_size=chunk_size)
+        t1 = time.perf_counter()
+        est.fit(src, y)
+        t_pass = time.perf_counter() - t1
+        n = src.n_obs
+        src.close()
+        return {"method": method, "n_cells": n, "chunk_size": chunk_size, "setup_s": t_setup, "moments_s": t_pass,
+                "solve_s": 0.0, "cells_per_s": n / t_pass, "total_s": time.perf_counter() - t0,
+                "compile_s": sum(d for _, d in compiles), "start_rss_mb": base_rss, "import_rss_mb": import_rss,
+                "peak_rss_mb": _maxrss_mb(), "end_rss_mb": _rss_mb(), "loadavg_before": load_before[0],
+                "loadavg_after": os.getloadavg()[0]}
     if method == "markermap":
         src = streaming.markermap_recipe(path)  # the setup pass: gene statistics
         est = jaxsel.MarkerMap(n_markers=50, learning_rate=1e-3, max_epochs=epochs, min_epochs=0, patience=None,
@@ -211,7 +236,7 @@ def render(res: dict) -> str:
         "epoch's wall time includes its part). Load avg: the machine's 1-minute load before the run (2 cores; "
         "other processes share them).",
     ]
-    epochs = [r for r in res["runs"] if r["method"] != "srrr"]
+    epochs = [r for r in res["runs"] if r["method"] not in ONE_PASS]
     if epochs:
         lines += ["", "| method | cells | setup s | compile s | first epoch s | steady epoch s | cells/s | us/cell "
                   "| ms/step | input wait s | peak RSS MB | RSS after imports MB | load avg |",
@@ -224,19 +249,21 @@ def render(res: dict) -> str:
             f"{1e6 * r['steady_epoch_s'] / r['cells_trained']:.0f} | "
             f"{r['ms_per_step']:.2f} | {r['input_wait_s']:.1f} | "
             f"{r['peak_rss_mb']:.0f} | {r['import_rss_mb']:.0f} | {r.get('loadavg_before', float('nan')):.1f} |")
-    srrr = [r for r in res["runs"] if r["method"] == "srrr"]
-    if srrr:
-        lines += ["", "sRRR of the same rows (rank 2, 25 genes): one pass for the moments of [X, Y], then a solve "
-                  "on p + q rows.", "",
-                  "| cells | recipe setup s | moments pass s | cells/s | solve s (compile s) | peak RSS MB "
-                  "| RSS after imports MB | load avg |", "|---|---|---|---|---|---|---|---|"]
-        for r in srrr:
-            lines.append(f"| {r['n_cells']:,} | {r['setup_s']:.1f} | {r['moments_s']:.1f} | {r['cells_per_s']:,.0f} | "
+    one_pass = [r for r in res["runs"] if r["method"] in ONE_PASS]
+    if one_pass:
+        lines += ["", "One-pass fits of the same file: sRRR (rank 2, 25 genes; the moments of [X, Y] of the recipe's "
+                  "rows, then a solve on p + q rows), HVG (50 genes; gene means and variances of the normalised "
+                  "log1p rows), DE t-test (50 markers; per-type moments of the recipe's rows).", "",
+                  "| method | cells | recipe setup s | pass s | cells/s | solve s (compile s) | peak RSS MB "
+                  "| RSS after imports MB | load avg |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in one_pass:
+            lines.append(f"| {r['method']} | {r['n_cells']:,} | {r['setup_s']:.1f} | {r['moments_s']:.1f} | "
+                         f"{r['cells_per_s']:,.0f} | "
                          f"{r['solve_s']:.1f} ({r['compile_s']:.1f}) | {r['peak_rss_mb']:.0f} | "
                          f"{r['import_rss_mb']:.0f} | {r['loadavg_before']:.1f} |")
     lines.append("")
     for method, s in res.get("slopes", {}).items():
-        what = "the moments pass" if method == "srrr" else "the steady epoch time"
+        what = "the pass" if method in ONE_PASS else "the steady epoch time"
         lines.append(f"- {method}: log-log slope of {what} against cells = {s:.3f} (1 = linear).")
     if res.get("writes"):
         lines.append("")
@@ -255,17 +282,17 @@ def figure(res: dict, out: Path):
     import numpy as np
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for method, marker in (("markermap", "o"), ("gimvi", "s"), ("srrr", "^")):
+    for method, marker in (("markermap", "o"), ("gimvi", "s"), ("srrr", "^"), ("hvg", "v"), ("de", "D")):
         rs = sorted([r for r in res["runs"] if r["method"] == method], key=lambda r: r["n_cells"])
         if not rs:
             continue
         n = np.array([r["n_cells"] for r in rs], float)
-        t = np.array([r["moments_s" if method == "srrr" else "steady_epoch_s"] for r in rs])
+        t = np.array([r["moments_s" if method in ONE_PASS else "steady_epoch_s"] for r in rs])
         a1.loglog(n, t, marker=marker, label=f"{method} (slope {res['slopes'].get(method, float('nan')):.2f})")
         a1.loglog(n, t[-1] * n / n[-1], ls=":", color="grey")
         a2.semilogx(n, [r["peak_rss_mb"] / 1024 for r in rs], marker=marker, label=method)
     a1.set_xlabel("cells")
-    a1.set_ylabel("seconds per epoch (steady; sRRR: its one pass)")
+    a1.set_ylabel("seconds per epoch (steady; one-pass fits: the pass)")
     a1.set_title("one epoch streaming from disk (dotted: linear through 1M)")
     a1.legend()
     a2.set_xlabel("cells")
@@ -282,14 +309,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, default=Path("/work/scale_data"))
     ap.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
-    ap.add_argument("--methods", nargs="+", default=["markermap", "gimvi", "srrr"],
-                    choices=["markermap", "gimvi", "srrr"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--chunk-size", type=int, default=16384)
     ap.add_argument("--timeout", type=float, default=4 * 3600)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_scale.json")
     ap.add_argument("--report", type=Path, help="re-render the markdown and figure of a results JSON")
-    ap.add_argument("--worker", choices=["markermap", "gimvi", "srrr"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -318,8 +344,8 @@ def main():
         for method in args.methods:
             print(f"{method}, {n:,} cells ...", flush=True)
             r = run_one(method, data_path(args.data_dir, n), args.epochs, args.chunk_size, args.timeout)
-            if method == "srrr":
-                print(f"  moments pass {r['moments_s']:.1f} s ({r['cells_per_s']:,.0f} cells/s), solve "
+            if method in ONE_PASS:
+                print(f"  pass {r['moments_s']:.1f} s ({r['cells_per_s']:,.0f} cells/s), solve "
                       f"{r['solve_s']:.1f} s, recipe setup {r['setup_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB",
                       flush=True)
                 res["runs"].append(r)
@@ -337,11 +363,11 @@ def _finish(res, out: Path):
     from bench_markermap import write_results
 
     res["runs"].sort(key=lambda r: (r["method"], r["n_cells"]))
-    for method in ("markermap", "gimvi", "srrr"):
+    for method in METHODS:
         rs = [r for r in res["runs"] if r["method"] == method]
         if len(rs) >= 2:
             res["slopes"][method] = slope([r["n_cells"] for r in rs],
-                                          [r["moments_s" if method == "srrr" else "steady_epoch_s"] for r in rs])
+                                          [r["moments_s" if method in ONE_PASS else "steady_epoch_s"] for r in rs])
     write_results(res, out, render)
     figure(res, out.with_suffix(".png"))
 

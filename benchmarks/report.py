@@ -24,7 +24,7 @@ stop the others):
   imputation and annotation quality against a kNN baseline);
 - ``gimvi``: ``bench_gimvi.py`` (side-by-side speed and the held-out gene protocol
   against scvi-tools' GIMVI);
-- ``scale``: ``bench_scale.py`` (one streamed epoch of MarkerMap and gimVI, and sRRR's pass, against the
+- ``scale``: ``bench_scale.py`` (one streamed epoch of MarkerMap and gimVI, and the one-pass fits, against the
   number of cells).
 
 The per-benchmark JSONs go to ``benchmarks/results/`` (``--full``) or
@@ -581,7 +581,8 @@ def summary_gimvi(r: dict, ref_ok: bool) -> list:
 
 # bench_scale's time per run that the cost curve is drawn with: an epoch, or sRRR's one pass
 _SCALE_TIME = {"markermap": ("steady_epoch_s", "steady epoch"), "gimvi": ("steady_epoch_s", "steady epoch"),
-               "srrr": ("moments_s", "its one pass (moments)")}
+               "srrr": ("moments_s", "its one pass (moments)"), "hvg": ("moments_s", "its one pass"),
+               "de": ("moments_s", "its one pass (t-test)")}
 
 
 def scale_line(r: dict) -> str | None:
@@ -589,7 +590,7 @@ def scale_line(r: dict) -> str | None:
     if not runs:
         return None
     parts = []
-    for method in ("markermap", "gimvi", "srrr"):
+    for method in _SCALE_TIME:
         rs = sorted([x for x in runs if x["method"] == method], key=lambda x: x["n_cells"])
         if rs:
             sl = (r.get("slopes") or {}).get(method)
@@ -767,7 +768,7 @@ def fig_scale(r: dict, out: Path) -> str:
         raise ValueError("bench_scale.json has no runs")
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method, marker in (("markermap", "o"), ("gimvi", "s"), ("srrr", "^")):
+    for method, marker in (("markermap", "o"), ("gimvi", "s"), ("srrr", "^"), ("hvg", "v"), ("de", "D")):
         rs = sorted([x for x in runs if x["method"] == method], key=lambda x: x["n_cells"])
         if not rs:
             continue
@@ -778,7 +779,7 @@ def fig_scale(r: dict, out: Path) -> str:
         a1.loglog(n, t[0] * n / n[0], ls=":", color="grey")
         a2.semilogx(n, [x["peak_rss_mb"] / 1024 for x in rs], marker=marker, label=method)
     a1.set_xlabel("cells")
-    a1.set_ylabel("seconds per epoch (steady; sRRR: its one pass)")
+    a1.set_ylabel("seconds per epoch (steady; one-pass fits: the pass)")
     a1.set_title("one epoch streamed from disk (dotted: linear)", fontsize=10)
     a1.legend(fontsize=8)
     a2.set_xlabel("cells")
