@@ -1257,7 +1257,14 @@ class _PairedSelector(PersistMixin, SelectorMixin, BaseEstimator):
         return _check_X(self, X, reset=False)
 
     def score(self, X, Y):
-        """R^2 as the papers define it: multivariate, centred with the training mean of ``Y``."""
+        """R^2 as the papers define it: multivariate, centred with the training mean of
+        ``Y``. An on-disk ``X`` is read in blocks (as :meth:`predict`)."""
+        if streaming.is_source(X):
+            check_is_fitted(self, "genes_")
+            with streaming.open_source(X) as src:
+                y = _check_Y(Y, src.n_obs)
+                pred = self.predict(src)
+            return metrics.r2_score(y, pred, center=self.y_mean_)
         x = self._fitted_x(X)
         y = _check_Y(Y, x.shape[0])
         return metrics.r2_score(y, self.predict(x), center=self.y_mean_)

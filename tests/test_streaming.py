@@ -445,6 +445,7 @@ def test_sparse_bottleneck_streams_x_and_recovers_the_planted_genes(tmp_path, mo
     np.testing.assert_allclose(est.result_.x_mean, x.mean(0), atol=1e-6)
     assert est.history_["test_r2"].shape == (34,) and np.isfinite(est.history_["test_r2"]).all()
     assert est.score(x, y) > 0.5
+    np.testing.assert_allclose(est.score(a.X, y), est.score(x, y), rtol=1e-5)
     for m in ("predict", "latent", "reconstruct_genes"):
         np.testing.assert_allclose(getattr(est, m)(a.X), getattr(est, m)(x0), rtol=1e-5, atol=1e-5)
     # checkpointed: one file per stage; killed in the middle of the third stage (after its
@@ -575,6 +576,7 @@ def test_sparse_rrr_fits_and_cross_validates_x_on_disk(tmp_path):
     np.testing.assert_allclose(disk.x_mean_, mem.x_mean_, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(disk.predict(path), mem.predict(x), atol=2e-5)  # predict reads the file too
     np.testing.assert_allclose(disk.latent(a.X), mem.latent(x), atol=2e-5)
+    np.testing.assert_allclose(disk.score(a.X, y), mem.score(x, y), atol=1e-5)
 
     cv_mem = jaxsel.SparseRRR(rank=2, n_genes=4).cross_validate(x, y, n_folds=4)
     cv = jaxsel.SparseRRR(rank=2, n_genes=4, chunk_size=256).cross_validate(a.X, y, n_folds=4)
