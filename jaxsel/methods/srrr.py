@@ -683,6 +683,14 @@ def fit_n_genes(
     return _fit_n_genes_jit(x, y, n_cells, n_genes, rank, float(alpha), bool(relaxed), config)
 
 
+def _fold_mesh(batch_size, mesh):
+    """Check ``batch_size`` (folds at a time per device, or ``None``) and resolve
+    ``mesh="auto"`` to :func:`jaxsel.engine.fold_mesh`."""
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    return engine.fold_mesh() if mesh == "auto" else mesh
+
+
 @functools.partial(
     jax.jit, static_argnames=("n_genes", "rank", "alpha", "relaxed", "config", "batch_size", "mesh")
 )
@@ -720,10 +728,7 @@ def fit_n_genes_folds(
                          f"{xs.shape}, {ys.shape} and {ns.shape}")
     _check_common(xs.shape[2], ys.shape[2], rank, alpha, config)
     _check_n_genes(n_genes, xs.shape[2], alpha)
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    if mesh == "auto":
-        mesh = engine.fold_mesh()
+    mesh = _fold_mesh(batch_size, mesh)
     return _fit_n_genes_folds_jit(xs, ys, ns, n_genes, rank, float(alpha), bool(relaxed), config, batch_size, mesh)
 
 
@@ -818,10 +823,7 @@ def cross_validate(
     _check_n_genes(n_genes, x.shape[1], alpha)
     if not isinstance(splits, engine.Splits) or splits.train_idx.ndim != 2:
         raise ValueError("splits must be an engine.Splits with a leading fold axis (engine.make_splits)")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    if mesh == "auto":
-        mesh = engine.fold_mesh()
+    mesh = _fold_mesh(batch_size, mesh)
     kw = dict(rank=rank, n_genes=n_genes, alpha=float(alpha), relaxed=bool(relaxed), config=config,
               batch_size=batch_size, mesh=mesh)
     if lower:
