@@ -1800,6 +1800,8 @@ class SparseRRR(_PairedSelector):
         self.x_mean_ = x.mean(axis=0)
         self.y_mean_ = y.mean(axis=0)
         res = srrr.fit_n_genes(x - self.x_mean_, y - self.y_mean_, n, rank, alpha=alpha, relaxed=relaxed)
+        if hasattr(self, "stream_info_"):  # of an earlier fit from disk
+            del self.stream_info_
         return self._store_result(res, y.shape[1])
 
     def _store_result(self, res, n_outputs: int):

@@ -619,6 +619,7 @@ def test_sparse_rrr_fits_and_cross_validates_x_on_disk(tmp_path):
     bad[300, 7] = np.inf
     with pytest.raises(ValueError, match=r"X contains NaN or infinite values \(in rows 256..511\)"):
         jaxsel.SparseRRR(n_genes=4, chunk_size=256).fit(streaming.RowSource(bad), y)
+    assert not hasattr(disk.fit(x, y), "stream_info_")  # refitted in memory: no stale stream record
 
 
 def test_hvg_and_de_markers_of_x_on_disk():
