@@ -472,6 +472,38 @@ def column_means(source: RowSource, *, block_rows: int = 16384, name: str = "X",
     return ((total - per_group) / np.maximum(counts, 1)[:, None]).astype(np.float32)
 
 
+def _labels(groups, n_obs: int):
+    """``(labels [n_obs] int64, n_groups)``: checked ``groups``, or every row in group 0."""
+    g = np.zeros(n_obs, np.int64) if groups is None else _check_groups(groups, n_obs, "groups")
+    return g, int(g.max(initial=-1)) + 1
+
+
+def _shifted_blocks(source: RowSource, labels, *, block_rows: int, name: str, fn=None, check=None, y=None):
+    """``(z - shift, labels of its rows, shift)`` per block of ``block_rows`` rows, in
+    float64: ``z`` the block (``check(block, start, stop)`` run on it first, then ``fn``
+    applied, then ``y``'s rows appended as columns), ``shift`` the first block's mean over
+    the labelled rows (so that centring later does not cancel digits). A NaN or infinite
+    value is a ``ValueError`` naming its rows."""
+    shift = None
+    for a, b, blk in source.iter_blocks(block_rows):
+        blk = np.asarray(blk)
+        if not np.isfinite(blk).all():
+            raise ValueError(f"{name} contains NaN or infinite values (in rows {a}..{b - 1}).")
+        if check is not None:
+            check(blk, a, b)
+        z = blk.astype(np.float64)
+        if fn is not None:
+            z = fn(z)
+        if y is not None:
+            z = np.concatenate([z, y[a:b]], axis=1)
+        g = labels[a:b]
+        if shift is None:
+            inside = z[g >= 0]
+            shift = inside.mean(axis=0) if inside.shape[0] else np.zeros(z.shape[1])
+        z -= shift
+        yield z, g, shift
+
+
 def group_moments(source: RowSource, groups=None, *, block_rows: int = 16384, name: str = "X", fn=None,
                   check=None) -> dict:
     """One pass over the (transformed) rows: every column's moments per group of rows
@@ -483,34 +515,18 @@ def group_moments(source: RowSource, groups=None, *, block_rows: int = 16384, na
     ``check(block, start, stop)`` may raise on a block's values (before ``fn``). A NaN or
     infinite value is a ``ValueError`` naming its rows. Memory: a few ``[n_groups,
     n_vars]`` float64."""
-    g_all = np.zeros(source.n_obs, np.int64) if groups is None else _check_groups(groups, source.n_obs, "groups")
-    n_groups = int(g_all.max(initial=-1)) + 1
+    labels, n_groups = _labels(groups, source.n_obs)
     n = np.zeros(n_groups, np.int64)
     sums = np.zeros((n_groups, source.n_vars))
     sq = np.zeros((n_groups, source.n_vars))
-    shift = None
-    for a, b, blk in source.iter_blocks(block_rows):
-        blk = np.asarray(blk)
-        if not np.isfinite(blk).all():
-            raise ValueError(f"{name} contains NaN or infinite values (in rows {a}..{b - 1}).")
-        if check is not None:
-            check(blk, a, b)
-        z = blk.astype(np.float64)
-        if fn is not None:
-            z = fn(z)
-        g = g_all[a:b]
-        if shift is None:
-            inside = z[g >= 0]
-            shift = inside.mean(axis=0) if inside.shape[0] else np.zeros(source.n_vars)
-        z -= shift
+    shift = np.zeros(source.n_vars)
+    for z, g, shift in _shifted_blocks(source, labels, block_rows=block_rows, name=name, fn=fn, check=check):
         onehot = np.zeros((z.shape[0], n_groups))
         rows = np.flatnonzero(g >= 0)
         onehot[rows, g[rows]] = 1.0
         n += np.bincount(g[rows], minlength=n_groups)
         sums += onehot.T @ z
         sq += onehot.T @ np.square(z)
-    if shift is None:
-        shift = np.zeros(source.n_vars)
     safe = np.maximum(n, 1)[:, None]
     within = np.maximum(sq - np.square(sums) / safe, 0.0)
     return {"n": n, "sums": sums, "within_ss": within, "mean": shift + sums / safe, "shift": shift}
@@ -559,30 +575,20 @@ def paired_moments(source: RowSource, y, *, groups=None, block_rows: int = 16384
     y = np.asarray(y, dtype=np.float64)
     if y.ndim != 2 or y.shape[0] != source.n_obs:
         raise ValueError(f"y must be [n_obs={source.n_obs}, n_outputs], got shape {y.shape}.")
-    g_all = np.zeros(source.n_obs, np.int64) if groups is None else _check_groups(groups, source.n_obs, "groups")
-    n_groups = int(g_all.max(initial=-1)) + 1
+    labels, n_groups = _labels(groups, source.n_obs)
     d = source.n_vars + y.shape[1]
     n = np.zeros(n_groups, np.int64)
     sums = np.zeros((n_groups, d))
     scatter = np.zeros((n_groups, d, d))
-    shift = None
-    for a, b, blk in source.iter_blocks(block_rows):
-        blk = np.asarray(blk)
-        if not np.isfinite(blk).all():
-            raise ValueError(f"{name} contains NaN or infinite values (in rows {a}..{b - 1}).")
-        z = np.concatenate([blk.astype(np.float64), y[a:b]], axis=1)
-        g = g_all[a:b]
-        if shift is None:
-            inside = z[g >= 0]
-            shift = inside.mean(axis=0) if inside.shape[0] else np.zeros(d)
-        z -= shift
+    shift = np.zeros(d)
+    for z, g, shift in _shifted_blocks(source, labels, block_rows=block_rows, name=name, y=y):
         ks = np.unique(g[g >= 0])
         for k in ks:
             zk = z if ks.size == 1 and g.min() >= 0 else z[g == k]  # one group: no copy of the block
             n[k] += zk.shape[0]
             sums[k] += zk.sum(axis=0)
             scatter[k] += zk.T @ zk
-    return Moments(n, sums, scatter, np.zeros(d) if shift is None else shift)
+    return Moments(n, sums, scatter, shift)
 
 
 def square_root_rows(scatter, p: int):
