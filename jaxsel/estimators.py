@@ -1028,14 +1028,14 @@ class HVGMarkers(_BaselineSelector):
                 n_bins = check_int(self.n_bins, "n_bins", 1)
                 check_random_state(self.random_state)
                 chunk = check_int(self.chunk_size, "chunk_size", 1)
+                if src.n_obs < 2:
+                    raise ValueError(f"HVGMarkers needs at least 2 cells for a variance, got {src.n_obs}.")
 
                 def non_negative(block, a, b):
                     if block.size and block.min() < 0:
                         _negative_hvg_input(block.min(), f" (rows {a}..{b - 1})")
 
                 mom = streaming.group_moments(src, block_rows=chunk, fn=np.expm1, check=non_negative)
-            if mom["n"][0] < 2:
-                raise ValueError(f"HVGMarkers needs at least 2 cells for a variance, got {mom['n'][0]}.")
             var = mom["within_ss"][0] / (mom["n"][0] - 1)
             markers, disp = baselines.highly_variable_genes_from_moments(mom["mean"][0], var, n_markers, n_bins)
             _fitted_from_disk(self, src.n_vars)
@@ -1713,6 +1713,15 @@ class SparseBottleneck(_PairedSelector):
                                            batch_size=batch_size, progress=progress_label(self))
 
 
+def _training_rows(mom, keep, p: int):
+    """Of the groups where ``keep`` is True: their mean row, their scatter about it and
+    the ``p + q`` float32 rows with that scatter (:func:`jaxsel.streaming.square_root_rows`)
+    that sRRR is fitted on."""
+    mean = mom.mean(keep)
+    scatter = mom.scatter_about(keep, mean)
+    return mean, scatter, streaming.square_root_rows(scatter, p)
+
+
 class SparseRRR(_PairedSelector):
     """Sparse reduced-rank regression (Kobak et al. 2021), the sBNN paper's linear baseline.
 
@@ -1775,24 +1784,16 @@ class SparseRRR(_PairedSelector):
         from .methods import srrr
 
         if streaming.is_source(X):
-            t0 = time.perf_counter()
-            with streaming.open_source(X) as src:
-                y = _check_Y(Y, src.n_obs)
-                rank, n, alpha, relaxed = self._check(src.n_vars, y.shape[1])
-                chunk = check_int(self.chunk_size, "chunk_size", 1)
-                mom = streaming.paired_moments(src, y, block_rows=chunk, name="X")
+            mom, y, (rank, n, alpha, relaxed), _, info = self._moments_on_disk(X, Y)
             t1 = time.perf_counter()
-            p = src.n_vars
-            everyone = np.ones(1, bool)
-            mean = mom.mean(everyone)
-            xr, yr = streaming.square_root_rows(mom.scatter_about(everyone, mean), p)
+            p = mom.sums.shape[1] - y.shape[1]  # genes
+            mean, _, (xr, yr) = _training_rows(mom, [True], p)
             res = srrr.fit_n_genes(xr, yr, n, rank, alpha=alpha, relaxed=relaxed, n_cells=int(mom.n[0]))
             _fitted_from_disk(self, p)
             self.x_mean_ = mean[:p].astype(np.float32)
             self.y_mean_ = mean[p:].astype(np.float32)
             self._store_result(res, y.shape[1])
-            self.stream_info_ = {"n_cells": int(mom.n[0]), "chunk_size": chunk, "rows": int(xr.shape[0]),
-                                 "moments_seconds": t1 - t0, "solve_seconds": time.perf_counter() - t1}
+            self.stream_info_ = {**info, "rows": int(xr.shape[0]), "solve_seconds": time.perf_counter() - t1}
             return self
         x = _check_X(self, X, reset=True)
         y = _check_Y(Y, x.shape[0])
@@ -1872,6 +1873,26 @@ class SparseRRR(_PairedSelector):
             "test_indices": [f[2] for f in folds],
         }
 
+    def _moments_on_disk(self, X, Y, n_folds=None, random_state=None):
+        """The one pass of :meth:`fit` (one group) or :meth:`cross_validate` (the test
+        folds as groups) over an on-disk ``X``, every argument checked first:
+        ``(moments, y, checked settings, folds or None, {"n_cells", "chunk_size",
+        "moments_seconds"})``."""
+        t0 = time.perf_counter()
+        with streaming.open_source(X) as src:
+            y = _check_Y(Y, src.n_obs)
+            settings = self._check(src.n_vars, y.shape[1])
+            chunk = check_int(self.chunk_size, "chunk_size", 1)
+            folds, fold_of = None, None
+            if n_folds is not None:
+                folds = _paired_folds(src.n_obs, n_folds, check_random_state(random_state))
+                fold_of = np.full(src.n_obs, -1, np.int64)
+                for i, (_, _, te) in enumerate(folds):
+                    fold_of[te] = i
+            mom = streaming.paired_moments(src, y, groups=fold_of, block_rows=chunk, name="X")
+        info = {"n_cells": int(mom.n.sum()), "chunk_size": chunk, "moments_seconds": time.perf_counter() - t0}
+        return mom, y, settings, folds, info
+
     def _cross_validate_stream(self, X, Y, n_folds, random_state, batch_size):
         """:meth:`cross_validate` of an on-disk ``X``: one pass for every fold's moments
         (:func:`jaxsel.streaming.paired_moments` with the test folds as groups), every
@@ -1879,40 +1900,25 @@ class SparseRRR(_PairedSelector):
         one program, R^2 from each fold's scatter about its training mean."""
         from .methods import srrr
 
-        t0 = time.perf_counter()
-        with streaming.open_source(X) as src:
-            y = _check_Y(Y, src.n_obs)
-            rank, n, alpha, relaxed = self._check(src.n_vars, y.shape[1])
-            chunk = check_int(self.chunk_size, "chunk_size", 1)
-            folds = _paired_folds(src.n_obs, n_folds, check_random_state(random_state))
-            fold_of = np.full(src.n_obs, -1, np.int64)
-            for i, (_, _, te) in enumerate(folds):
-                fold_of[te] = i
-            mom = streaming.paired_moments(src, y, groups=fold_of, block_rows=chunk, name="X")
+        mom, y, (rank, n, alpha, relaxed), folds, info = self._moments_on_disk(X, Y, n_folds, random_state)
         t1 = time.perf_counter()
-        p = src.n_vars
-        rows, means, n_train = [], [], []
-        for i in range(len(folds)):
-            train = np.arange(len(folds)) != i
-            means.append(mom.mean(train))
-            rows.append(streaming.square_root_rows(mom.scatter_about(train, means[-1]), p))
-            n_train.append(mom.n[train].sum())
+        p = mom.sums.shape[1] - y.shape[1]  # genes
+        fits = [_training_rows(mom, np.arange(len(folds)) != i, p) for i in range(len(folds))]
         res = jax.device_get(srrr.fit_n_genes_folds(
-            np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]), np.asarray(n_train, np.float32), n,
-            rank, alpha=alpha, relaxed=relaxed, batch_size=batch_size))
-        coefs = [np.asarray(w, np.float64) @ np.asarray(v, np.float64).T for w, v in zip(res.w, res.v)]
+            np.stack([r[0] for _, _, r in fits]), np.stack([r[1] for _, _, r in fits]),
+            np.array([mom.n.sum() - mom.n[i] for i in range(len(folds))], np.float32), n, rank, alpha=alpha,
+            relaxed=relaxed, batch_size=batch_size))
         r2 = {"test_r2": [], "train_r2": [], "test_r2_per_feature": []}
-        for i, (b, m) in enumerate(zip(coefs, means)):
-            test = np.arange(len(folds)) == i
-            s_test = mom.scatter_about(test, m)
+        for i, ((m, s_train, _), w, v) in enumerate(zip(fits, res.w, res.v)):
+            b = np.asarray(w, np.float64) @ np.asarray(v, np.float64).T
+            s_test = mom.scatter_about(np.arange(len(folds)) == i, m)
             r2["test_r2"].append(streaming.linear_r2(s_test, b, p))
             r2["test_r2_per_feature"].append(streaming.linear_r2(s_test, b, p, per_feature=True))
-            r2["train_r2"].append(streaming.linear_r2(mom.scatter_about(~test, m), b, p))
+            r2["train_r2"].append(streaming.linear_r2(s_train, b, p))
         return {
             **{k: np.asarray(v, np.float32) for k, v in r2.items()},
             "genes": np.asarray(res.genes).astype(np.intp),
             "lambda": np.asarray(res.lam),
             "test_indices": [f[2] for f in folds],
-            "stream_info": {"n_cells": int(mom.n.sum()), "chunk_size": chunk, "moments_seconds": t1 - t0,
-                            "solve_seconds": time.perf_counter() - t1},
+            "stream_info": {**info, "solve_seconds": time.perf_counter() - t1},
         }
