@@ -48,8 +48,8 @@ __all__ = [
 DE_METHODS = ("t-test", "t-test_overestim_var", "wilcoxon")
 """Differential-expression scores understood by :func:`de_scores` and :func:`de_markers`."""
 
-_DEFAULT_GENE_BATCH = 128
-DE_GENE_BATCH = _DEFAULT_GENE_BATCH  # genes per step of de_scores' loop (its default)
+DE_GENE_BATCH = 128
+"""Genes per step of :func:`de_scores`' gene loop (its default ``gene_batch_size``)."""
 
 
 def _check_n_markers(n_markers: int, n_genes: int) -> None:
@@ -333,7 +333,7 @@ def de_scores(
     y: jax.Array,
     n_classes: int,
     method: str = "t-test",
-    gene_batch_size: int = _DEFAULT_GENE_BATCH,
+    gene_batch_size: int = DE_GENE_BATCH,
 ) -> jax.Array:
     """One-vs-rest differential-expression scores of every gene for every cell type.
 
@@ -470,7 +470,7 @@ def de_markers(
     n_classes: int,
     n_markers: int,
     method: str = "t-test",
-    gene_batch_size: int = _DEFAULT_GENE_BATCH,
+    gene_batch_size: int = DE_GENE_BATCH,
 ) -> jax.Array:
     """Differential-expression markers picked round robin over cell types.
 
