@@ -1722,6 +1722,15 @@ def _training_rows(mom, keep, p: int):
     return mean, scatter, streaming.square_root_rows(scatter, p)
 
 
+def _no_pass_to_resume(checkpoint):
+    """``SparseRRR``'s ``checkpoint`` resumes its pass over an ``X`` on disk: with ``X``
+    in memory there is none, and silently ignoring the file would mislead."""
+    if checkpoint is not None:
+        raise ValueError("checkpoint resumes the pass over an X on disk (a path, a backed AnnData, an h5py/zarr "
+                         "array or a RowSource); with X in memory there is no pass to resume (the fit is one "
+                         "solve): pass checkpoint=None.")
+
+
 class SparseRRR(_PairedSelector):
     """Sparse reduced-rank regression (Kobak et al. 2021), the sBNN paper's linear baseline.
 
@@ -1768,7 +1777,7 @@ class SparseRRR(_PairedSelector):
         check_bool(self.relaxed, "relaxed")
         return rank, n, alpha, bool(self.relaxed)
 
-    def fit(self, X, Y):
+    def fit(self, X, Y, *, checkpoint=None, checkpoint_every=8):
         """Fit on all cells (centred with their means). ``X`` is never modified.
 
         ``X`` larger than memory (a path to an ``.h5ad`` file or ``.zarr`` store, a backed
@@ -1780,11 +1789,20 @@ class SparseRRR(_PairedSelector):
         (:func:`jaxsel.streaming.square_root_rows`): the same problem, solved from
         float32 grams rounded differently, so the same genes and coefficients to float32
         precision, not the same bits.
+
+        ``checkpoint`` (a file path; ``X`` on disk only, the pass being what takes time):
+        the pass's running sums are written there after every ``checkpoint_every``
+        blocks of ``chunk_size`` cells and at its end. A fit run again with the same
+        path, data, ``Y`` and ``chunk_size`` goes on from the last block written, to the
+        same moments bit for bit (so the same fit), and once the pass has finished reads
+        no cells at all: a refit with another ``n_genes``, ``rank`` or ``alpha`` reuses
+        the file. The file (about ``(p + q)^2`` float64) is left in place.
         """
         from .methods import srrr
 
         if streaming.is_source(X):
-            mom, y, (rank, n, alpha, relaxed), _, info = self._moments_on_disk(X, Y)
+            mom, y, (rank, n, alpha, relaxed), _, info = self._moments_on_disk(
+                X, Y, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
             t1 = time.perf_counter()
             p = mom.sums.shape[1] - y.shape[1]  # genes
             mean, _, (xr, yr) = _training_rows(mom, [True], p)
@@ -1795,6 +1813,7 @@ class SparseRRR(_PairedSelector):
             self._store_result(res, y.shape[1])
             self.stream_info_ = {**info, "rows": int(xr.shape[0]), "solve_seconds": time.perf_counter() - t1}
             return self
+        _no_pass_to_resume(checkpoint)
         x = _check_X(self, X, reset=True)
         y = _check_Y(Y, x.shape[0])
         rank, n, alpha, relaxed = self._check(x.shape[1], y.shape[1])
@@ -1827,7 +1846,8 @@ class SparseRRR(_PairedSelector):
         """Predicted ``Y``, [n_cells, n_outputs] (an on-disk ``X``: as :meth:`latent`)."""
         return self.latent(X) @ self.coef_v_.T + self.y_mean_
 
-    def cross_validate(self, X, Y, n_folds=10, random_state=0, batch_size="auto"):
+    def cross_validate(self, X, Y, n_folds=10, random_state=0, batch_size="auto", *, checkpoint=None,
+                       checkpoint_every=8):
         """K-fold CV, every fold (centring, lambda search, relaxed refit) in one program.
 
         ``batch_size`` folds are solved at a time per device (``None``: all, vmapped;
@@ -1843,7 +1863,9 @@ class SparseRRR(_PairedSelector):
         :func:`jaxsel.streaming.square_root_rows` in one program
         (:func:`jaxsel.methods.srrr.fit_n_genes_folds`). R^2 comes from each test fold's
         scatter about its training mean (:func:`jaxsel.streaming.linear_r2`), in float64,
-        without reading the cells again. The same folds as in memory.
+        without reading the cells again. The same folds as in memory. ``checkpoint``,
+        ``checkpoint_every``: the pass resumes as in :meth:`fit` (its file holds every
+        fold's moments, ``n_folds (p + q)^2`` float64).
 
         Returns
         -------
@@ -1856,7 +1878,9 @@ class SparseRRR(_PairedSelector):
         from .methods import srrr
 
         if streaming.is_source(X):
-            return self._cross_validate_stream(X, Y, n_folds, random_state, fold_batch_size(batch_size))
+            return self._cross_validate_stream(X, Y, n_folds, random_state, fold_batch_size(batch_size), checkpoint,
+                                               checkpoint_every)
+        _no_pass_to_resume(checkpoint)
         x, y, batch_size = self._cv_inputs(X, Y, batch_size)
         rank, n, alpha, relaxed = self._check(x.shape[1], y.shape[1])
         folds = _paired_folds(x.shape[0], n_folds, check_random_state(random_state))
@@ -1873,11 +1897,11 @@ class SparseRRR(_PairedSelector):
             "test_indices": [f[2] for f in folds],
         }
 
-    def _moments_on_disk(self, X, Y, n_folds=None, random_state=None):
+    def _moments_on_disk(self, X, Y, n_folds=None, random_state=None, *, checkpoint=None, checkpoint_every=8):
         """The one pass of :meth:`fit` (one group) or :meth:`cross_validate` (the test
-        folds as groups) over an on-disk ``X``, every argument checked first:
-        ``(moments, y, checked settings, folds or None, {"n_cells", "chunk_size",
-        "moments_seconds"})``."""
+        folds as groups) over an on-disk ``X``, every argument checked first, resumable
+        from ``checkpoint``: ``(moments, y, checked settings, folds or None, {"n_cells",
+        "chunk_size", "moments_seconds"})``."""
         t0 = time.perf_counter()
         with streaming.open_source(X) as src:
             y = _check_Y(Y, src.n_obs)
@@ -1889,18 +1913,20 @@ class SparseRRR(_PairedSelector):
                 fold_of = np.full(src.n_obs, -1, np.int64)
                 for i, (_, _, te) in enumerate(folds):
                     fold_of[te] = i
-            mom = streaming.paired_moments(src, y, groups=fold_of, block_rows=chunk, name="X")
+            mom = streaming.paired_moments(src, y, groups=fold_of, block_rows=chunk, name="X", checkpoint=checkpoint,
+                                           checkpoint_every=checkpoint_every, checkpoint_key=type(self).__name__)
         info = {"n_cells": int(mom.n.sum()), "chunk_size": chunk, "moments_seconds": time.perf_counter() - t0}
         return mom, y, settings, folds, info
 
-    def _cross_validate_stream(self, X, Y, n_folds, random_state, batch_size):
+    def _cross_validate_stream(self, X, Y, n_folds, random_state, batch_size, checkpoint=None, checkpoint_every=8):
         """:meth:`cross_validate` of an on-disk ``X``: one pass for every fold's moments
         (:func:`jaxsel.streaming.paired_moments` with the test folds as groups), every
         fold fitted on its training rows' :func:`jaxsel.streaming.square_root_rows` in
         one program, R^2 from each fold's scatter about its training mean."""
         from .methods import srrr
 
-        mom, y, (rank, n, alpha, relaxed), folds, info = self._moments_on_disk(X, Y, n_folds, random_state)
+        mom, y, (rank, n, alpha, relaxed), folds, info = self._moments_on_disk(
+            X, Y, n_folds, random_state, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
         t1 = time.perf_counter()
         p = mom.sums.shape[1] - y.shape[1]  # genes
         fits = [_training_rows(mom, np.arange(len(folds)) != i, p) for i in range(len(folds))]

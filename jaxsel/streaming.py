@@ -367,9 +367,10 @@ class RowSource:
         """Rows ``rows`` (sorted) as dense float32 ``[len(rows), n_vars]``."""
         return self._finish(self.read_raw_rows(rows, max_gap))
 
-    def iter_blocks(self, block_rows: int, *, raw: bool = False):
-        """``(start, stop, block)`` over the rows in order, ``block_rows`` at a time."""
-        for a in range(0, self.n_obs, int(block_rows)):
+    def iter_blocks(self, block_rows: int, *, raw: bool = False, start: int = 0):
+        """``(start, stop, block)`` over the rows in order, ``block_rows`` at a time,
+        from row ``start`` on."""
+        for a in range(int(start), self.n_obs, int(block_rows)):
             b = min(self.n_obs, a + int(block_rows))
             blk = self._raw(a, b)
             yield a, b, (blk if raw else self._finish(blk))
@@ -478,14 +479,15 @@ def _labels(groups, n_obs: int):
     return g, int(g.max(initial=-1)) + 1
 
 
-def _shifted_blocks(source: RowSource, labels, *, block_rows: int, name: str, fn=None, check=None, y=None):
-    """``(z - shift, labels of its rows, shift)`` per block of ``block_rows`` rows, in
-    float64: ``z`` the block (``check(block, start, stop)`` run on it first, then ``fn``
-    applied, then ``y``'s rows appended as columns), ``shift`` the first block's mean over
-    the labelled rows (so that centring later does not cancel digits). A NaN or infinite
-    value is a ``ValueError`` naming its rows."""
-    shift = None
-    for a, b, blk in source.iter_blocks(block_rows):
+def _shifted_blocks(source: RowSource, labels, *, block_rows: int, name: str, fn=None, check=None, y=None,
+                    start: int = 0, shift=None):
+    """``(z - shift, labels of its rows, shift, stop)`` per block of ``block_rows`` rows
+    (the last ending at row ``stop``), in float64: ``z`` the block (``check(block, start,
+    stop)`` run on it first, then ``fn`` applied, then ``y``'s rows appended as columns),
+    ``shift`` the first block's mean over the labelled rows (so that centring later does
+    not cancel digits). A pass resumed at row ``start`` passes the ``shift`` it had. A NaN
+    or infinite value is a ``ValueError`` naming its rows."""
+    for a, b, blk in source.iter_blocks(block_rows, start=start):
         blk = np.asarray(blk)
         if not np.isfinite(blk).all():
             raise ValueError(f"{name} contains NaN or infinite values (in rows {a}..{b - 1}).")
@@ -501,7 +503,7 @@ def _shifted_blocks(source: RowSource, labels, *, block_rows: int, name: str, fn
             inside = z[g >= 0]
             shift = inside.mean(axis=0) if inside.shape[0] else np.zeros(z.shape[1])
         z -= shift
-        yield z, g, shift
+        yield z, g, shift, b
 
 
 def group_moments(source: RowSource, groups=None, *, block_rows: int = 16384, name: str = "X", fn=None,
@@ -520,7 +522,7 @@ def group_moments(source: RowSource, groups=None, *, block_rows: int = 16384, na
     sums = np.zeros((n_groups, source.n_vars))
     sq = np.zeros((n_groups, source.n_vars))
     shift = np.zeros(source.n_vars)
-    for z, g, shift in _shifted_blocks(source, labels, block_rows=block_rows, name=name, fn=fn, check=check):
+    for z, g, shift, _ in _shifted_blocks(source, labels, block_rows=block_rows, name=name, fn=fn, check=check):
         onehot = np.zeros((z.shape[0], n_groups))
         rows = np.flatnonzero(g >= 0)
         onehot[rows, g[rows]] = 1.0
@@ -561,7 +563,8 @@ class Moments:
         return 0.5 * (out + out.T)
 
 
-def paired_moments(source: RowSource, y, *, groups=None, block_rows: int = 16384, name: str = "X") -> Moments:
+def paired_moments(source: RowSource, y, *, groups=None, block_rows: int = 16384, name: str = "X",
+                   checkpoint=None, checkpoint_every: int = 8, checkpoint_key: str = "") -> Moments:
     """One pass over the (transformed) rows of ``source`` beside ``y`` [n_obs, q] in
     memory: the :class:`Moments` of ``z = [x, y]`` per group of rows (``groups`` [n_obs]
     integer labels, ``-1`` for rows left out; default: one group of every row). A NaN or
@@ -571,24 +574,52 @@ def paired_moments(source: RowSource, y, *, groups=None, block_rows: int = 16384
     fold at once: the training scatter of fold ``f`` is that of the groups other than
     ``f``, and the test residuals' sums of squares come from group ``f``'s scatter about
     the training mean. Memory: ``n_groups (p + q)^2`` float64 (10 groups of 2000 genes:
-    320 MB); time: ``2 n (p + q)^2`` float64 flops."""
+    320 MB); time: ``2 n (p + q)^2`` float64 flops.
+
+    ``checkpoint`` (a file path): the sums so far and the next row are written there
+    (atomically, ``.npz``) after every ``checkpoint_every`` blocks and at the end. A pass
+    run again with the same path, shape, variable names, ``y``, groups and ``block_rows``
+    (and ``checkpoint_key``, the caller's own context) reads the file and goes on from
+    its next row: the moments are bit for bit those of a pass that never stopped (the
+    same float64 sums in the same order). A finished file is read without reading
+    ``source`` at all. The file's cells are not hashed: a file written for other data of
+    the same shape and names would be taken for this one. A file written for other
+    inputs, or by another jaxsel version, is a ``ValueError``."""
     y = np.asarray(y, dtype=np.float64)
     if y.ndim != 2 or y.shape[0] != source.n_obs:
         raise ValueError(f"y must be [n_obs={source.n_obs}, n_outputs], got shape {y.shape}.")
     labels, n_groups = _labels(groups, source.n_obs)
     d = source.n_vars + y.shape[1]
-    n = np.zeros(n_groups, np.int64)
-    sums = np.zeros((n_groups, d))
-    scatter = np.zeros((n_groups, d, d))
-    shift = np.zeros(d)
-    for z, g, shift in _shifted_blocks(source, labels, block_rows=block_rows, name=name, y=y):
+    state = {"n": np.zeros(n_groups, np.int64), "sums": np.zeros((n_groups, d)), "scatter": np.zeros((n_groups, d, d)),
+             "shift": np.zeros(d), "next_row": np.array(0, np.int64)}
+    key = ""
+    if checkpoint is not None:
+        from .engine.checkpoint import check_checkpoint_args, fingerprint, read_checkpoint
+
+        checkpoint_every = check_checkpoint_args(checkpoint, checkpoint_every)
+        names = source.var_names
+        key = fingerprint("paired_moments/1", checkpoint_key, [source.n_obs, source.n_vars], int(block_rows),
+                          [] if names is None else names.tolist(), y, labels)
+        got = read_checkpoint(checkpoint, state, key)
+        if got is not None:
+            state = {k: np.array(v) for k, v in got.items()}  # writable copies of the file's arrays
+    n, sums, scatter = state["n"], state["sums"], state["scatter"]
+    first = int(state["next_row"])
+    blocks = _shifted_blocks(source, labels, block_rows=block_rows, name=name, y=y, start=first,
+                             shift=state["shift"] if first else None)
+    for i, (z, g, shift, stop) in enumerate(blocks):
         ks = np.unique(g[g >= 0])
         for k in ks:
             zk = z if ks.size == 1 and g.min() >= 0 else z[g == k]  # one group: no copy of the block
             n[k] += zk.shape[0]
             sums[k] += zk.sum(axis=0)
             scatter[k] += zk.T @ zk
-    return Moments(n, sums, scatter, shift)
+        state["shift"], state["next_row"] = shift, np.array(stop, np.int64)
+        if checkpoint is not None and ((i + 1) % checkpoint_every == 0 or stop == source.n_obs):
+            from .engine.checkpoint import write_checkpoint
+
+            write_checkpoint(checkpoint, state, key)
+    return Moments(n, sums, scatter, state["shift"])
 
 
 def square_root_rows(scatter, p: int):

@@ -622,6 +622,76 @@ def test_sparse_rrr_fits_and_cross_validates_x_on_disk(tmp_path):
     assert not hasattr(disk.fit(x, y), "stream_info_")  # refitted in memory: no stale stream record
 
 
+
+class _Reads(streaming.RowSource):
+    """A source that counts its block reads and fails (as a killed job would stop) once
+    ``fail_after`` of them have been served."""
+
+    def __init__(self, x, fail_after=None):
+        super().__init__(x)
+        self.reads, self.fail_after = 0, fail_after
+
+    def _raw(self, start, stop):
+        if self.fail_after is not None and self.reads >= self.fail_after:
+            raise RuntimeError("killed")
+        self.reads += 1
+        return super()._raw(start, stop)
+
+
+def test_sparse_rrr_pass_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
+    """A pass killed midway and run again goes on from its last written block: the same
+    moments and the same CV results bit for bit as a pass that never stopped, reading
+    only the blocks left; a finished file reads no cells (refits with other settings
+    reuse it); a file of other inputs, or a checkpoint with X in memory, is an error."""
+    x, y, _ = datasets.make_paired(n_cells=900, n_genes=50, n_outputs=6, n_informative=4, random_state=5)
+    est = jaxsel.SparseRRR(rank=2, n_genes=4, chunk_size=128)  # 8 blocks, the last of 4 cells
+    want = est.cross_validate(_Reads(x), y, n_folds=4)
+
+    ck = tmp_path / "cv.npz"
+    with pytest.raises(RuntimeError, match="killed"):
+        est.cross_validate(_Reads(x, fail_after=5), y, n_folds=4, checkpoint=ck, checkpoint_every=2)
+    src = _Reads(x)
+    got = est.cross_validate(src, y, n_folds=4, checkpoint=ck, checkpoint_every=2)
+    assert src.reads == 4  # blocks 5..8: the file held the sums of blocks 1..4
+    for k in ("test_r2", "train_r2", "test_r2_per_feature", "genes", "lambda"):
+        np.testing.assert_array_equal(got[k], want[k])
+    done = est.cross_validate(_Reads(x, fail_after=0), y, n_folds=4, checkpoint=ck)  # reads nothing
+    np.testing.assert_array_equal(done["test_r2"], want["test_r2"])
+
+    # the moments themselves, resumed, against one uninterrupted pass
+    folds = np.arange(900) % 3
+    plain = streaming.paired_moments(_Reads(x), y, groups=folds, block_rows=100)
+    mck = tmp_path / "moments.npz"
+    with pytest.raises(RuntimeError, match="killed"):
+        streaming.paired_moments(_Reads(x, fail_after=4), y, groups=folds, block_rows=100, checkpoint=mck,
+                                 checkpoint_every=3)
+    resumed = streaming.paired_moments(_Reads(x), y, groups=folds, block_rows=100, checkpoint=mck)
+    for a in ("n", "sums", "scatter", "shift"):
+        np.testing.assert_array_equal(getattr(resumed, a), getattr(plain, a))
+
+    # a finished fit's file serves a refit with other settings without reading X
+    fck = tmp_path / "fit.npz"
+    jaxsel.SparseRRR(rank=2, n_genes=4, chunk_size=128).fit(_Reads(x), y, checkpoint=fck)
+    six = jaxsel.SparseRRR(rank=2, n_genes=6, chunk_size=128).fit(_Reads(x, fail_after=0), y, checkpoint=fck)
+    np.testing.assert_array_equal(six.coef_w_, jaxsel.SparseRRR(rank=2, n_genes=6, chunk_size=128)
+                                  .fit(_Reads(x), y).coef_w_)
+
+    with pytest.raises(ValueError, match="other settings or other data"):
+        est.fit(_Reads(x), y, checkpoint=ck)  # the CV's file: other groups
+    with pytest.raises(ValueError, match="other settings or other data"):
+        est.fit(_Reads(x), y[::-1], checkpoint=fck)
+    with pytest.raises(ValueError, match="other settings or other data"):
+        jaxsel.SparseRRR(rank=2, n_genes=4, chunk_size=64).fit(_Reads(x), y, checkpoint=fck)
+    with pytest.raises(ValueError, match="no pass to resume"):
+        est.fit(x, y, checkpoint=fck)
+    with pytest.raises(ValueError, match="no pass to resume"):
+        est.cross_validate(x, y, n_folds=4, checkpoint=ck)
+    with pytest.raises(TypeError, match="checkpoint must be a file path"):
+        est.fit(_Reads(x), y, checkpoint=3)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        est.fit(_Reads(x), y, checkpoint=fck, checkpoint_every=0)
+
+
 def test_hvg_and_de_markers_of_x_on_disk():
     """HVG and the DE t-tests from one pass of moments (float64) give the in-memory
     markers and scores to float32 rounding; Wilcoxon, by blocks of genes of all cells,
