@@ -1873,7 +1873,8 @@ class SparseRRR(_PairedSelector):
             ``test_r2``, ``train_r2`` [n_folds]; ``test_r2_per_feature``
             [n_folds, n_outputs]; ``genes`` [n_folds, n_genes]; ``lambda`` [n_folds];
             ``test_indices``; on disk also ``stream_info`` (``moments_seconds``,
-            ``solve_seconds``).
+            ``solve_seconds``; with a checkpoint ``checkpoint_seconds``, the part of
+            the pass spent writing it).
         """
         from .methods import srrr
 
@@ -1916,6 +1917,8 @@ class SparseRRR(_PairedSelector):
             mom = streaming.paired_moments(src, y, groups=fold_of, block_rows=chunk, name="X", checkpoint=checkpoint,
                                            checkpoint_every=checkpoint_every, checkpoint_key=type(self).__name__)
         info = {"n_cells": int(mom.n.sum()), "chunk_size": chunk, "moments_seconds": time.perf_counter() - t0}
+        if checkpoint is not None:
+            info["checkpoint_seconds"] = mom.checkpoint_seconds  # of moments_seconds, writing the file
         return mom, y, settings, folds, info
 
     def _cross_validate_stream(self, X, Y, n_folds, random_state, batch_size, checkpoint=None, checkpoint_every=8):

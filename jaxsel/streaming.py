@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -541,8 +542,9 @@ class Moments:
     [d] a rough mean (the first block's), so that centring does not cancel digits.
     From :func:`paired_moments`."""
 
-    def __init__(self, n, sums, scatter, shift):
+    def __init__(self, n, sums, scatter, shift, checkpoint_seconds: float = 0.0):
         self.n, self.sums, self.scatter, self.shift = n, sums, scatter, shift
+        self.checkpoint_seconds = checkpoint_seconds  # time the pass spent writing its checkpoint
 
     def select(self, keep) -> tuple:
         """``(n, sums, scatter)`` summed over the groups where ``keep`` [n_groups] is True."""
@@ -604,7 +606,7 @@ def paired_moments(source: RowSource, y, *, groups=None, block_rows: int = 16384
         if got is not None:
             state = {k: np.array(v) for k, v in got.items()}  # writable copies of the file's arrays
     n, sums, scatter = state["n"], state["sums"], state["scatter"]
-    first = int(state["next_row"])
+    first, writing = int(state["next_row"]), 0.0
     blocks = _shifted_blocks(source, labels, block_rows=block_rows, name=name, y=y, start=first,
                              shift=state["shift"] if first else None)
     for i, (z, g, shift, stop) in enumerate(blocks):
@@ -618,8 +620,10 @@ def paired_moments(source: RowSource, y, *, groups=None, block_rows: int = 16384
         if checkpoint is not None and ((i + 1) % checkpoint_every == 0 or stop == source.n_obs):
             from .engine.checkpoint import write_checkpoint
 
+            t0 = time.perf_counter()
             write_checkpoint(checkpoint, state, key)
-    return Moments(n, sums, scatter, state["shift"])
+            writing += time.perf_counter() - t0
+    return Moments(n, sums, scatter, state["shift"], writing)
 
 
 def square_root_rows(scatter, p: int):
