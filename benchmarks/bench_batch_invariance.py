@@ -27,6 +27,17 @@ from bench_markermap import machine_info, write_results  # noqa: E402
 
 from jaxsel.nn import softmax  # noqa: E402
 
+def pairwise_sum(v):
+    """Sum of ``v`` [n] in a fixed order: zero-padded to a power of two, then halves
+    added elementwise until one value is left. Elementwise adds round the same with or
+    without a batch axis, so this order cannot depend on how XLA vectorises a reduce."""
+    n = v.shape[0]
+    v = jnp.concatenate([v, jnp.zeros(((1 << (n - 1).bit_length()) - n,), v.dtype)])
+    while v.shape[0] > 1:
+        v = v[: v.shape[0] // 2] + v[v.shape[0] // 2:]
+    return v[0]
+
+
 OPS = {
     "x @ w (64x3451 @ 3451x256)": lambda x, w, v: x @ w,
     "x.T @ (x @ w)": lambda x, w, v: x.T @ (x @ w),
@@ -36,6 +47,10 @@ OPS = {
     "jax.nn.softmax(v)": lambda x, w, v: jax.nn.softmax(0.5 * v),
     "jaxsel.nn.softmax(v)": lambda x, w, v: softmax(0.5 * v),
     "logsumexp over genes (axis 1)": lambda x, w, v: jax.nn.logsumexp(x, axis=1),
+    "sum(v * v), v [3451]": lambda x, w, v: jnp.sum(v * v),
+    "sum(v), v [3451]": lambda x, w, v: jnp.sum(v),
+    "pairwise_sum(exp(v)), fixed order": lambda x, w, v: pairwise_sum(jnp.exp(v - jnp.max(v))),
+    "pairwise_sum(v * v), fixed order": lambda x, w, v: pairwise_sum(v * v),
 }
 
 
