@@ -103,7 +103,7 @@ def ensure_data(data_dir: Path, sizes) -> dict:
 # ----------------------------------------------------------------------------- one run (child process)
 
 
-def worker(method: str, path: str, epochs: int, chunk_size: int) -> dict:
+def worker(method: str, path: str, epochs: int, chunk_size: int, checkpoint=None, checkpoint_every=8) -> dict:
     base_rss = _rss_mb()
     import jax  # noqa: F401
     import numpy as np
@@ -126,11 +126,16 @@ def worker(method: str, path: str, epochs: int, chunk_size: int) -> dict:
         types = np.unique(src.obs_column("cell_type"), return_inverse=True)[1]
         y = np.eye(types.max() + 1, dtype=np.float32)[types]
         y = (y - y.mean(0)) / y.std(0)
-        est = jaxsel.SparseRRR(rank=2, n_genes=25, chunk_size=chunk_size).fit(src, y)
+        est = jaxsel.SparseRRR(rank=2, n_genes=25, chunk_size=chunk_size).fit(src, y, checkpoint=checkpoint,
+                                                                             checkpoint_every=checkpoint_every)
         src.close()
         info = est.stream_info_
+        from jaxsel import engine
+
         return {"method": method, "n_cells": info["n_cells"], "chunk_size": chunk_size, "setup_s": t_setup,
+                "fit_digest": engine.fingerprint(est.genes_, est.coef_w_, est.coef_v_, est.lambda_),
                 "moments_s": info["moments_seconds"], "solve_s": info["solve_seconds"],
+                "checkpoint_s": info.get("checkpoint_seconds", 0.0),
                 "cells_per_s": info["n_cells"] / info["moments_seconds"], "total_s": time.perf_counter() - t0,
                 "compile_s": sum(d for _, d in compiles), "n_outputs": int(y.shape[1]),
                 "start_rss_mb": base_rss, "import_rss_mb": import_rss, "peak_rss_mb": _maxrss_mb(),
@@ -203,9 +208,14 @@ def worker(method: str, path: str, epochs: int, chunk_size: int) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 
-def run_one(method, path, epochs, chunk_size, timeout) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, "--path", str(path), "--epochs", str(epochs),
-           "--chunk-size", str(chunk_size)]
+def _worker_cmd(method, path, epochs, chunk_size, checkpoint=None, every=8):
+    return [sys.executable, __file__, "--worker", method, "--path", str(path), "--epochs", str(epochs),
+            "--chunk-size", str(chunk_size)] + ([] if checkpoint is None else
+                                                ["--checkpoint", str(checkpoint), "--checkpoint-every", str(every)])
+
+
+def run_one(method, path, epochs, chunk_size, timeout, checkpoint=None, every=8) -> dict:
+    cmd = _worker_cmd(method, path, epochs, chunk_size, checkpoint, every)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -214,6 +224,49 @@ def run_one(method, path, epochs, chunk_size, timeout) -> dict:
     res = json.loads(line[len("RESULT "):])
     res["process_s"] = time.perf_counter() - t0
     return res
+
+
+def resume_check(plain: dict, path, chunk_size, timeout, workdir: Path, every: int) -> dict:
+    """sRRR's pass with a checkpoint every ``every`` blocks, against ``plain`` (the same
+    fit without one): an uninterrupted checkpointed run (the cost of writing the file),
+    then a run killed (SIGKILL) once it has written half of its checkpoints, and the run
+    that resumes it.
+    Every run's fit is compared with the plain one's by a digest of its genes,
+    coefficients and lambda."""
+    import numpy as np
+
+    ck = workdir / f"srrr_resume_{plain['n_cells']}.npz"
+    ck.unlink(missing_ok=True)
+    full = run_one("srrr", path, 2, chunk_size, timeout, checkpoint=ck, every=every)
+    size_mb = ck.stat().st_size / 2**20
+    ck.unlink()
+    # killed once it has written half of its checkpoints (each write replaces the file)
+    n_blocks = -(-plain["n_cells"] // chunk_size)
+    target = max(1, n_blocks // every // 2)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(_worker_cmd("srrr", path, 2, chunk_size, ck, every), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    seen, last = 0, None
+    while seen < target and proc.poll() is None:
+        time.sleep(0.02)
+        stamp = ck.stat().st_mtime_ns if ck.exists() else None
+        if stamp is not None and stamp != last:
+            seen, last = seen + 1, stamp
+    proc.kill()
+    proc.wait()
+    killed_s = time.perf_counter() - t0
+    if not ck.exists():
+        raise RuntimeError(f"the killed run wrote no checkpoint in {killed_s:.0f} s")
+    with np.load(ck) as f:  # the file's leaves in key order: n, next_row, scatter, shift, sums
+        rows_done = int(f["leaf1"])
+    resumed = run_one("srrr", path, 2, chunk_size, timeout, checkpoint=ck, every=every)
+    ck.unlink()
+    return {"n_cells": plain["n_cells"], "checkpoint_every": every, "plain_pass_s": plain["moments_s"],
+            "checkpointed_pass_s": full["moments_s"], "writing_s": full["checkpoint_s"], "checkpoint_mb": size_mb,
+            "checkpointed_equal": full["fit_digest"] == plain["fit_digest"], "killed_after_s": killed_s,
+            "rows_in_checkpoint": rows_done, "resumed_pass_s": resumed["moments_s"],
+            "resumed_equal": resumed["fit_digest"] == plain["fit_digest"],
+            "resumed_peak_rss_mb": resumed["peak_rss_mb"]}
 
 
 def slope(xs, ys) -> float:
@@ -261,6 +314,19 @@ def render(res: dict) -> str:
                          f"{r['cells_per_s']:,.0f} | "
                          f"{r['solve_s']:.1f} ({r['compile_s']:.1f}) | {r['peak_rss_mb']:.0f} | "
                          f"{r['import_rss_mb']:.0f} | {r['loadavg_before']:.1f} |")
+    if res.get("srrr_resume"):
+        lines += ["", "sRRR's pass with a checkpoint (`--srrr-resume`): written every `--checkpoint-every` blocks "
+                  f"({next(iter(res['srrr_resume'].values())).get('checkpoint_every', 8)} here) and at the end; a run "
+                  "killed (SIGKILL) once it had written half of its checkpoints, then run again. Same fit: the "
+                  "digest of genes, coefficients and lambda equals the run without a checkpoint's.", "",
+                  "| cells | pass s, no checkpoint | pass s, checkpointed (writing s) | file MB | same fit "
+                  "| killed after s | rows in the file | resumed pass s | same fit |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for c in res["srrr_resume"].values():
+            lines.append(f"| {c['n_cells']:,} | {c['plain_pass_s']:.1f} | {c['checkpointed_pass_s']:.1f} "
+                         f"({c.get('writing_s', float('nan')):.1f}) | "
+                         f"{c['checkpoint_mb']:.0f} | {c['checkpointed_equal']} | {c['killed_after_s']:.0f} | "
+                         f"{c['rows_in_checkpoint']:,} | {c['resumed_pass_s']:.1f} | {c['resumed_equal']} |")
     lines.append("")
     for method, s in res.get("slopes", {}).items():
         what = "the pass" if method in ONE_PASS else "the steady epoch time"
@@ -315,12 +381,17 @@ def main():
     ap.add_argument("--timeout", type=float, default=4 * 3600)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_scale.json")
     ap.add_argument("--report", type=Path, help="re-render the markdown and figure of a results JSON")
+    ap.add_argument("--srrr-resume", action="store_true",
+                    help="also run sRRR with a checkpoint: uninterrupted, then killed at half of its checkpoints "
+                         "and resumed")
+    ap.add_argument("--checkpoint-every", type=int, default=2, help="blocks between checkpoints (--srrr-resume)")
     ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
-        res = worker(args.worker, args.path, args.epochs, args.chunk_size)
+        res = worker(args.worker, args.path, args.epochs, args.chunk_size, args.checkpoint, args.checkpoint_every)
         print("RESULT " + json.dumps(res), flush=True)
         return
     from bench_markermap import machine_info, write_results
@@ -339,6 +410,8 @@ def main():
         res["runs"] = [r for r in old.get("runs", [])
                        if not (r["method"] in args.methods and r["n_cells"] in args.sizes)]
         res["writes"] = old.get("writes", {})
+        res["srrr_resume"] = {k: v for k, v in old.get("srrr_resume", {}).items()
+                              if not (args.srrr_resume and int(k) in args.sizes)}
     res.setdefault("writes", {}).update({str(k): v for k, v in ensure_data(args.data_dir, args.sizes).items() if v})
     for n in sorted(args.sizes):
         for method in args.methods:
@@ -349,6 +422,15 @@ def main():
                       f"{r['solve_s']:.1f} s, recipe setup {r['setup_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB",
                       flush=True)
                 res["runs"].append(r)
+                if method == "srrr" and args.srrr_resume:
+                    c = resume_check(r, data_path(args.data_dir, n), args.chunk_size, args.timeout, args.data_dir,
+                                     args.checkpoint_every)
+                    print(f"  checkpointed pass {c['checkpointed_pass_s']:.1f} s ({c['writing_s']:.1f} s writing "
+                          f"{c['checkpoint_mb']:.0f} MB files), "
+                          f"same fit: {c['checkpointed_equal']}; killed after {c['killed_after_s']:.0f} s with "
+                          f"{c['rows_in_checkpoint']:,} rows done, resumed pass {c['resumed_pass_s']:.1f} s, "
+                          f"same fit: {c['resumed_equal']}", flush=True)
+                    res.setdefault("srrr_resume", {})[str(n)] = c
                 _finish(res, args.out)
                 continue
             print(f"  steady epoch {r['steady_epoch_s']:.1f} s ({r['cells_per_s']:,.0f} cells/s), first "

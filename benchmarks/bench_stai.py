@@ -325,16 +325,20 @@ def annotation(args, name, d) -> dict:
     # unassigned cells (STARmap's "NA") stay in the reference but are not scored
     y_eval = np.where(d["y_sp"] == "NA", "__unassigned__", d["y_sp"])
     runs = {}
-    for power in [None] + [float(p) for p in filter(None, args.class_weight_powers.split(","))]:
-        est = StAI(n_calibration_folds=K, task="annotate", epochs=args.annotation_epochs, random_state=0,
+    seeds = [int(v) for v in args.annotation_seeds.split(",")]
+    settings = [(None, seed) for seed in seeds]
+    settings += [(float(p), seeds[0]) for p in filter(None, args.class_weight_powers.split(","))]
+    for power, seed in settings:
+        est = StAI(n_calibration_folds=K, task="annotate", epochs=args.annotation_epochs, random_state=seed,
                    class_weight_power=power)
         t0 = time.perf_counter()
         est.fit(d["x_sp"], d["x_ref"], d["y_ref"], coords=d["coords"], spatial_genes=d["genes"],
                 ref_genes=d["genes"], genes=[])
         wall = time.perf_counter() - t0
-        runs["default" if power is None else f"{power:g}"] = {**est.score_annotation(y_eval, unknown="ignore"),
-                                                               "wall_s": wall}
-    ours = runs.pop("default")
+        runs[f"seed{seed}" if power is None else f"{power:g}"] = {**est.score_annotation(y_eval, unknown="ignore"),
+                                                                  "wall_s": wall}
+    by_seed = {seed: runs.pop(f"seed{seed}") for seed in seeds}
+    ours = by_seed[seeds[0]]
     inp = fold_inputs(d, np.array([], np.int64), 0)
     onehot = np.eye(inp["n_classes"], dtype=np.float32)[inp["labels"]]
     vote = np.asarray(baselines.knn_pca_impute(inp["x1"], inp["x2"], onehot,
@@ -345,6 +349,15 @@ def annotation(args, name, d) -> dict:
           f"kNN acc {knn['accuracy']:.3f} F1 {knn['macro_f1']:.3f}", flush=True)
     out = {"epochs": args.annotation_epochs, "jaxsel": ours, "knn": knn, "cells_scored": int(known.sum()),
            "jaxsel_class_weight_power": runs}
+    if len(seeds) > 1:  # the default's spread over seeds (the class-weight rows are of the first seed)
+        out["jaxsel_seeds"] = {str(k): v for k, v in by_seed.items()}
+        for m in ("accuracy", "macro_f1", "weighted_f1"):
+            v = [r[m] for r in by_seed.values()]
+            out.setdefault("jaxsel_seed_mean", {})[m] = float(np.mean(v))
+            out.setdefault("jaxsel_seed_sd", {})[m] = float(np.std(v, ddof=1))
+        mean = out["jaxsel_seed_mean"]
+        print(f"{name} annotation over seeds {seeds}: jaxsel acc {mean['accuracy']:.3f} F1 {mean['macro_f1']:.3f}",
+              flush=True)
     _reference_annotation(args, d, out)
     return out
 
@@ -415,7 +428,14 @@ def render(res: dict) -> str:
         if a:
             lines += [f"## Annotation, {name} ({a['epochs']} epochs, {a['cells_scored']} spatial cells)", "",
                       "| method | accuracy | macro F1 | weighted F1 |", "|---|---|---|---|"]
-            rows = [("jaxsel stAI (the authors' class weights 1/count^2)", a["jaxsel"])]
+            first = next(iter(a.get("jaxsel_seeds", {"0": None})))
+            rows = [(f"jaxsel stAI (the authors' class weights 1/count^2; seed {first})", a["jaxsel"])]
+            for seed, v in list(a.get("jaxsel_seeds", {}).items())[1:]:
+                rows.append((f"jaxsel stAI, seed {seed}", v))
+            if "jaxsel_seed_mean" in a:
+                mean, sd = a["jaxsel_seed_mean"], a["jaxsel_seed_sd"]
+                lines_sd = {m: f"{mean[m]:.3f} ± {sd[m]:.3f}" for m in mean}
+                rows.append((f"jaxsel stAI, mean ± sd over {len(a['jaxsel_seeds'])} seeds", lines_sd))
             rows += [(f"jaxsel stAI, class_weight_power={p} (1/count^{p})", v)
                      for p, v in a.get("jaxsel_class_weight_power", {}).items()]
             if "reference" in a:
@@ -423,7 +443,9 @@ def render(res: dict) -> str:
                              a["reference"]))
             rows.append(("kNN in shared PCA", a["knn"]))
             for meth, v in rows:
-                lines.append(f"| {meth} | {v['accuracy']:.3f} | {v['macro_f1']:.3f} | {v['weighted_f1']:.3f} |")
+                cells = [v[m] if isinstance(v[m], str) else f"{v[m]:.3f}" for m in ("accuracy", "macro_f1",
+                                                                                       "weighted_f1")]
+                lines.append(f"| {meth} | " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)
 
@@ -445,6 +467,9 @@ def main(argv=None):
     ap.add_argument("--annotation-epochs", type=int, default=300)
     ap.add_argument("--class-weight-powers", default="",
                     help="annotation: also fit with these class_weight_power values (comma list), besides the default")
+    ap.add_argument("--annotation-seeds", default="0",
+                    help="annotation: random_state of the default fit (comma list; the first also for the class-weight "
+                         "rows); with several, their mean and sd are reported too")
     ap.add_argument("--gene-folds", type=int, default=None, help="default: LOO for osmFISH, 10 for STARmap")
     ap.add_argument("--ref-quality-folds", type=int, default=0)
     ap.add_argument("--ref-cache", default=None,
