@@ -27,6 +27,7 @@ they are read, so the preprocessed matrix never exists.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import time
 from pathlib import Path
@@ -565,6 +566,16 @@ class Moments:
         return 0.5 * (out + out.T)
 
 
+def _transform_key(transform):
+    """What identifies a source's row transform in a checkpoint's key: its module and
+    name, and an object's attributes (the recipe's gene statistics, say)."""
+    if transform is None:
+        return None
+    name = getattr(transform, "__qualname__", type(transform).__qualname__)
+    attrs = {} if inspect.isfunction(transform) else dict(getattr(transform, "__dict__", {}))
+    return [getattr(transform, "__module__", type(transform).__module__), name, attrs]
+
+
 def paired_moments(source: RowSource, y, *, groups=None, block_rows: int = 16384, name: str = "X",
                    checkpoint=None, checkpoint_every: int = 8, checkpoint_key: str = "") -> Moments:
     """One pass over the (transformed) rows of ``source`` beside ``y`` [n_obs, q] in
@@ -580,13 +591,14 @@ def paired_moments(source: RowSource, y, *, groups=None, block_rows: int = 16384
 
     ``checkpoint`` (a file path): the sums so far and the next row are written there
     (atomically, ``.npz``) after every ``checkpoint_every`` blocks and at the end. A pass
-    run again with the same path, shape, variable names, ``y``, groups and ``block_rows``
-    (and ``checkpoint_key``, the caller's own context) reads the file and goes on from
-    its next row: the moments are bit for bit those of a pass that never stopped (the
-    same float64 sums in the same order). A finished file is read without reading
-    ``source`` at all. The file's cells are not hashed: a file written for other data of
-    the same shape and names would be taken for this one. A file written for other
-    inputs, or by another jaxsel version, is a ``ValueError``."""
+    run again with the same path, shape, variable names, transform (its name and
+    attributes, e.g. the recipe's gene statistics), ``y``, groups and ``block_rows`` (and
+    ``checkpoint_key``, the caller's own context) reads the file and goes on from its next
+    row: the moments are bit for bit those of a pass that never stopped (the same float64
+    sums in the same order). A finished file is read without reading ``source`` at all.
+    The cells themselves are not hashed: a file written for other data of the same shape,
+    names and transform would be taken for this one. A file written for other inputs, or
+    by another jaxsel version, is a ``ValueError``."""
     y = np.asarray(y, dtype=np.float64)
     if y.ndim != 2 or y.shape[0] != source.n_obs:
         raise ValueError(f"y must be [n_obs={source.n_obs}, n_outputs], got shape {y.shape}.")
@@ -601,7 +613,7 @@ def paired_moments(source: RowSource, y, *, groups=None, block_rows: int = 16384
         checkpoint_every = check_checkpoint_args(checkpoint, checkpoint_every)
         names = source.var_names
         key = fingerprint("paired_moments/1", checkpoint_key, [source.n_obs, source.n_vars], int(block_rows),
-                          [] if names is None else names.tolist(), y, labels)
+                          [] if names is None else names.tolist(), _transform_key(source.transform), y, labels)
         got = read_checkpoint(checkpoint, state, key)
         if got is not None:
             state = {k: np.array(v) for k, v in got.items()}  # writable copies of the file's arrays

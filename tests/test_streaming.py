@@ -670,6 +670,9 @@ def test_sparse_rrr_pass_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
     resumed = streaming.paired_moments(_Reads(x), y, groups=folds, block_rows=100, checkpoint=mck)
     for a in ("n", "sums", "scatter", "shift"):
         np.testing.assert_array_equal(getattr(resumed, a), getattr(plain, a))
+    recipe = streaming.markermap_recipe(streaming.RowSource(np.abs(x)))  # same shape, another transform
+    with pytest.raises(ValueError, match="other settings or other data"):
+        streaming.paired_moments(recipe, y, groups=folds, block_rows=100, checkpoint=mck)
 
     # a finished fit's file serves a refit with other settings without reading X
     fck = tmp_path / "fit.npz"
