@@ -693,6 +693,10 @@ def test_sparse_rrr_pass_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
         est.cross_validate(x, y, n_folds=4, checkpoint=ck)
     with pytest.raises(TypeError, match="checkpoint must be a file path"):
         est.fit(_Reads(x), y, checkpoint=3)
+    with pytest.raises(ValueError, match="got the folder"):
+        est.fit(_Reads(x, fail_after=0), y, checkpoint=tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        est.fit(_Reads(x, fail_after=0), y, checkpoint=tmp_path / "no" / "fit.npz")
     with pytest.raises(ValueError, match="checkpoint_every"):
         est.fit(_Reads(x), y, checkpoint=fck, checkpoint_every=0)
 

@@ -92,10 +92,18 @@ def read_checkpoint(path, template, key: str) -> Checkpoint | None:
 
 
 def check_checkpoint_args(path, every) -> int:
-    """``every`` as an int, after a ``TypeError`` for a ``path`` that is not a file path
-    and the usual checks of ``checkpoint_every`` (an int, at least 1)."""
+    """``every`` as an int, after a ``TypeError`` for a ``path`` that is not a file path,
+    a ``ValueError`` for a folder and a ``FileNotFoundError`` for a file in a folder that
+    does not exist (before any work, not at the first write), and the usual checks of
+    ``checkpoint_every`` (an int, at least 1)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"checkpoint must be a file path (str or os.PathLike), got {path!r}.")
+    if Path(path).is_dir():
+        raise ValueError(f"checkpoint must be a file path, got the folder {str(path)!r}; pass e.g. "
+                         f"{str(Path(path) / 'fit.npz')!r}.")
+    if not Path(path).absolute().parent.is_dir():
+        raise FileNotFoundError(f"checkpoint {str(path)!r}: the folder {str(Path(path).absolute().parent)!r} does "
+                                "not exist; create it first.")
     from .._validation import check_int
 
     return check_int(every, "checkpoint_every", 1)
