@@ -509,15 +509,14 @@ class _NeuralSelector(PersistMixin, SelectorMixin, BaseEstimator):
         the others join ``tr``); ``tag``/``extra`` go into the checkpoint's fingerprint
         before/after the settings and data. ``(MarkerMapResult, info)``."""
         chunk = streaming.check_chunk_size(self.chunk_size, loop.batch_size)
-        n_cells, n_genes = src.shape
-        labels = codes.astype(np.int32) if cfg.use_clf else np.zeros(n_cells, np.int32)
+        labels = codes.astype(np.int32) if cfg.use_clf else np.zeros(src.n_obs, np.int32)
 
         def read(rows):
             return {"x": src.read_rows(rows), "y": labels[rows]}
 
         tr, va = streaming.cap_validation(tr, va, chunk, seed)
         digest = "" if checkpoint is None else engine.fingerprint(
-            type(self).__name__, *tag, fit_settings(self), seed, [n_cells, n_genes], labels, *extra)
+            type(self).__name__, *tag, fit_settings(self), seed, src.identity(), labels, *extra)
         return mm.fit_stream(cfg, loop, key, read, tr, va, chunk_size=chunk, checkpoint=checkpoint,
                              checkpoint_every=every, fingerprint=digest)
 
@@ -1477,7 +1476,7 @@ class SparseBottleneck(_PairedSelector):
         ``tag`` goes into the fingerprint. A list of ``(host result, info)``."""
         from .methods import sbnn
 
-        n_cells, n_genes = src.shape
+        n_cells = src.n_obs
         chunk = streaming.check_chunk_size(self.chunk_size, cfg.batch_size)
         c = np.zeros((len(train_sets), n_cells), np.int32)
         pre = [None] * len(train_sets)
@@ -1500,7 +1499,7 @@ class SparseBottleneck(_PairedSelector):
             if checkpoint is not None:
                 if len(train_sets) > 1:
                     path = engine.tagged_path(checkpoint, f"{part}{i}")
-                digest = engine.fingerprint(type(self).__name__, *tag, fit_settings(self), seed, [n_cells, n_genes],
+                digest = engine.fingerprint(type(self).__name__, *tag, fit_settings(self), seed, src.identity(),
                                             y, len(train_sets), i)
             res, info = sbnn.fit_stream(cfg, keys[i], read, np.asarray(rows), val, x_means[i],
                                         y[rows].mean(axis=0, dtype=np.float64), pre_rows=pre[i], chunk_size=chunk,

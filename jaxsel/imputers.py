@@ -904,8 +904,7 @@ class GimVI(PersistMixin, BaseEstimator):
         with streaming.open_source(X_ref, "X_ref") as src:
             s = self._stream_setup(src, X_spatial, ref_genes, spatial_genes)
             digest = "" if checkpoint is None else engine.fingerprint(
-                "GimVI", fit_settings(self), seed, [src.n_obs, src.n_vars], s["ref_names"].tolist(),
-                s["sp_names"].tolist())
+                "GimVI", fit_settings(self), seed, src.identity(), s["ref_names"].tolist(), s["sp_names"].tolist())
             model, out = self._stream_model(s, src, np.ones(s["sp_names"].size, np.float32), seed, checkpoint,
                                             checkpoint_every, digest)
         res = out.result
@@ -1180,7 +1179,7 @@ class GimVI(PersistMixin, BaseEstimator):
             if checkpoint is not None:
                 path = engine.tagged_path(checkpoint, f"model{m}")
                 digest = engine.fingerprint("GimVI.cross_validate_genes", fit_settings(self), sd, mask,
-                                            [src.n_obs, src.n_vars], s["ref_names"].tolist(), s["sp_names"].tolist())
+                                            src.identity(), s["ref_names"].tolist(), s["sp_names"].tolist())
             model, out = self._stream_model(s, src, mask, sd, path, every, digest)
             res = jax.device_get(out.result)
             fitted.append((res.params, res.model_state, model))

@@ -293,6 +293,14 @@ class RowSource:
             return np.array([str(v) for v in read_elem(var[index])])
         return None
 
+    def identity(self) -> list:
+        """What a checkpoint's key holds of this source: its shape, its variable names
+        (when it has them) and its row transform (module, name and, for an object, its
+        attributes, e.g. the recipe's gene statistics). The cells themselves are not
+        hashed: that would be a pass over them."""
+        names = self.var_names
+        return [list(self.shape), [] if names is None else names.tolist(), _transform_key(self.transform)]
+
     def obs_column(self, key: str) -> np.ndarray:
         """One ``obs`` column (e.g. the cell types) as a numpy array, read alone."""
         if self._adata is not None:
@@ -591,14 +599,14 @@ def paired_moments(source: RowSource, y, *, groups=None, block_rows: int = 16384
 
     ``checkpoint`` (a file path): the sums so far and the next row are written there
     (atomically, ``.npz``) after every ``checkpoint_every`` blocks and at the end. A pass
-    run again with the same path, shape, variable names, transform (its name and
-    attributes, e.g. the recipe's gene statistics), ``y``, groups and ``block_rows`` (and
-    ``checkpoint_key``, the caller's own context) reads the file and goes on from its next
-    row: the moments are bit for bit those of a pass that never stopped (the same float64
-    sums in the same order). A finished file is read without reading ``source`` at all.
-    The cells themselves are not hashed: a file written for other data of the same shape,
-    names and transform would be taken for this one. A file written for other inputs, or
-    by another jaxsel version, is a ``ValueError``."""
+    run again with the same path, source (:meth:`RowSource.identity`: shape, variable
+    names, transform), ``y``, groups and ``block_rows`` (and ``checkpoint_key``, the
+    caller's own context) reads the file and goes on from its next row: the moments are
+    bit for bit those of a pass that never stopped (the same float64 sums in the same
+    order). A finished file is read without reading ``source`` at all. The cells
+    themselves are not hashed: a file written for other data of the same shape, names
+    and transform would be taken for this one. A file written for other inputs, or by
+    another jaxsel version, is a ``ValueError``."""
     y = np.asarray(y, dtype=np.float64)
     if y.ndim != 2 or y.shape[0] != source.n_obs:
         raise ValueError(f"y must be [n_obs={source.n_obs}, n_outputs], got shape {y.shape}.")
@@ -608,12 +616,10 @@ def paired_moments(source: RowSource, y, *, groups=None, block_rows: int = 16384
              "shift": np.zeros(d), "next_row": np.array(0, np.int64)}
     key = ""
     if checkpoint is not None:
-        from .engine.checkpoint import check_checkpoint_args, fingerprint, read_checkpoint
+        from .engine.checkpoint import check_checkpoint_args, fingerprint, read_checkpoint, write_checkpoint
 
         checkpoint_every = check_checkpoint_args(checkpoint, checkpoint_every)
-        names = source.var_names
-        key = fingerprint("paired_moments/1", checkpoint_key, [source.n_obs, source.n_vars], int(block_rows),
-                          [] if names is None else names.tolist(), _transform_key(source.transform), y, labels)
+        key = fingerprint("paired_moments/1", checkpoint_key, source.identity(), int(block_rows), y, labels)
         got = read_checkpoint(checkpoint, state, key)
         if got is not None:
             state = {k: np.array(v) for k, v in got.items()}  # writable copies of the file's arrays
@@ -630,8 +636,6 @@ def paired_moments(source: RowSource, y, *, groups=None, block_rows: int = 16384
             scatter[k] += zk.T @ zk
         state["shift"], state["next_row"] = shift, np.array(stop, np.int64)
         if checkpoint is not None and ((i + 1) % checkpoint_every == 0 or stop == source.n_obs):
-            from .engine.checkpoint import write_checkpoint
-
             t0 = time.perf_counter()
             write_checkpoint(checkpoint, state, key)
             writing += time.perf_counter() - t0

@@ -276,6 +276,10 @@ def test_markermap_streamed_fit_resumes_from_a_checkpoint(files, streamed, tmp_p
             np.testing.assert_array_equal(again.history_[k], sel.history_[k])
         with pytest.raises(ValueError, match="other settings or other data"):
             jaxsel.MarkerMap(**{**MM, "random_state": 1}).fit(src, "cell_type", checkpoint=path)
+    # the same file through another recipe (other gene statistics): not this fit's checkpoint
+    with streaming.markermap_recipe(files["h5ad"], target_sum=1e3) as other:
+        with pytest.raises(ValueError, match="other settings or other data"):
+            jaxsel.MarkerMap(**MM).fit(other, "cell_type", checkpoint=path)
 
 
 def test_markermap_cross_validates_data_on_disk_fold_by_fold(files, streamed, tmp_path, monkeypatch):
