@@ -350,11 +350,7 @@ def annotation(args, name, d) -> dict:
     out = {"epochs": args.annotation_epochs, "jaxsel": ours, "knn": knn, "cells_scored": int(known.sum()),
            "jaxsel_class_weight_power": runs}
     if len(seeds) > 1:  # the default's spread over seeds (the class-weight rows are of the first seed)
-        out["jaxsel_seeds"] = {str(k): v for k, v in by_seed.items()}
-        for m in ("accuracy", "macro_f1", "weighted_f1"):
-            v = [r[m] for r in by_seed.values()]
-            out.setdefault("jaxsel_seed_mean", {})[m] = float(np.mean(v))
-            out.setdefault("jaxsel_seed_sd", {})[m] = float(np.std(v, ddof=1))
+        _over_seeds(out, "jaxsel", {str(k): v for k, v in by_seed.items()})
         mean = out["jaxsel_seed_mean"]
         print(f"{name} annotation over seeds {seeds}: jaxsel acc {mean['accuracy']:.3f} F1 {mean['macro_f1']:.3f}",
               flush=True)
@@ -385,11 +381,33 @@ def _reference_annotation(args, d, out):
               f"({r['wall_s']:.0f} s)", flush=True)
     out["reference"] = runs[str(seeds[0])]
     if len(seeds) > 1:
-        out["reference_seeds"] = runs
-        for m in ("accuracy", "macro_f1", "weighted_f1"):
-            v = [r[m] for r in runs.values()]
-            out.setdefault("reference_seed_mean", {})[m] = float(np.mean(v))
-            out.setdefault("reference_seed_sd", {})[m] = float(np.std(v, ddof=1))
+        _over_seeds(out, "reference", runs)
+
+
+_ANNOTATION_SCORES = ("accuracy", "macro_f1", "weighted_f1")
+
+
+def _over_seeds(out, who: str, runs: dict):
+    """``out[who + "_seeds"]`` (the runs by seed) with the mean and sd of each score."""
+    out[f"{who}_seeds"] = runs
+    for m in _ANNOTATION_SCORES:
+        v = [r[m] for r in runs.values()]
+        out.setdefault(f"{who}_seed_mean", {})[m] = float(np.mean(v))
+        out.setdefault(f"{who}_seed_sd", {})[m] = float(np.std(v, ddof=1))
+
+
+def _seed_rows(a, who: str, label: str, first: str) -> list:
+    """Table rows of an annotation result: ``first`` (the label of ``a[who]``, the first
+    seed's run), the other seeds' runs and, over several seeds, mean ± sd."""
+    runs = a.get(f"{who}_seeds", {})
+    seed0 = f"; seed {next(iter(runs))}" if runs else ""
+    rows = [(first.format(seed=seed0), a[who])]
+    rows += [(f"{label}, seed {seed}" + (f" ({v['wall_s']:.0f} s)" if who == "reference" else ""), v)
+             for seed, v in list(runs.items())[1:]]
+    if f"{who}_seed_mean" in a:
+        mean, sd = a[f"{who}_seed_mean"], a[f"{who}_seed_sd"]
+        rows.append((f"{label}, mean ± sd over {len(runs)} seeds", {m: f"{mean[m]:.3f} ± {sd[m]:.3f}" for m in mean}))
+    return rows
 
 
 # ----------------------------------------------------------------------------- report
@@ -439,32 +457,15 @@ def render(res: dict) -> str:
         if a:
             lines += [f"## Annotation, {name} ({a['epochs']} epochs, {a['cells_scored']} spatial cells)", "",
                       "| method | accuracy | macro F1 | weighted F1 |", "|---|---|---|---|"]
-            first = next(iter(a.get("jaxsel_seeds", {"0": None})))
-            rows = [(f"jaxsel stAI (the authors' class weights 1/count^2; seed {first})", a["jaxsel"])]
-            for seed, v in list(a.get("jaxsel_seeds", {}).items())[1:]:
-                rows.append((f"jaxsel stAI, seed {seed}", v))
-            if "jaxsel_seed_mean" in a:
-                mean, sd = a["jaxsel_seed_mean"], a["jaxsel_seed_sd"]
-                lines_sd = {m: f"{mean[m]:.3f} ± {sd[m]:.3f}" for m in mean}
-                rows.append((f"jaxsel stAI, mean ± sd over {len(a['jaxsel_seeds'])} seeds", lines_sd))
+            rows = _seed_rows(a, "jaxsel", "jaxsel stAI", "jaxsel stAI (the authors' class weights 1/count^2{seed})")
             rows += [(f"jaxsel stAI, class_weight_power={p} (1/count^{p})", v)
                      for p, v in a.get("jaxsel_class_weight_power", {}).items()]
             if "reference" in a:
-                ref_seeds = list(a.get("reference_seeds", {}))
-                first = f"; seed {ref_seeds[0]}" if ref_seeds else ""
-                rows.append((f"released stAI code (the same configuration{first}; {a['reference']['wall_s']:.0f} s)",
-                             a["reference"]))
-                for seed in ref_seeds[1:]:
-                    v = a["reference_seeds"][seed]
-                    rows.append((f"released stAI code, seed {seed} ({v['wall_s']:.0f} s)", v))
-                if "reference_seed_mean" in a:
-                    mean, sd = a["reference_seed_mean"], a["reference_seed_sd"]
-                    rows.append((f"released stAI code, mean ± sd over {len(ref_seeds)} seeds",
-                                 {m: f"{mean[m]:.3f} ± {sd[m]:.3f}" for m in mean}))
+                rows += _seed_rows(a, "reference", "released stAI code", "released stAI code (the same "
+                                   f"configuration{{seed}}; {a['reference']['wall_s']:.0f} s)")
             rows.append(("kNN in shared PCA", a["knn"]))
             for meth, v in rows:
-                cells = [v[m] if isinstance(v[m], str) else f"{v[m]:.3f}" for m in ("accuracy", "macro_f1",
-                                                                                       "weighted_f1")]
+                cells = [v[m] if isinstance(v[m], str) else f"{v[m]:.3f}" for m in _ANNOTATION_SCORES]
                 lines.append(f"| {meth} | " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)
