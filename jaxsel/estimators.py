@@ -1873,7 +1873,7 @@ class SparseRRR(_PairedSelector):
             [n_folds, n_outputs]; ``genes`` [n_folds, n_genes]; ``lambda`` [n_folds];
             ``test_indices``; on disk also ``stream_info`` (``moments_seconds``,
             ``solve_seconds``; with a checkpoint ``checkpoint_seconds``, the part of
-            the pass spent writing it).
+            the pass spent writing it, and ``first_row``, the row it went on from).
         """
         from .methods import srrr
 
@@ -1918,6 +1918,7 @@ class SparseRRR(_PairedSelector):
         info = {"n_cells": int(mom.n.sum()), "chunk_size": chunk, "moments_seconds": time.perf_counter() - t0}
         if checkpoint is not None:
             info["checkpoint_seconds"] = mom.checkpoint_seconds  # of moments_seconds, writing the file
+            info["first_row"] = mom.first_row  # where the pass went on (n_cells: it had finished)
         return mom, y, settings, folds, info
 
     def _cross_validate_stream(self, X, Y, n_folds, random_state, batch_size, checkpoint=None, checkpoint_every=8):

@@ -551,9 +551,10 @@ class Moments:
     [d] a rough mean (the first block's), so that centring does not cancel digits.
     From :func:`paired_moments`."""
 
-    def __init__(self, n, sums, scatter, shift, checkpoint_seconds: float = 0.0):
+    def __init__(self, n, sums, scatter, shift, checkpoint_seconds: float = 0.0, first_row: int = 0):
         self.n, self.sums, self.scatter, self.shift = n, sums, scatter, shift
         self.checkpoint_seconds = checkpoint_seconds  # time the pass spent writing its checkpoint
+        self.first_row = first_row  # the row this pass started at (> 0: resumed from a checkpoint)
 
     def select(self, keep) -> tuple:
         """``(n, sums, scatter)`` summed over the groups where ``keep`` [n_groups] is True."""
@@ -639,7 +640,7 @@ def paired_moments(source: RowSource, y, *, groups=None, block_rows: int = 16384
             t0 = time.perf_counter()
             write_checkpoint(checkpoint, state, key)
             writing += time.perf_counter() - t0
-    return Moments(n, sums, scatter, state["shift"], writing)
+    return Moments(n, sums, scatter, state["shift"], writing, first)
 
 
 def square_root_rows(scatter, p: int):

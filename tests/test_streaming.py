@@ -658,6 +658,7 @@ def test_sparse_rrr_pass_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
     got = est.cross_validate(src, y, n_folds=4, checkpoint=ck, checkpoint_every=2)
     assert src.reads == 4  # blocks 5..8: the file held the sums of blocks 1..4
     assert 0 < got["stream_info"]["checkpoint_seconds"] < got["stream_info"]["moments_seconds"]
+    assert got["stream_info"]["first_row"] == 512
     assert "checkpoint_seconds" not in want["stream_info"]
     for k in ("test_r2", "train_r2", "test_r2_per_feature", "genes", "lambda"):
         np.testing.assert_array_equal(got[k], want[k])
