@@ -31,7 +31,12 @@ by a background thread:
   DE t-test (``de``, 50 markers) of the recipe's rows against the cell types
   (:class:`jaxsel.DEMarkers` on disk: per-type moments). Reported in a table of their
   own: the recipe's setup pass, the pass, the solve (sRRR), cells per second of the
-  pass and the peak RSS; and the slope of the pass against cells.
+  pass and the peak RSS; and the slope of the pass against cells. stAI's inputs
+  (``stai``): no training (stAI trains full batch on every cell), only the pass that
+  reads the file as the reference and keeps the 200 panel genes and 50 genes to impute,
+  log-normalised over all genes (:func:`jaxsel.streaming.read_columns`), with the spatial
+  panel above in memory; reported with the MB kept against a dense log-normalised copy of
+  all genes.
 
 Reported per run: the setup pass, the first epoch's wall time and the XLA compilation
 inside it (``jax.monitoring``'s backend-compile events), the *steady* epoch (the last one,
@@ -60,7 +65,8 @@ sys.path.insert(0, str(HERE))
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
 N_GENES = 2000
 N_SPATIAL, N_PANEL = 10_000, 200
-ONE_PASS = ("srrr", "hvg", "de")  # fits that read the file once (no epochs)
+N_IMPUTE = 50
+ONE_PASS = ("srrr", "hvg", "de", "stai")  # fits that read the file once (no epochs)
 METHODS = ("markermap", "gimvi", *ONE_PASS)
 
 
@@ -160,6 +166,24 @@ def worker(method: str, path: str, epochs: int, chunk_size: int, checkpoint=None
                 "compile_s": sum(d for _, d in compiles), "start_rss_mb": base_rss, "import_rss_mb": import_rss,
                 "peak_rss_mb": _maxrss_mb(), "end_rss_mb": _rss_mb(), "loadavg_before": load_before[0],
                 "loadavg_after": os.getloadavg()[0]}
+    if method == "stai":
+        # stAI's inputs with the file as the reference: the one pass that keeps the panel's
+        # genes and the genes to impute (log-normalised over every gene); no training
+        xs, panel, genes = _panel(path)
+        impute = np.setdiff1d(np.arange(genes.size), panel)[:: (genes.size - panel.size) // N_IMPUTE][:N_IMPUTE]
+        coords = np.random.default_rng(0).uniform(size=(xs.shape[0], 2))
+        t1 = time.perf_counter()
+        d = jaxsel.StAI()._inputs(xs, path, None, coords, genes[panel], genes, genes[impute])
+        t_pass = time.perf_counter() - t1
+        kept = d["ref_shared_log"].nbytes + d["ref_extra_log"].nbytes
+        n = d["ref_shared_log"].shape[0]
+        return {"method": method, "n_cells": n, "chunk_size": chunk_size, "setup_s": 0.0, "moments_s": t_pass,
+                "solve_s": 0.0, "cells_per_s": n / t_pass, "total_s": time.perf_counter() - t0,
+                "kept_mb": kept / 2**20, "all_genes_mb": 4 * n * genes.size / 2**20,
+                "columns_kept": int(panel.size + impute.size),
+                "compile_s": sum(d for _, d in compiles), "start_rss_mb": base_rss, "import_rss_mb": import_rss,
+                "peak_rss_mb": _maxrss_mb(), "end_rss_mb": _rss_mb(), "loadavg_before": load_before[0],
+                "loadavg_after": os.getloadavg()[0]}
     if method == "markermap":
         src = streaming.markermap_recipe(path)  # the setup pass: gene statistics
         est = jaxsel.MarkerMap(n_markers=50, learning_rate=1e-3, max_epochs=epochs, min_epochs=0, patience=None,
@@ -171,11 +195,7 @@ def worker(method: str, path: str, epochs: int, chunk_size: int, checkpoint=None
         import anndata
 
         backed = anndata.read_h5ad(path, backed="r")
-        genes = np.asarray(backed.var_names)
-        panel = np.sort(np.random.default_rng(0).choice(genes.size, N_PANEL, replace=False))
-        with streaming.open_source(path) as s:
-            xs = s.read(0, N_SPATIAL)[:, panel]
-        xs = xs[xs.sum(1) > 0]
+        xs, panel, genes = _panel(path)
         est = jaxsel.GimVI(max_epochs=epochs, chunk_size=chunk_size, random_state=0)
         est.fit(backed, xs, ref_genes=genes, spatial_genes=genes[panel])  # setup pass: counts, library prior
         batch = 128
@@ -203,6 +223,20 @@ def worker(method: str, path: str, epochs: int, chunk_size: int, checkpoint=None
         # other processes on the machine: the 1-minute load average before and after the run
         "loadavg_before": load_before[0], "loadavg_after": os.getloadavg()[0],
     }
+
+
+def _panel(path):
+    """The spatial stand-in of gimVI and stAI: the file's first ``N_SPATIAL`` cells (those
+    with counts) in a random ``N_PANEL``-gene panel; ``(counts, panel columns, genes)``."""
+    import numpy as np
+
+    from jaxsel import streaming
+
+    with streaming.open_source(path) as s:
+        genes = np.asarray(s.var_names)
+        panel = np.sort(np.random.default_rng(0).choice(genes.size, N_PANEL, replace=False))
+        xs = s.read(0, N_SPATIAL)[:, panel]
+    return xs[xs.sum(1) > 0], panel, genes
 
 
 # ----------------------------------------------------------------------------- driver
@@ -302,7 +336,9 @@ def render(res: dict) -> str:
     if one_pass:
         lines += ["", "One-pass fits of the same file: sRRR (rank 2, 25 genes; the moments of [X, Y] of the recipe's "
                   "rows, then a solve on p + q rows), HVG (50 genes; gene means and variances of the normalised "
-                  "log1p rows), DE t-test (50 markers; per-type moments of the recipe's rows).", "",
+                  "log1p rows), DE t-test (50 markers; per-type moments of the recipe's rows), stAI's inputs (no "
+                  "training: the file as the reference, read once keeping the panel's 200 genes and 50 genes to "
+                  "impute, log-normalised over every gene).", "",
                   "| method | cells | recipe setup s | pass s | cells/s | solve s (compile s) | peak RSS MB "
                   "| RSS after imports MB | load avg |", "|---|---|---|---|---|---|---|---|---|"]
         for r in one_pass:
@@ -310,6 +346,11 @@ def render(res: dict) -> str:
                          f"{r['cells_per_s']:,.0f} | "
                          f"{r['solve_s']:.1f} ({r['compile_s']:.1f}) | {r['peak_rss_mb']:.0f} | "
                          f"{r['import_rss_mb']:.0f} | {r['loadavg_before']:.1f} |")
+        for r in one_pass:
+            if r["method"] == "stai":
+                lines.append(f"- stai, {r['n_cells']:,} cells: kept {r['columns_kept']} of {res['genes']} genes "
+                             f"log-normalised, {r['kept_mb']:,.0f} MB (all genes would be {r['all_genes_mb']:,.0f} "
+                             "MB dense).")
     if res.get("srrr_resume"):
         lines += ["", "sRRR's pass with a checkpoint (`--srrr-resume`): written every `--checkpoint-every` blocks "
                   f"({next(iter(res['srrr_resume'].values())).get('checkpoint_every', 8)} here) and at the end; a run "
@@ -344,7 +385,8 @@ def figure(res: dict, out: Path):
     import numpy as np
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for method, marker in (("markermap", "o"), ("gimvi", "s"), ("srrr", "^"), ("hvg", "v"), ("de", "D")):
+    for method, marker in (("markermap", "o"), ("gimvi", "s"), ("srrr", "^"), ("hvg", "v"), ("de", "D"),
+                           ("stai", "x")):
         rs = sorted([r for r in res["runs"] if r["method"] == method], key=lambda r: r["n_cells"])
         if not rs:
             continue

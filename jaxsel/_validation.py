@@ -49,7 +49,8 @@ def refuse_on_disk(x, name: str = "X", who: str | None = None):
             "(adata.to_memory(), or adata.X[:] for a backed AnnData). MarkerMap, ConcreteVAE, GlobalGumbelVAE "
             "(fit, cross_validate and inference), SparseBottleneck (fit, cross_validate, selection_stability and "
             "inference), SparseRRR (fit, cross_validate and inference), HVGMarkers, DEMarkers, RandomMarkers and "
-            "GimVI (its reference) stream from disk.")
+            "GimVI (its reference) stream from disk; StAI reads from disk only the genes it uses, and GimVI "
+            "reads its spatial data into memory.")
 
 
 def check_matrix(

@@ -18,6 +18,7 @@ module validates, converts and bookkeeps; the models live in :mod:`jaxsel.method
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import numbers
 
@@ -40,7 +41,6 @@ from ._validation import (
     fit_settings,
     fold_batch_size,
     progress_label,
-    refuse_on_disk,
     to_dense,
 )
 from .methods import gimvi as gv
@@ -223,6 +223,17 @@ class StAI(PersistMixin, BaseEstimator):
     after 20 epochs, 24 GB after about 35 minutes at 500 epochs), while on one device it
     stays flat (+0.7 GB at 20 and at 60 epochs); keep long CPU runs on one device.
 
+    Data on disk: ``X_spatial`` and ``X_ref`` may each be an ``.h5ad`` / ``.zarr`` path, a
+    backed AnnData, an h5py/zarr array or a :class:`jaxsel.streaming.RowSource` of the
+    stored values. Training is full batch on every cell, as in the paper, so the inputs
+    are held in memory, but only the genes the model uses: one pass over each file, in
+    blocks (:func:`jaxsel.streaming.read_columns`), keeps the shared genes and the
+    ``genes`` to impute, and every cell's total over *all* its genes for the
+    normalisation. A large scRNA-seq atlas against a small spatial panel therefore costs
+    ``n_ref x (G + len(genes))`` floats, not ``n_ref x n_ref_genes``; pass ``genes`` (the
+    default keeps every reference gene the panel lacks). The result equals the in-memory
+    fit bit for bit.
+
     Attributes
     ----------
     shared_genes_ : [G] gene names the model sees (spatial order).
@@ -318,16 +329,31 @@ class StAI(PersistMixin, BaseEstimator):
         k = check_int(self.n_calibration_folds, "n_calibration_folds", 2)
         check_int(self.n_neighbors, "n_neighbors", 1)
         check_bool(self.counts, "counts")
-        for x, name in ((X_spatial, "X_spatial"), (X_ref, "X_ref")):
-            refuse_on_disk(x, name, "StAI (full-batch training on every cell)")
-        xs = check_matrix(X_spatial, name="X_spatial", dtype=None)
-        xr = check_matrix(X_ref, name="X_ref", dtype=None)
+        with contextlib.ExitStack() as stack:
+            xs, xr = (stack.enter_context(streaming.open_source(x, name)) if streaming.is_source(x)
+                      else self._in_memory(x, name) for x, name in ((X_spatial, "X_spatial"), (X_ref, "X_ref")))
+            return self._checked_inputs(k, xs, xr, labels, coords, spatial_genes, ref_genes, genes)
+
+    def _in_memory(self, x, name):
+        x = check_matrix(x, name=name, dtype=None)
         if self.counts:  # normalised per cell: counts must be non-negative
-            for name, m in (("X_spatial", xs), ("X_ref", xr)):
-                v = m.data if hasattr(m, "data") and not isinstance(m, np.ndarray) else m
-                if v.size and v.min() < 0:
-                    raise ValueError(f"{name} must be non-negative counts (counts=True), found minimum {v.min()}; "
-                                     "pass counts=False for log-normalised data.")
+            v = x.data if hasattr(x, "data") and not isinstance(x, np.ndarray) else x
+            if v.size and v.min() < 0:
+                raise ValueError(f"{name} must be non-negative counts (counts=True), found minimum {v.min()}; "
+                                 "pass counts=False for log-normalised data.")
+        return x
+
+    def _read_columns(self, src, columns, name):
+        """One pass over ``src`` on disk (:func:`jaxsel.streaming.read_columns`): ``(the
+        raw values of these columns, every cell's total over all its genes)``."""
+        if src.transform is not None:
+            raise ValueError(f"{name}: StAI reads the stored values (counts, or log-normalised with counts=False) "
+                             "and normalises them itself; pass the file or a RowSource without a transform.")
+        rows = streaming.budget_rows(streaming.DEFAULT_MEMORY_BUDGET, 4 * src.n_vars, cap=streaming.DEFAULT_CHUNK_SIZE)
+        return streaming.read_columns(src, columns, block_rows=rows, name=name, nonnegative=bool(self.counts),
+                                      hint=" (counts=True); pass counts=False for log-normalised data")
+
+    def _checked_inputs(self, k, xs, xr, labels, coords, spatial_genes, ref_genes, genes):
         sp_names = _check_gene_names(spatial_genes, xs.shape[1], "spatial_genes")
         ref_names = _check_gene_names(ref_genes, xr.shape[1], "ref_genes")
         ref_pos = {g: i for i, g in enumerate(ref_names)}
@@ -361,9 +387,21 @@ class StAI(PersistMixin, BaseEstimator):
             codes, classes = check_labels(labels, xr.shape[0], name="labels")
         else:
             codes, classes = np.zeros(xr.shape[0], np.int64), None
-        ref_log = preprocessing.log_normalize(xr, counts=self.counts, name="X_ref")
-        return dict(k=k, shared=shared, x_sp=xs[:, sp_shared], ref_log=ref_log, ref_shared=ref_shared,
-                    extra=extra, ref_names=ref_names, coords=c, codes=codes, classes=classes)
+        # only the columns the model uses are read (from disk) and log-normalised, each cell
+        # over all its genes as the released code does: log_normalize(X_ref)[:, columns]
+        if isinstance(xs, streaming.RowSource):
+            x_sp = self._read_columns(xs, sp_shared, "X_spatial")[0]
+        else:
+            x_sp = xs[:, sp_shared]
+        cols = np.concatenate([ref_shared, extra])
+        if isinstance(xr, streaming.RowSource):
+            sub, totals = self._read_columns(xr, cols, "X_ref")
+            ref_log = preprocessing.log_normalize(sub, counts=self.counts, name="X_ref", totals=totals)
+        else:
+            ref_log = preprocessing.log_normalize(xr, counts=self.counts, name="X_ref", columns=cols)
+        return dict(k=k, shared=shared, x_sp=x_sp, ref_shared_log=ref_log[:, :n_shared],
+                    ref_extra_log=ref_log[:, n_shared:], ref_names=ref_names, extra=extra, coords=c,
+                    codes=codes, classes=classes)
 
     def _data(self, x1, x2, codes, n_classes, neighbours):
         cw = st.class_weights(jnp.asarray(codes), n_classes, self._class_power())
@@ -425,7 +463,7 @@ class StAI(PersistMixin, BaseEstimator):
         n_classes = 1 if d["classes"] is None else len(d["classes"])
         G, k = d["shared"].size, d["k"]
         cfg = self._config(G, n_classes, d["classes"] is not None)
-        x1, x2 = preprocessing.stai_recipe(d["x_sp"], d["ref_log"][:, d["ref_shared"]], counts=self.counts)
+        x1, x2 = preprocessing.stai_recipe(d["x_sp"], d["ref_shared_log"], counts=self.counts)
         neighbours = preprocessing.spatial_knn_graph(d["coords"], k=int(self.n_neighbors))
         folds = datasets.gene_folds(G, k, random_state=seed)
         fit_masks, cal_masks = _gene_masks(G, folds)
@@ -441,7 +479,7 @@ class StAI(PersistMixin, BaseEstimator):
         self.n_spatial_ = x1.shape[0]
         self._data_ = data
         self._masks = jnp.asarray(fit_masks)
-        self._values = jnp.asarray(d["ref_log"][:, d["extra"]])
+        self._values = jnp.asarray(d["ref_extra_log"])
         self._value_index = {g: i for i, g in enumerate(self.imputable_genes_)}
         return self
 
@@ -544,7 +582,7 @@ class StAI(PersistMixin, BaseEstimator):
         if any(G - h.size < k + 1 for h in held):
             raise ValueError(f"a held-out fold leaves fewer than n_calibration_folds + 1 = {k + 1} input genes.")
         n_classes = 1 if d["classes"] is None else len(d["classes"])
-        ref_shared = d["ref_log"][:, d["ref_shared"]]
+        ref_shared = d["ref_shared_log"]
         x2 = preprocessing.scale(ref_shared)[0]
         # the spatial input of each held-out fold is normalised over its remaining genes
         x1 = np.zeros((len(held), d["x_sp"].shape[0], G), np.float32)
@@ -591,7 +629,15 @@ _GIMVI_STRUCT = ("n_latent", "hidden", "n_layers_individual", "n_layers_shared",
 
 
 def _counts_matrix(x, name: str) -> np.ndarray:
-    """Dense float32 raw counts (non-negative integers; NaN, inf and fractions rejected)."""
+    """Dense float32 raw counts (non-negative integers; NaN, inf and fractions rejected).
+    Data on disk (:func:`jaxsel.streaming.is_source`) is read whole, in blocks: the
+    caller holds it in memory (gimVI's spatial cells, every one in every step)."""
+    if streaming.is_source(x):
+        with streaming.open_source(x, name) as src:
+            if src.transform is not None:
+                raise ValueError(f"{name}: gimVI reads the stored raw counts; pass the file or a RowSource without "
+                                 "a transform.")
+            x = streaming.read_columns(src, None, name=name)[0]
     return to_dense(check_matrix(x, name=name, dtype=np.float32, require_counts=True), name=name, dtype=np.float32)
 
 
@@ -695,7 +741,9 @@ class GimVI(PersistMixin, BaseEstimator):
     ``chunk_size`` cells in a background thread while the device trains on the previous
     chunk (minibatches shuffled within a chunk); the spatial cells stay in memory. The
     fitted model keeps no reference cells (pass ``X`` to ``latent(modality="reference")``,
-    which streams an on-disk ``X`` too). :meth:`cross_validate_genes` needs both in memory.
+    which streams an on-disk ``X`` too). :meth:`cross_validate_genes` streams an on-disk
+    reference the same way. ``X_spatial`` may be on disk too: it is read into memory in
+    blocks, since every step trains on all spatial cells.
 
     Attributes
     ----------
@@ -1130,16 +1178,14 @@ class GimVI(PersistMixin, BaseEstimator):
         model (``cv.npz`` gives ``cv.model0.npz``, ...; a rerun reads finished models
         back and goes on in the interrupted one, bit for bit); the reference latents in
         ``latent`` are computed block by block; per-fold timing in each result's
-        ``stream_info``. ``X_spatial`` must be in memory.
+        ``stream_info``. An on-disk ``X_spatial`` is read into memory (every model
+        trains on all spatial cells).
 
         Returns
         -------
         list of :class:`GeneCVResult`, one per seed (``genes`` are the spatial genes;
         ``history`` arrays [n_folds, epochs]).
         """
-        if streaming.is_source(X_spatial):
-            raise TypeError("cross_validate_genes needs X_spatial in memory (every model trains on all spatial "
-                            "cells at once); an on-disk X_ref is streamed.")
         seed = check_random_state(self.random_state)
         n_seeds = check_int(n_seeds, "n_seeds", 1)
         if seed + n_seeds > 2**32:

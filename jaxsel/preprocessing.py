@@ -196,7 +196,18 @@ def normalize_total(x, target_sum: float | None = 1e4):
     fmt = x.format if sp.issparse(x) else None
     x = check_matrix(x, name="x", dtype=None)
     _check_nonnegative(x, "x")
-    totals = np.asarray(x.sum(axis=1, dtype=np.float64)).reshape(-1)
+    out = _scale_rows(x, _total_factors(row_totals(x), target_sum))
+    return out.asformat(fmt) if fmt is not None else out
+
+
+def row_totals(x) -> np.ndarray:
+    """Every row's sum, float64 ``[n_rows]`` (what :func:`normalize_total` divides by)."""
+    return np.asarray(x.sum(axis=1, dtype=np.float64)).reshape(-1)
+
+
+def _total_factors(totals: np.ndarray, target_sum) -> np.ndarray:
+    """Per-row factors scaling rows with these ``totals`` to ``target_sum`` (``None``:
+    the median non-zero total); rows with zero total get 0."""
     if target_sum is None:
         nonzero = totals[totals > 0]
         target = float(np.median(nonzero)) if nonzero.size else 1.0
@@ -208,8 +219,7 @@ def normalize_total(x, target_sum: float | None = 1e4):
             raise ValueError(f"target_sum must be a positive finite float, got {target_sum}.")
     factors = np.zeros_like(totals)
     np.divide(target, totals, out=factors, where=totals > 0)
-    out = _scale_rows(x, factors)
-    return out.asformat(fmt) if fmt is not None else out
+    return factors
 
 
 def log1p(x, base: float | None = None):
@@ -416,14 +426,30 @@ def sbnn_recipe(x, y=None, *, max_dense_bytes: int = _DEFAULT_MAX_DENSE_BYTES):
 
 
 def log_normalize(x, *, counts: bool = True, target_sum: float = 1e4, name: str = "x",
-                  max_dense_bytes: int = _DEFAULT_MAX_DENSE_BYTES):
+                  max_dense_bytes: int = _DEFAULT_MAX_DENSE_BYTES, columns=None, totals=None):
     """``log1p(normalize_total(x, target_sum))`` as a dense float32 array when ``counts``
     (non-negative values required), else ``x`` as given (already log-normalised: only
-    finiteness is checked). The stAI recipe's per-dataset step."""
+    finiteness is checked). The stAI recipe's per-dataset step.
+
+    ``columns`` (integer indices): only these columns of the result, computed without
+    densifying the others; equal, bit for bit, to ``log_normalize(x)[:, columns]``.
+    ``totals`` (float64 ``[n_rows]``, e.g. from a pass over a file on disk,
+    :func:`jaxsel.streaming.read_columns`): the cells' totals over *all* their genes,
+    when ``x`` holds only some of them; default: ``x``'s row sums.
+    """
     x = check_matrix(x, name=name, dtype=None)
+    if totals is not None:
+        totals = np.asarray(totals, dtype=np.float64).reshape(-1)
+        if totals.shape[0] != x.shape[0]:
+            raise ValueError(f"totals must have one value per row of {name} ({x.shape[0]}), got {totals.shape[0]}.")
+    if columns is not None:
+        columns = np.asarray(columns, dtype=np.int64).reshape(-1)
     if counts:
         _check_nonnegative(x, name)
-        x = log1p(normalize_total(x, target_sum=target_sum))
+        factors = _total_factors(row_totals(x) if totals is None else totals, target_sum)
+        x = log1p(_scale_rows(x if columns is None else x[:, columns], factors))
+    elif columns is not None:
+        x = x[:, columns]
     check_cast_range(x, np.float32, name)
     return to_dense(x, max_dense_bytes, name=name, dtype=np.float32)
 

@@ -45,6 +45,7 @@ __all__ = [
     "map_row_blocks",
     "cap_validation",
     "column_means",
+    "read_columns",
     "Moments",
     "paired_moments",
     "group_moments",
@@ -481,6 +482,40 @@ def column_means(source: RowSource, *, block_rows: int = 16384, name: str = "X",
         return (total / max(source.n_obs, 1)).astype(np.float32)
     counts = source.n_obs - np.bincount(groups[groups >= 0], minlength=n_groups)
     return ((total - per_group) / np.maximum(counts, 1)[:, None]).astype(np.float32)
+
+
+def read_columns(source: RowSource, columns, *, block_rows: int = 16384, name: str = "X",
+                 nonnegative: bool = False, hint: str = "") -> tuple:
+    """One pass over the raw rows: ``(x[:, columns], totals)``, the values of a few
+    columns in memory and every row's sum over *all* columns (float64 ``[n_obs]``);
+    ``columns=None``: all of them.
+
+    The columns come back as the store holds them, in its dtype: scipy CSR for a sparse
+    store, numpy otherwise. Host memory holds them and one block of ``block_rows`` rows,
+    never the whole matrix. A NaN or infinite entry anywhere in a row, or with
+    ``nonnegative`` a negative one, is a ``ValueError`` naming ``name`` and the rows
+    (``hint`` is appended to the negative-value message). For stAI's inputs: a
+    scRNA-seq reference on disk with tens of thousands of genes, of which the model uses
+    the few hundred it shares with the spatial panel (see
+    :func:`jaxsel.preprocessing.log_normalize`'s ``columns`` and ``totals``)."""
+    from ._validation import check_values
+
+    cols = None if columns is None else np.asarray(columns, dtype=np.int64).reshape(-1)
+    if cols is not None and cols.size and (cols.min() < 0 or cols.max() >= source.n_vars):
+        raise IndexError(f"columns must be in [0, {source.n_vars}), got {cols.min()}..{cols.max()}")
+    totals = np.empty(source.n_obs, np.float64)
+    parts = []
+    for a, b, blk in source.iter_blocks(block_rows, raw=True):
+        vals = blk.data if sp.issparse(blk) else np.asarray(blk)
+        where = f" in rows {a}..{b - 1}"
+        check_values(vals, name, where=where)
+        if nonnegative and vals.size and vals.dtype.kind in "iuf" and vals.min() < 0:
+            raise ValueError(f"{name} must be non-negative counts, found minimum {vals.min()}{where}{hint}.")
+        totals[a:b] = np.asarray(blk.sum(axis=1, dtype=np.float64)).reshape(-1)
+        parts.append(blk if cols is None else blk[:, cols])
+    if sp.issparse(parts[0]):
+        return sp.vstack(parts, format="csr"), totals
+    return np.concatenate(parts), totals
 
 
 def _labels(groups, n_obs: int):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import anndata
+import chex
 import h5py
 import jax
 import jax.numpy as jnp
@@ -108,9 +109,6 @@ def test_bad_sources_are_clear_errors(files):
         streaming.count_stats(streaming.RowSource(np.full((4, 3), 0.5, np.float32)))
     with pytest.raises(ValueError, match="chunk_size"):
         jaxsel.MarkerMap(**{**MM, "chunk_size": 10}).fit(files["h5ad"], "cell_type")
-    with pytest.raises(TypeError, match="cross_validate_genes needs X_spatial in memory"):
-        jaxsel.GimVI().cross_validate_genes(files["counts"], files["h5ad"], ref_genes=files["genes"],
-                                            spatial_genes=files["genes"])
 
 
 def test_markermap_recipe_streams_the_paper_preprocessing(files):
@@ -419,14 +417,21 @@ def test_gimvi_gene_cross_validation_streams_the_reference(files, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         model.cross_validate_genes(backed, xs, ref_genes=genes, spatial_genes=panel, gene_folds=folds,
                                    checkpoint=ck, checkpoint_every=1)
-    (again,) = model.cross_validate_genes(backed, xs, ref_genes=genes, spatial_genes=panel, gene_folds=folds,
-                                          checkpoint=ck, checkpoint_every=1)
+    # run again with the spatial panel on disk too (read into memory): the same numbers
+    anndata.AnnData(X=sp.csr_matrix(xs)).write_h5ad(tmp_path / "panel.h5ad")
+    (again,) = model.cross_validate_genes(backed, tmp_path / "panel.h5ad", ref_genes=genes, spatial_genes=panel,
+                                          gene_folds=folds, checkpoint=ck, checkpoint_every=1)
     assert again.stream_info[0]["epoch_seconds"] == [] and again.stream_info[1]["first_epoch"] == 1
     for a, b in zip(jax.tree.leaves((res.imputed, res.pcc, res.history, res.latent)),
                     jax.tree.leaves((again.imputed, again.pcc, again.history, again.latent))):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="holds out every spatial gene"):
         model.cross_validate_genes(backed, xs, ref_genes=genes, spatial_genes=panel, gene_folds=[panel.tolist()])
+    bad = xs.copy()
+    bad[7, 2] = 0.5
+    anndata.AnnData(X=bad).write_h5ad(tmp_path / "bad_panel.h5ad")
+    with pytest.raises(ValueError, match="X_spatial must hold integer-valued counts"):
+        model.cross_validate_genes(backed, tmp_path / "bad_panel.h5ad", ref_genes=genes, spatial_genes=panel)
 
 
 def test_sparse_bottleneck_streams_x_and_recovers_the_planted_genes(tmp_path, monkeypatch):
@@ -831,8 +836,106 @@ def test_tl_on_a_backed_anndata_streams_or_says_what_it_needs(files):
     mem = a.to_memory()
     jaxsel.tl.de_markers(mem, 5, labels_key="cell_type")
     assert a.uns["de_markers"]["markers"] == mem.uns["de_markers"]["markers"]
-    with pytest.raises(TypeError, match=r"StAI \(full-batch training on every cell\) needs X_ref in memory"):
-        jaxsel.StAI().fit(np.ones((5, 12)), a.X, coords=np.zeros((5, 2)), spatial_genes=files["genes"][:12],
-                          ref_genes=files["genes"])
     with pytest.raises(ValueError, match="copy=True needs an in-memory AnnData"):
         jaxsel.tl.markermap(a, 6, "cell_type", copy=True)
+
+
+# ----------------------------------------------------------------------------- stAI: only the columns it uses
+
+
+def test_read_columns_keeps_a_few_columns_and_every_rows_total(files):
+    x = files["counts"]
+    cols = np.array([5, 0, 77, 5])
+    with streaming.RowSource(files["h5ad"]) as src:
+        sub, totals = streaming.read_columns(src, cols, block_rows=700)
+    assert sp.issparse(sub) and sub.format == "csr" and sub.shape == (N_CELLS, 4)
+    np.testing.assert_array_equal(sub.toarray(), x[:, cols])
+    np.testing.assert_array_equal(totals, x.sum(1, dtype=np.float64))
+    dense, t2 = streaming.read_columns(streaming.RowSource(x), cols, block_rows=999)
+    assert isinstance(dense, np.ndarray)
+    np.testing.assert_array_equal(dense, x[:, cols])
+    np.testing.assert_array_equal(t2, totals)
+    # log_normalize over a few columns with the totals of all: the full result's columns
+    full = pp.log_normalize(x)
+    np.testing.assert_array_equal(pp.log_normalize(sub, totals=totals), full[:, cols])
+    for fmt in (np.asarray, sp.csr_matrix, sp.csc_matrix):
+        np.testing.assert_array_equal(pp.log_normalize(fmt(x), columns=cols), full[:, cols])
+    with pytest.raises(ValueError, match="totals must have one value per row of X_ref"):
+        pp.log_normalize(sub, totals=totals[:-1], name="X_ref")
+    with pytest.raises(IndexError, match="columns must be in"):
+        streaming.read_columns(streaming.RowSource(x), [N_GENES])
+    bad = x.copy()
+    bad[1500, 3] = -2
+    with pytest.raises(ValueError, match=r"X_ref must be non-negative counts, found minimum -2.0 in rows 1400..2099"):
+        streaming.read_columns(streaming.RowSource(bad), cols, block_rows=700, name="X_ref", nonnegative=True)
+    bad[1500, 3] = np.nan
+    with pytest.raises(ValueError, match=r"X_ref contains 1 NaN or infinite value\(s\) in rows 1400..2099"):
+        streaming.read_columns(streaming.RowSource(bad), cols, block_rows=700, name="X_ref")
+
+
+@pytest.fixture(scope="module")
+def stai_pair(tmp_path_factory):
+    """A spatial panel and a reference with more genes than the panel, both also on disk
+    (the reference as CSR, the spatial data dense)."""
+    d = tmp_path_factory.mktemp("stai")
+    a, b, t = datasets.make_spatial_pair(n_spatial=240, n_ref=260, n_genes=30, n_measured=15, n_types=3,
+                                         random_state=2)
+    ref = anndata.AnnData(X=sp.csr_matrix(b.X), obs=b.obs.copy(), var=b.var.copy())
+    ref.write_h5ad(d / "ref.h5ad")
+    a.write_h5ad(d / "spatial.h5ad")
+    labels = np.asarray(b.obs["cell_type"])
+    kw = dict(coords=a.obsm["spatial"], spatial_genes=a.var_names, ref_genes=b.var_names)
+    return dict(a=a, b=b, t=t, dir=d, labels=labels, kw=kw)
+
+
+STAI_DISK = dict(n_calibration_folds=3, epochs=4, random_state=0)
+
+
+def test_stai_fits_from_disk_reading_only_the_genes_it_uses(stai_pair, monkeypatch):
+    """stAI's inputs from .h5ad files and a backed AnnData are the in-memory inputs, so the
+    fit, the imputation and the annotation are the same bit for bit; only the shared and
+    requested columns of the reference are kept (one pass, in blocks)."""
+    p = stai_pair
+    a, b, t, kw = p["a"], p["b"], p["t"], p["kw"]
+    genes = list(t.var_names[:3])
+    mem = jaxsel.StAI(**STAI_DISK).fit(a.X, b.X, p["labels"], genes=genes, **kw)
+    seen = []
+    real = streaming.read_columns
+
+    def spy(src, columns, **k):
+        seen.append((src.shape, len(columns), k["block_rows"]))
+        return real(src, columns, **k)
+
+    monkeypatch.setattr(streaming, "read_columns", spy)
+    disk = jaxsel.StAI(**STAI_DISK).fit(p["dir"] / "spatial.h5ad", p["dir"] / "ref.h5ad", p["labels"], genes=genes,
+                                        **kw)
+    assert seen == [((240, 15), 15, 16384), ((260, 30), 15 + 3, 16384)]
+    chex.assert_trees_all_equal(jax.device_get(disk.params_), jax.device_get(mem.params_))
+    np.testing.assert_array_equal(disk.impute(), mem.impute())
+    np.testing.assert_array_equal(disk.predict_proba(), mem.predict_proba())
+    # a backed AnnData through the scanpy-style call
+    backed = anndata.read_h5ad(p["dir"] / "ref.h5ad", backed="r")
+    out = jaxsel.tl.stai(a, backed, "cell_type", genes=genes, **STAI_DISK)
+    np.testing.assert_array_equal(out.X, mem.impute())
+    # held-out genes from disk equal held-out genes in memory
+    cv_mem = jaxsel.StAI(**STAI_DISK).cross_validate_genes(a.X, b.X, p["labels"], gene_folds=3, **kw)
+    cv_disk = jaxsel.StAI(**STAI_DISK).cross_validate_genes(a.X, backed, p["labels"], gene_folds=3, **kw)
+    np.testing.assert_array_equal(cv_disk.imputed, cv_mem.imputed)
+    backed.file.close()
+
+
+def test_stai_on_disk_bad_input_is_named(stai_pair, tmp_path):
+    p = stai_pair
+    a, b, kw = p["a"], p["b"], p["kw"]
+    neg = b.X.copy()
+    neg[200, 29] = -1  # a gene the model never uses: still refused, as in memory
+    anndata.AnnData(X=neg, var=b.var.copy()).write_h5ad(tmp_path / "neg.h5ad")
+    with pytest.raises(ValueError, match=r"X_ref must be non-negative counts, found minimum -1.0 in rows 0..259 "
+                                         r"\(counts=True\); pass counts=False"):
+        jaxsel.StAI(**STAI_DISK).fit(a.X, tmp_path / "neg.h5ad", p["labels"], **kw)
+    with pytest.raises(ValueError, match="X_spatial: StAI reads the stored values"):
+        jaxsel.StAI(**STAI_DISK).fit(streaming.markermap_recipe(p["dir"] / "spatial.h5ad"), b.X, p["labels"], **kw)
+    with pytest.raises(ValueError, match="one name per column"):
+        jaxsel.StAI(**STAI_DISK).fit(a.X, p["dir"] / "ref.h5ad", p["labels"], **{**kw, "ref_genes": b.var_names[:-1]})
+    with pytest.raises(FileNotFoundError, match="X_ref"):
+        jaxsel.StAI(**STAI_DISK).fit(a.X, tmp_path / "missing.h5ad", p["labels"], **kw)
