@@ -343,15 +343,16 @@ class StAI(PersistMixin, BaseEstimator):
                                  "pass counts=False for log-normalised data.")
         return x
 
-    def _read_columns(self, src, columns, name):
+    def _read_columns(self, src, columns, name, fn=None):
         """One pass over ``src`` on disk (:func:`jaxsel.streaming.read_columns`): ``(the
-        raw values of these columns, every cell's total over all its genes)``."""
+        values of these columns, raw or ``fn(values, totals)`` block by block, every
+        cell's total over all its genes)``."""
         if src.transform is not None:
             raise ValueError(f"{name}: StAI reads the stored values (counts, or log-normalised with counts=False) "
                              "and normalises them itself; pass the file or a RowSource without a transform.")
         rows = streaming.budget_rows(streaming.DEFAULT_MEMORY_BUDGET, 4 * src.n_vars, cap=streaming.DEFAULT_CHUNK_SIZE)
         return streaming.read_columns(src, columns, block_rows=rows, name=name, nonnegative=bool(self.counts),
-                                      hint=" (counts=True); pass counts=False for log-normalised data")
+                                      hint=" (counts=True); pass counts=False for log-normalised data", fn=fn)
 
     def _checked_inputs(self, k, xs, xr, labels, coords, spatial_genes, ref_genes, genes):
         sp_names = _check_gene_names(spatial_genes, xs.shape[1], "spatial_genes")
@@ -394,9 +395,9 @@ class StAI(PersistMixin, BaseEstimator):
         else:
             x_sp = xs[:, sp_shared]
         cols = np.concatenate([ref_shared, extra])
-        if isinstance(xr, streaming.RowSource):
-            sub, totals = self._read_columns(xr, cols, "X_ref")
-            ref_log = preprocessing.log_normalize(sub, counts=self.counts, name="X_ref", totals=totals)
+        if isinstance(xr, streaming.RowSource):  # normalised block by block into one array
+            ref_log = self._read_columns(xr, cols, "X_ref", lambda v, t: preprocessing.log_normalize(
+                v, counts=self.counts, name="X_ref", totals=t))[0]
         else:
             ref_log = preprocessing.log_normalize(xr, counts=self.counts, name="X_ref", columns=cols)
         return dict(k=k, shared=shared, x_sp=x_sp, ref_shared_log=ref_log[:, :n_shared],

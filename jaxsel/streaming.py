@@ -485,13 +485,16 @@ def column_means(source: RowSource, *, block_rows: int = 16384, name: str = "X",
 
 
 def read_columns(source: RowSource, columns, *, block_rows: int = 16384, name: str = "X",
-                 nonnegative: bool = False, hint: str = "") -> tuple:
+                 nonnegative: bool = False, hint: str = "", fn=None) -> tuple:
     """One pass over the raw rows: ``(x[:, columns], totals)``, the values of a few
     columns in memory and every row's sum over *all* columns (float64 ``[n_obs]``);
     ``columns=None``: all of them.
 
     The columns come back as the store holds them, in its dtype: scipy CSR for a sparse
-    store, numpy otherwise. Host memory holds them and one block of ``block_rows`` rows,
+    store, numpy otherwise; with ``fn``, as ``fn(values, totals)`` of every block (its
+    columns and its rows' totals), a dense float32 ``[rows, len(columns)]`` written into
+    one preallocated array (e.g. the log-normalisation, so that the raw values never
+    exist whole). Host memory holds the result and one block of ``block_rows`` rows,
     never the whole matrix. A NaN or infinite entry anywhere in a row, or with
     ``nonnegative`` a negative one, is a ``ValueError`` naming ``name`` and the rows
     (``hint`` is appended to the negative-value message). For stAI's inputs: a
@@ -505,6 +508,7 @@ def read_columns(source: RowSource, columns, *, block_rows: int = 16384, name: s
         raise IndexError(f"columns must be in [0, {source.n_vars}), got {cols.min()}..{cols.max()}")
     totals = np.empty(source.n_obs, np.float64)
     parts = []
+    out = None if fn is None else np.empty((source.n_obs, source.n_vars if cols is None else cols.size), np.float32)
     for a, b, blk in source.iter_blocks(block_rows, raw=True):
         vals = blk.data if sp.issparse(blk) else np.asarray(blk)
         where = f" in rows {a}..{b - 1}"
@@ -512,7 +516,13 @@ def read_columns(source: RowSource, columns, *, block_rows: int = 16384, name: s
         if nonnegative and vals.size and vals.dtype.kind in "iuf" and vals.min() < 0:
             raise ValueError(f"{name} must be non-negative counts, found minimum {vals.min()}{where}{hint}.")
         totals[a:b] = np.asarray(blk.sum(axis=1, dtype=np.float64)).reshape(-1)
-        parts.append(blk if cols is None else blk[:, cols])
+        part = blk if cols is None else blk[:, cols]
+        if fn is None:
+            parts.append(part)
+        else:
+            out[a:b] = fn(part, totals[a:b])
+    if out is not None:
+        return out, totals
     if sp.issparse(parts[0]):
         return sp.vstack(parts, format="csr"), totals
     return np.concatenate(parts), totals

@@ -858,6 +858,10 @@ def test_read_columns_keeps_a_few_columns_and_every_rows_total(files):
     # log_normalize over a few columns with the totals of all: the full result's columns
     full = pp.log_normalize(x)
     np.testing.assert_array_equal(pp.log_normalize(sub, totals=totals), full[:, cols])
+    with streaming.RowSource(files["zarr"]) as src:  # normalised block by block into one array
+        blocks, _ = streaming.read_columns(src, cols, block_rows=700, fn=lambda v, t: pp.log_normalize(v, totals=t))
+    assert blocks.dtype == np.float32
+    np.testing.assert_array_equal(blocks, full[:, cols])
     for fmt in (np.asarray, sp.csr_matrix, sp.csc_matrix):
         np.testing.assert_array_equal(pp.log_normalize(fmt(x), columns=cols), full[:, cols])
     with pytest.raises(ValueError, match="totals must have one value per row of X_ref"):
