@@ -77,6 +77,14 @@ ESTIMATE_MIN = {
     "quick": {"markermap": 12, "sbnn": 2, "stai": 4, "gimvi": 3, "scale": 2},
     "full": {"markermap": 140, "sbnn": 20, "stai": 300, "gimvi": 75, "scale": 40},
 }
+def _estimate(preset: str, name: str, args) -> float:
+    """Minutes :data:`ESTIMATE_MIN` gives ``name``; the scale benchmark's grows with the
+    cells of ``--scale-sizes`` (the full preset's 40 min are for 10k + 100k + 1M)."""
+    if name == "scale" and getattr(args, "scale_sizes", None):
+        return max(2.0, 40.0 * sum(args.scale_sizes) / 1_110_000)
+    return float(ESTIMATE_MIN[preset][name])
+
+
 MM_MODELS = {"supervised": "MarkerMap supervised", "unsupervised": "MarkerMap unsupervised",
              "joint": "MarkerMap joint", "concrete_vae": "Concrete VAE",
              "global_gumbel": "Global-Gumbel VAE (global gate)"}
@@ -250,7 +258,8 @@ def commands(preset: str, refs: Refs, results: Path, args) -> dict:
         gv += ["--ref-python", refs.ref_python]
     out["gimvi"] = (refs.python, gv)
     sc = ["--out", str(results / FILES["scale"]), "--epochs", "2"]
-    sc += ["--sizes", "10000", "30000"] if q else ["--sizes", "10000", "100000", "1000000"]
+    sizes = args.scale_sizes or ([10000, 30000] if q else [10000, 100000, 1000000])
+    sc += ["--sizes", *map(str, sizes)]
     if args.scale_data_dir:
         sc += ["--data-dir", args.scale_data_dir]
     out["scale"] = (refs.python, sc)
@@ -582,7 +591,7 @@ def summary_gimvi(r: dict, ref_ok: bool) -> list:
 # bench_scale's time per run that the cost curve is drawn with: an epoch, or sRRR's one pass
 _SCALE_TIME = {"markermap": ("steady_epoch_s", "steady epoch"), "gimvi": ("steady_epoch_s", "steady epoch"),
                "srrr": ("moments_s", "its one pass (moments)"), "hvg": ("moments_s", "its one pass"),
-               "de": ("moments_s", "its one pass (t-test)")}
+               "de": ("moments_s", "its one pass (t-test)"), "stai": ("moments_s", "its one pass (inputs only)")}
 
 
 def scale_line(r: dict) -> str | None:
@@ -768,7 +777,8 @@ def fig_scale(r: dict, out: Path) -> str:
         raise ValueError("bench_scale.json has no runs")
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method, marker in (("markermap", "o"), ("gimvi", "s"), ("srrr", "^"), ("hvg", "v"), ("de", "D")):
+    for method, marker in (("markermap", "o"), ("gimvi", "s"), ("srrr", "^"), ("hvg", "v"), ("de", "D"),
+                           ("stai", "x")):
         rs = sorted([x for x in runs if x["method"] == method], key=lambda x: x["n_cells"])
         if not rs:
             continue
@@ -931,6 +941,9 @@ def main(argv=None):
                     help="per-benchmark JSONs (default benchmarks/results, or benchmarks/results/quick with --quick)")
     ap.add_argument("--report-dir", default=str(RESULTS), help="where report.{json,md} and the figures go")
     ap.add_argument("--scale-data-dir", default=None, help="bench_scale.py's --data-dir (outside the repository)")
+    ap.add_argument("--scale-sizes", type=int, nargs="+", default=None,
+                    help="bench_scale.py's --sizes (default: 10000 30000 with --quick, 10000 100000 1000000 with "
+                         "--full)")
     ap.add_argument("--timeout-min", type=float, default=None,
                     help="per-benchmark time limit in minutes (default: 3x its estimate, at least 15; 0: none)")
     ap.add_argument("--omp-passive", action="store_true",
@@ -964,12 +977,12 @@ def main(argv=None):
         s = refs.status[name]
         print(f"  reference for {name}: " + (f"{s['what']} ({s['python']})" if s["available"] else s["reason"]))
     if to_run:
-        est = sum(ESTIMATE_MIN[preset][b] for b in to_run)
+        est = sum(_estimate(preset, b, args) for b in to_run)
         print(f"Running {', '.join(to_run)}; estimated {est:.0f} min "
               f"({est / 60:.1f} h) on an idle 2-core AMD EPYC (dev machine), references included:")
         for b in to_run:
             py, a = cmds[b]
-            print(f"  {b} (~{ESTIMATE_MIN[preset][b]} min): {py} benchmarks/{SCRIPTS[b]} {' '.join(a)}")
+            print(f"  {b} (~{_estimate(preset, b, args):.0f} min): {py} benchmarks/{SCRIPTS[b]} {' '.join(a)}")
     if args.dry_run:
         return 0
     load = _loadavg()
@@ -990,7 +1003,7 @@ def main(argv=None):
         if out.exists():  # keep the previous results next to it; this run starts clean
             out.replace(out.with_name(out.stem + ".prev.json"))
         t0 = time.time()
-        limit = args.timeout_min if args.timeout_min is not None else max(15.0, 3.0 * ESTIMATE_MIN[preset][name])
+        limit = args.timeout_min if args.timeout_min is not None else max(15.0, 3.0 * _estimate(preset, name, args))
         info = run_bench(name, py, a, results / "logs", limit * 60 if limit else None, env)
         res, sources = load_results(name, results, fill_from_extra=False, newer_than=t0 - 1)
         info.update(results=res, sources=sources)
