@@ -196,11 +196,11 @@ def normalize_total(x, target_sum: float | None = 1e4):
     fmt = x.format if sp.issparse(x) else None
     x = check_matrix(x, name="x", dtype=None)
     _check_nonnegative(x, "x")
-    out = _scale_rows(x, _total_factors(row_totals(x), target_sum))
+    out = _scale_rows(x, _total_factors(_row_totals(x), target_sum))
     return out.asformat(fmt) if fmt is not None else out
 
 
-def row_totals(x) -> np.ndarray:
+def _row_totals(x) -> np.ndarray:
     """Every row's sum, float64 ``[n_rows]`` (what :func:`normalize_total` divides by)."""
     return np.asarray(x.sum(axis=1, dtype=np.float64)).reshape(-1)
 
@@ -446,7 +446,7 @@ def log_normalize(x, *, counts: bool = True, target_sum: float = 1e4, name: str 
         columns = np.asarray(columns, dtype=np.int64).reshape(-1)
     if counts:
         _check_nonnegative(x, name)
-        factors = _total_factors(row_totals(x) if totals is None else totals, target_sum)
+        factors = _total_factors(_row_totals(x) if totals is None else totals, target_sum)
         x = log1p(_scale_rows(x if columns is None else x[:, columns], factors))
     elif columns is not None:
         x = x[:, columns]

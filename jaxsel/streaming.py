@@ -502,6 +502,7 @@ def read_columns(source: RowSource, columns, *, block_rows: int = 16384, name: s
     the few hundred it shares with the spatial panel (see
     :func:`jaxsel.preprocessing.log_normalize`'s ``columns`` and ``totals``)."""
     from ._validation import check_values
+    from .preprocessing import _row_totals
 
     cols = None if columns is None else np.asarray(columns, dtype=np.int64).reshape(-1)
     if cols is not None and cols.size and (cols.min() < 0 or cols.max() >= source.n_vars):
@@ -515,7 +516,7 @@ def read_columns(source: RowSource, columns, *, block_rows: int = 16384, name: s
         check_values(vals, name, where=where)
         if nonnegative and vals.size and vals.dtype.kind in "iuf" and vals.min() < 0:
             raise ValueError(f"{name} must be non-negative counts, found minimum {vals.min()}{where}{hint}.")
-        totals[a:b] = np.asarray(blk.sum(axis=1, dtype=np.float64)).reshape(-1)
+        totals[a:b] = _row_totals(blk)  # as normalize_total sums a matrix in memory
         part = blk if cols is None else blk[:, cols]
         if fn is None:
             parts.append(part)
