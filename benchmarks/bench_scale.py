@@ -346,11 +346,12 @@ def render(res: dict) -> str:
                          f"{r['cells_per_s']:,.0f} | "
                          f"{r['solve_s']:.1f} ({r['compile_s']:.1f}) | {r['peak_rss_mb']:.0f} | "
                          f"{r['import_rss_mb']:.0f} | {r['loadavg_before']:.1f} |")
-        for r in one_pass:
-            if r["method"] == "stai":
-                lines.append(f"- stai, {r['n_cells']:,} cells: kept {r['columns_kept']} of {res['genes']} genes "
-                             f"log-normalised, {r['kept_mb']:,.0f} MB (all genes would be {r['all_genes_mb']:,.0f} "
-                             "MB dense).")
+        kept = [r for r in one_pass if r["method"] == "stai"]
+        lines += [""] if kept else []
+        for r in kept:
+            lines.append(f"- stai, {r['n_cells']:,} cells: kept {r['columns_kept']} of {res['genes']} genes "
+                         f"log-normalised, {r['kept_mb']:,.0f} MB (all genes would be {r['all_genes_mb']:,.0f} "
+                         "MB dense).")
     if res.get("srrr_resume"):
         lines += ["", "sRRR's pass with a checkpoint (`--srrr-resume`): written every `--checkpoint-every` blocks "
                   f"({next(iter(res['srrr_resume'].values())).get('checkpoint_every', 8)} here) and at the end; a run "
