@@ -442,8 +442,10 @@ class StAI(PersistMixin, BaseEstimator):
         Parameters
         ----------
         X_spatial : [n_spatial, n_spatial_genes] spatial expression (counts unless
-            ``counts=False``); dense, sparse or DataFrame.
-        X_ref : [n_ref, n_ref_genes] reference expression.
+            ``counts=False``); dense, sparse or DataFrame, or on disk (an ``.h5ad`` /
+            ``.zarr`` path, a backed AnnData, ...: only the genes the model uses are
+            read; see the class Notes).
+        X_ref : [n_ref, n_ref_genes] reference expression, in memory or on disk.
         labels : [n_ref] reference cell types, optional (required for ``annotate``).
         coords : [n_spatial, 2 or 3] spatial coordinates.
         spatial_genes, ref_genes : gene names of the columns; the model uses the spatial
@@ -907,7 +909,7 @@ class GimVI(PersistMixin, BaseEstimator):
         Parameters
         ----------
         X_ref : [n_ref, G] reference counts (dense, sparse or DataFrame).
-        X_spatial : [n_spatial, G'] spatial counts.
+        X_spatial : [n_spatial, G'] spatial counts (on disk: read into memory in blocks).
         ref_genes, spatial_genes : gene names of the columns; every spatial gene must be
             a reference gene.
         checkpoint : path, optional

@@ -446,7 +446,10 @@ def stai(
     Genes are matched by ``var_names``; ``adata_spatial.obsm[spatial_key]`` holds the
     coordinates and ``adata_ref.obs[labels_key]`` the reference cell types (needed for
     ``annotate`` and for the classifier term; without it the term is dropped). The
-    matrices are counts unless ``counts=False`` is passed. Extra keyword arguments go to
+    matrices are counts unless ``counts=False`` is passed. Either AnnData may be opened in
+    backed mode (``anndata.read_h5ad(path, backed="r")``): only the genes the model uses
+    are read from its file (see :class:`~jaxsel.imputers.StAI`); pass ``genes`` to keep
+    that small for a reference with many genes. Extra keyword arguments go to
     :class:`~jaxsel.imputers.StAI` (``n_calibration_folds``, ``epochs``, ``task``, ...).
 
     Returns a new AnnData (cells of ``adata_spatial`` x ``genes``, default: every
