@@ -10,6 +10,7 @@ objects.
 from __future__ import annotations
 
 import numbers
+import os
 
 import numpy as np
 import scipy.sparse as sp
@@ -103,6 +104,9 @@ def check_matrix(
         ``max_dense_bytes``.
     """
     refuse_on_disk(x, name)
+    if isinstance(x, (str, bytes, os.PathLike)):
+        raise TypeError(f"{name} must be a matrix of shape [n_cells, n_genes], got {x!r}; files are read from "
+                        ".h5ad and .zarr paths only, where data on disk is accepted.")
     if hasattr(x, "obs") and hasattr(x, "var") and hasattr(x, "X"):
         raise TypeError(
             f"{name} must be a matrix of shape [n_cells, n_genes], got an AnnData "

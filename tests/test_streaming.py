@@ -943,3 +943,5 @@ def test_stai_on_disk_bad_input_is_named(stai_pair, tmp_path):
         jaxsel.StAI(**STAI_DISK).fit(a.X, p["dir"] / "ref.h5ad", p["labels"], **{**kw, "ref_genes": b.var_names[:-1]})
     with pytest.raises(FileNotFoundError, match="X_ref"):
         jaxsel.StAI(**STAI_DISK).fit(a.X, tmp_path / "missing.h5ad", p["labels"], **kw)
+    with pytest.raises(TypeError, match=r"X_ref must be a matrix .* got 'ref.csv'; files are read from .h5ad"):
+        jaxsel.StAI(**STAI_DISK).fit(a.X, "ref.csv", p["labels"], **kw)
