@@ -15,11 +15,16 @@ freely. The cases that must fit use one FIXED shape and tiny settings per model,
 every example after the first reuses the compiled program; only values, sparse formats,
 constant genes, zero-library cells and labels vary. ``derandomize=True`` keeps CI
 deterministic.
+
+A deeper search than CI's: ``JAXSEL_HYPOTHESIS_EXAMPLES=N`` multiplies both budgets by
+``N / 20`` (at least 1 example) and draws fresh random examples instead of CI's fixed
+ones, e.g. ``JAXSEL_HYPOTHESIS_EXAMPLES=200 pytest tests/test_properties.py``.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import re
 
 import anndata
@@ -36,10 +41,19 @@ from jaxsel import preprocessing as pp
 from jaxsel._validation import check_labels, check_matrix, check_n_markers, to_dense
 
 _HC = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+_DEEP = os.environ.get("JAXSEL_HYPOTHESIS_EXAMPLES")  # a deeper, random search (module docstring)
+_SCALE = int(_DEEP) / 20 if _DEEP else 1.0
+
+
+def _budget(n: int) -> settings:
+    return settings(max_examples=max(1, round(n * _SCALE)), deadline=None, derandomize=not _DEEP,
+                    suppress_health_check=_HC)
+
+
 #: cheap cases (validation, numpy-only functions)
-CHEAP = settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=_HC)
+CHEAP = _budget(20)
 #: cases that run a compiled model: one fixed shape, a handful of examples
-FIT = settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=_HC)
+FIT = _budget(4)
 
 FORMATS = ("csr", "csc", "coo", "bsr", "lil", "dok", "dia")
 ALL_FORMATS = ("dense",) + FORMATS + tuple(f + "_array" for f in FORMATS)
