@@ -656,7 +656,7 @@ def test_paired_fit_on_unscaled_input_is_an_error_not_nan(name):
 
 # fixed shapes: spatial cells x spatial genes, reference cells x reference genes
 SN, SG, RN, RG = 24, 6, 30, 10
-GENES = [f"g{i}" for i in range(RG)]
+GENES = [f"g{i}" for i in range(64)]  # names for up to 64 columns (the drawn shapes stay below)
 STAI_KW = dict(n_calibration_folds=2, epochs=2, hidden=8, latent=4, n_neighbors=3, top_k=5, min_shared_genes=3,
                random_state=0)
 # no adversary, no dropout: they only change the loss and the noise, and cost compile time
