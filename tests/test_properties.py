@@ -458,6 +458,26 @@ def test_neural_cross_validate_rejects_bad_folds_before_compiling(n_folds, bad_b
 BN, BG = 24, 8  # baseline fit shape (jitted per shape: keep it fixed)
 
 
+def _hvg_degenerate(x_log, n_bins: int = 20, tol: float = 1e-6) -> set:
+    """Genes whose Seurat normalised dispersion is 0/0 up to float32 resolution: alone in
+    their mean bin with a log dispersion within ``tol`` of 0, or in a bin whose log
+    dispersions all lie within ``tol`` of each other (float64, equal-width bins)."""
+    e = np.expm1(np.asarray(x_log, np.float64))
+    mean = e.mean(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_disp = np.log(e.var(0, ddof=1) / mean)
+    log_mean = np.log1p(mean)
+    edges = log_mean.min() + (log_mean.max() - log_mean.min()) * np.arange(1, n_bins) / n_bins
+    bins = (log_mean[:, None] > edges[None, :]).sum(1)
+    out = set()
+    for b in np.unique(bins):
+        genes = np.flatnonzero((bins == b) & np.isfinite(log_disp))
+        d = log_disp[genes]
+        if (genes.size == 1 and abs(d[0]) < tol) or (genes.size > 1 and np.ptp(d) < tol):
+            out |= set(genes.tolist())
+    return out
+
+
 @CHEAP
 @given(data=edge_matrix(BN, BG, kind="lognorm"), fmt=formats, one_cell=st.booleans(), as_str=st.booleans(),
        seed=seeds, method=st.sampled_from(["t-test", "t-test_overestim_var", "wilcoxon"]))
@@ -477,9 +497,13 @@ def test_baseline_selectors_fit_edge_cases(data, fmt, one_cell, as_str, seed, me
             np.testing.assert_array_equal(to_dense(out), dense[:, est.get_support()])
         finite(rnd.scores_, de.scores_, de.class_scores_)
         assert sorted(de.classes_.tolist()) == sorted(set(y.tolist()))
-        # documented: HVG dispersions are NaN only where undefined (constant genes)
+        # documented: HVG dispersions are NaN only where undefined: constant genes, a gene
+        # alone in its mean bin whose float32 log dispersion is exactly 0, and the genes of
+        # a bin whose float32 dispersions are all equal (0/0, as scanpy gives). float32 does
+        # not resolve log dispersions closer than ~1e-7, so here: within 1e-6 in float64.
+        # Found by a deep random run (JAXSEL_HYPOTHESIS_EXAMPLES=1000, 24 x 8 matrices).
         nan = np.isnan(hvg.scores_)
-        assert set(np.flatnonzero(nan)) <= set(const.tolist())
+        assert set(np.flatnonzero(nan)) <= set(const.tolist()) | _hvg_degenerate(dense)
         finite(hvg.scores_[~nan])
 
 
