@@ -126,6 +126,9 @@ def highly_variable_genes(
     finite gene there gets a normalised dispersion of 1 (NaN in the degenerate case of a
     log dispersion of exactly 0). Genes with NaN dispersion (e.g. all-zero genes) keep a
     NaN normalised dispersion, as do genes in a bin whose dispersions are all equal.
+    The arithmetic is float32 (scanpy's is float64): log dispersions closer than float32
+    resolution (~1e-7) count as equal here, so these NaN cases also arise where scanpy
+    would return a finite value from differences in the 8th digit.
 
     Parameters
     ----------
