@@ -158,10 +158,12 @@ def check_matrix(
     return x
 
 
-def check_values(values, name: str, *, require_counts: bool = False, where: str = "") -> None:
-    """``ValueError`` for NaN or infinite entries of the numeric array ``values`` and,
-    with ``require_counts``, for negative or non-integer ones; ``where`` (e.g. ``" in
-    rows 0..99"``) says which part of ``name`` a block of it is."""
+def check_values(values, name: str, *, require_counts: bool = False, nonnegative: bool = False, where: str = "",
+                 hint: str = "") -> None:
+    """``ValueError`` for NaN or infinite entries of the numeric array ``values``; with
+    ``require_counts``, for negative or non-integer ones; with ``nonnegative``, for
+    negative ones. ``where`` (e.g. ``" in rows 0..99"``) says which part of ``name`` a
+    block of it is; ``hint`` ends the negative-value message."""
     values = np.asarray(values)
     kind = values.dtype.kind
     if not values.size:
@@ -169,14 +171,13 @@ def check_values(values, name: str, *, require_counts: bool = False, where: str 
     if kind == "f" and not np.isfinite(values).all():
         n_bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
         raise ValueError(f"{name} contains {n_bad} NaN or infinite value(s){where}.")
-    if require_counts:
-        if kind in "iuf" and values.min() < 0:
-            raise ValueError(f"{name} must hold non-negative counts, found minimum {values.min()}{where}.")
-        if kind == "f" and not np.array_equal(values, np.round(values)):
-            raise ValueError(
-                f"{name} must hold integer-valued counts (raw counts, not normalised or "
-                f"log-transformed data); found non-integer values{where}."
-            )
+    if (require_counts or nonnegative) and kind in "iuf" and values.min() < 0:
+        raise ValueError(f"{name} must be non-negative counts, found minimum {values.min()}{where}{hint}.")
+    if require_counts and kind == "f" and not np.array_equal(values, np.round(values)):
+        raise ValueError(
+            f"{name} must hold integer-valued counts (raw counts, not normalised or "
+            f"log-transformed data); found non-integer values{where}."
+        )
 
 
 def check_cast_range(values, dtype, name: str = "x") -> None:

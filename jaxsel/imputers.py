@@ -25,6 +25,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.sparse as sp
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
@@ -38,6 +39,7 @@ from ._validation import (
     check_matrix,
     check_random_state,
     check_real,
+    check_values,
     fit_settings,
     fold_batch_size,
     progress_label,
@@ -50,6 +52,7 @@ __all__ = ["StAI", "GimVI", "GeneCVResult"]
 
 _TASKS = ("impute", "annotate")
 _LAMBDAS = ("recon", "mmd", "cos", "impute", "clf", "gene")
+_COUNTS_HINT = " (counts=True); pass counts=False for log-normalised data"
 
 
 def _check_gene_names(names, n: int, name: str) -> np.ndarray:
@@ -337,22 +340,16 @@ class StAI(PersistMixin, BaseEstimator):
     def _in_memory(self, x, name):
         x = check_matrix(x, name=name, dtype=None)
         if self.counts:  # normalised per cell: counts must be non-negative
-            v = x.data if hasattr(x, "data") and not isinstance(x, np.ndarray) else x
-            if v.size and v.min() < 0:
-                raise ValueError(f"{name} must be non-negative counts (counts=True), found minimum {v.min()}; "
-                                 "pass counts=False for log-normalised data.")
+            check_values(x.data if sp.issparse(x) else x, name, nonnegative=True, hint=_COUNTS_HINT)
         return x
 
     def _read_columns(self, src, columns, name, fn=None):
         """One pass over ``src`` on disk (:func:`jaxsel.streaming.read_columns`): ``(the
         values of these columns, raw or ``fn(values, totals)`` block by block, every
         cell's total over all its genes)``."""
-        if src.transform is not None:
-            raise ValueError(f"{name}: StAI reads the stored values (counts, or log-normalised with counts=False) "
-                             "and normalises them itself; pass the file or a RowSource without a transform.")
         rows = streaming.budget_rows(streaming.DEFAULT_MEMORY_BUDGET, 4 * src.n_vars, cap=streaming.DEFAULT_CHUNK_SIZE)
         return streaming.read_columns(src, columns, block_rows=rows, name=name, nonnegative=bool(self.counts),
-                                      hint=" (counts=True); pass counts=False for log-normalised data", fn=fn)
+                                      hint=_COUNTS_HINT, fn=fn)
 
     def _checked_inputs(self, k, xs, xr, labels, coords, spatial_genes, ref_genes, genes):
         sp_names = _check_gene_names(spatial_genes, xs.shape[1], "spatial_genes")
@@ -637,9 +634,6 @@ def _counts_matrix(x, name: str) -> np.ndarray:
     caller holds it in memory (gimVI's spatial cells, every one in every step)."""
     if streaming.is_source(x):
         with streaming.open_source(x, name) as src:
-            if src.transform is not None:
-                raise ValueError(f"{name}: gimVI reads the stored raw counts; pass the file or a RowSource without "
-                                 "a transform.")
             x = streaming.read_columns(src, None, name=name)[0]
     return to_dense(check_matrix(x, name=name, dtype=np.float32, require_counts=True), name=name, dtype=np.float32)
 

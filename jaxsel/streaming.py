@@ -497,13 +497,17 @@ def read_columns(source: RowSource, columns, *, block_rows: int = 16384, name: s
     exist whole). Host memory holds the result and one block of ``block_rows`` rows,
     never the whole matrix. A NaN or infinite entry anywhere in a row, or with
     ``nonnegative`` a negative one, is a ``ValueError`` naming ``name`` and the rows
-    (``hint`` is appended to the negative-value message). For stAI's inputs: a
+    (``hint`` is appended to the negative-value message); so is a ``source`` with a
+    ``transform`` (its stored values are not what its rows give). For stAI's inputs: a
     scRNA-seq reference on disk with tens of thousands of genes, of which the model uses
     the few hundred it shares with the spatial panel (see
     :func:`jaxsel.preprocessing.log_normalize`'s ``columns`` and ``totals``)."""
     from ._validation import check_values
     from .preprocessing import _row_totals
 
+    if source.transform is not None:  # the caller expects what the transform gives, not the stored values
+        raise ValueError(f"{name}: read_columns reads the stored values, and this RowSource applies a transform "
+                         "to its rows; pass the file, or a RowSource without a transform.")
     cols = None if columns is None else np.asarray(columns, dtype=np.int64).reshape(-1)
     if cols is not None and cols.size and (cols.min() < 0 or cols.max() >= source.n_vars):
         raise IndexError(f"columns must be in [0, {source.n_vars}), got {cols.min()}..{cols.max()}")
@@ -513,9 +517,7 @@ def read_columns(source: RowSource, columns, *, block_rows: int = 16384, name: s
     for a, b, blk in source.iter_blocks(block_rows, raw=True):
         vals = blk.data if sp.issparse(blk) else np.asarray(blk)
         where = f" in rows {a}..{b - 1}"
-        check_values(vals, name, where=where)
-        if nonnegative and vals.size and vals.dtype.kind in "iuf" and vals.min() < 0:
-            raise ValueError(f"{name} must be non-negative counts, found minimum {vals.min()}{where}{hint}.")
+        check_values(vals, name, nonnegative=nonnegative, where=where, hint=hint)
         totals[a:b] = _row_totals(blk)  # as normalize_total sums a matrix in memory
         part = blk if cols is None else blk[:, cols]
         if fn is None:

@@ -937,7 +937,7 @@ def test_stai_on_disk_bad_input_is_named(stai_pair, tmp_path):
     with pytest.raises(ValueError, match=r"X_ref must be non-negative counts, found minimum -1.0 in rows 0..259 "
                                          r"\(counts=True\); pass counts=False"):
         jaxsel.StAI(**STAI_DISK).fit(a.X, tmp_path / "neg.h5ad", p["labels"], **kw)
-    with pytest.raises(ValueError, match="X_spatial: StAI reads the stored values"):
+    with pytest.raises(ValueError, match="X_spatial: read_columns reads the stored values, and this RowSource applies"):
         jaxsel.StAI(**STAI_DISK).fit(streaming.markermap_recipe(p["dir"] / "spatial.h5ad"), b.X, p["labels"], **kw)
     with pytest.raises(ValueError, match="one name per column"):
         jaxsel.StAI(**STAI_DISK).fit(a.X, p["dir"] / "ref.h5ad", p["labels"], **{**kw, "ref_genes": b.var_names[:-1]})
