@@ -180,6 +180,20 @@ def check_values(values, name: str, *, require_counts: bool = False, nonnegative
         )
 
 
+def check_indices(idx, n: int, name: str, *, what: str = "cell") -> np.ndarray:
+    """A 1-D array of integer ``what`` indices in ``[0, n)``, as int64; ``ValueError`` or
+    ``TypeError`` naming ``name`` otherwise."""
+    arr = np.asarray(idx)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of {what} indices, got shape {arr.shape}.")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer {what} indices, got dtype {arr.dtype}.")
+    arr = arr.astype(np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() >= n):
+        raise ValueError(f"{name} must hold {what} indices in [0, {n}), got values from {arr.min()} to {arr.max()}.")
+    return arr
+
+
 def check_cast_range(values, dtype, name: str = "x") -> None:
     """Raise ``ValueError`` when finite float ``values`` would overflow to infinity once
     cast to the narrower float ``dtype`` (float64 data beyond the float32 range)."""

@@ -29,6 +29,7 @@ import scipy.sparse as sp
 from jaxsel._validation import (
     _DEFAULT_MAX_DENSE_BYTES,
     check_cast_range,
+    check_indices,
     check_labels,
     check_matrix,
     check_random_state,
@@ -439,11 +440,16 @@ def log_normalize(x, *, counts: bool = True, target_sum: float = 1e4, name: str 
     """
     x = check_matrix(x, name=name, dtype=None)
     if totals is not None:
-        totals = np.asarray(totals, dtype=np.float64).reshape(-1)
-        if totals.shape[0] != x.shape[0]:
-            raise ValueError(f"totals must have one value per row of {name} ({x.shape[0]}), got {totals.shape[0]}.")
+        totals = np.asarray(totals)
+        if totals.shape != (x.shape[0],):
+            raise ValueError(f"totals must have one value per row of {name} ({x.shape[0]}), got shape "
+                             f"{totals.shape}.")
+        valid = totals.dtype.kind in "iuf" and np.isfinite(totals).all() and (totals >= 0).all()
+        if not valid:
+            raise ValueError("totals must hold finite, non-negative row sums.")
+        totals = totals.astype(np.float64)
     if columns is not None:
-        columns = np.asarray(columns, dtype=np.int64).reshape(-1)
+        columns = check_indices(columns, x.shape[1], "columns", what="column")
     if counts:
         _check_nonnegative(x, name)
         factors = _total_factors(_row_totals(x) if totals is None else totals, target_sum)
@@ -496,19 +502,6 @@ def _standardise(a):
     return ((a - a.mean(axis=0)) / np.where(sd > 0, sd, 1.0)).astype(np.float32)
 
 
-def _check_index_set(idx, n: int, name: str) -> np.ndarray:
-    """A 1-D array of integer cell indices in ``[0, n)``, as int64."""
-    arr = np.asarray(idx)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D array of cell indices, got shape {arr.shape}.")
-    if arr.size and arr.dtype.kind not in "iu":
-        raise TypeError(f"{name} must hold integer cell indices, got dtype {arr.dtype}.")
-    arr = arr.astype(np.int64)
-    if arr.size and (arr.min() < 0 or arr.max() >= n):
-        raise ValueError(f"{name} must hold cell indices in [0, {n}), got values from {arr.min()} to {arr.max()}.")
-    return arr
-
-
 def pretraining_clusters(
     y,
     train_sets,
@@ -551,7 +544,7 @@ def pretraining_clusters(
             raise TypeError(f"{pname} must be a positive int, got {value!r}.")
         if value < 1:
             raise ValueError(f"{pname} must be a positive int, got {value}.")
-    train_sets = [_check_index_set(t, y.shape[0], f"train_sets[{i}]") for i, t in enumerate(train_sets)]
+    train_sets = [check_indices(t, y.shape[0], f"train_sets[{i}]") for i, t in enumerate(train_sets)]
     seed = check_random_state(random_state)
     rng = np.random.default_rng(seed)
     clusters = np.full((len(train_sets), y.shape[0]), -1, dtype=np.int32)

@@ -502,15 +502,13 @@ def read_columns(source: RowSource, columns, *, block_rows: int = 16384, name: s
     scRNA-seq reference on disk with tens of thousands of genes, of which the model uses
     the few hundred it shares with the spatial panel (see
     :func:`jaxsel.preprocessing.log_normalize`'s ``columns`` and ``totals``)."""
-    from ._validation import check_values
+    from ._validation import check_indices, check_values
     from .preprocessing import _row_totals
 
     if source.transform is not None:  # the caller expects what the transform gives, not the stored values
         raise ValueError(f"{name}: read_columns reads the stored values, and this RowSource applies a transform "
                          "to its rows; pass the file, or a RowSource without a transform.")
-    cols = None if columns is None else np.asarray(columns, dtype=np.int64).reshape(-1)
-    if cols is not None and cols.size and (cols.min() < 0 or cols.max() >= source.n_vars):
-        raise IndexError(f"columns must be in [0, {source.n_vars}), got {cols.min()}..{cols.max()}")
+    cols = None if columns is None else check_indices(columns, source.n_vars, "columns", what="column")
     totals = np.empty(source.n_obs, np.float64)
     parts = []
     out = None if fn is None else np.empty((source.n_obs, source.n_vars if cols is None else cols.size), np.float32)

@@ -866,8 +866,18 @@ def test_read_columns_keeps_a_few_columns_and_every_rows_total(files):
         np.testing.assert_array_equal(pp.log_normalize(fmt(x), columns=cols), full[:, cols])
     with pytest.raises(ValueError, match="totals must have one value per row of X_ref"):
         pp.log_normalize(sub, totals=totals[:-1], name="X_ref")
-    with pytest.raises(IndexError, match="columns must be in"):
-        streaming.read_columns(streaming.RowSource(x), [N_GENES])
+    with pytest.raises(ValueError, match=rf"columns must hold column indices in \[0, {N_GENES}\), got values from 0 "
+                                         rf"to {N_GENES}"):
+        streaming.read_columns(streaming.RowSource(x), [0, N_GENES])
+    with pytest.raises(TypeError, match="columns must hold integer column indices, got dtype float64"):
+        pp.log_normalize(x, columns=[0.0, 2.5])
+    with pytest.raises(ValueError, match="columns must be a 1-D array of column indices"):
+        pp.log_normalize(x, columns=[[0, 1]])
+    with pytest.raises(ValueError, match="columns must hold column indices in"):
+        pp.log_normalize(x, columns=[-1])
+    for bad in (np.full(N_CELLS, np.nan), -totals, totals.astype(str)):
+        with pytest.raises(ValueError, match="totals must hold finite, non-negative row sums"):
+            pp.log_normalize(sub, totals=bad)
     bad = x.copy()
     bad[1500, 3] = -2
     with pytest.raises(ValueError, match=r"X_ref must be non-negative counts, found minimum -2.0 in rows 1400..2099"):
