@@ -75,9 +75,10 @@ def _wilcoxon_reference(x, y, n_classes):
     return out
 
 
-def _hvg_reference(x_log, n_bins):
-    """Straight pandas transcription of the Seurat-flavour recipe."""
-    counts = np.expm1(x_log.astype(np.float64))
+def _hvg_frame(x_log, n_bins):
+    """Every gene's log1p mean, log dispersion and mean bin, in float64 (pandas, as the
+    Seurat-flavour recipe computes them)."""
+    counts = np.expm1(np.asarray(x_log, np.float64))
     mean = counts.mean(0)
     var = counts.var(0, ddof=1)
     mean[mean == 0] = 1e-12
@@ -85,6 +86,12 @@ def _hvg_reference(x_log, n_bins):
     disp[disp == 0] = np.nan
     df = pd.DataFrame({"means": np.log1p(mean), "dispersions": np.log(disp)})
     df["mean_bin"] = pd.cut(df["means"], bins=n_bins)
+    return df
+
+
+def _hvg_reference(x_log, n_bins):
+    """Straight pandas transcription of the Seurat-flavour recipe."""
+    df = _hvg_frame(x_log, n_bins)
     grouped = df.groupby("mean_bin", observed=True)["dispersions"]
     avg, dev = grouped.mean(), grouped.std(ddof=1)
     one_gene = dev.isnull()

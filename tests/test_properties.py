@@ -26,6 +26,8 @@ from __future__ import annotations
 import copy
 import os
 import re
+import sys
+from pathlib import Path
 
 import anndata
 import numpy as np
@@ -39,6 +41,9 @@ import jaxsel
 from jaxsel import metrics, tl
 from jaxsel import preprocessing as pp
 from jaxsel._validation import check_labels, check_matrix, check_n_markers, to_dense
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_baselines import _hvg_frame  # noqa: E402  (the Seurat recipe's pandas transcription)
 
 _HC = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
 _DEEP = os.environ.get("JAXSEL_HYPOTHESIS_EXAMPLES")  # a deeper, random search (module docstring)
@@ -461,20 +466,13 @@ BN, BG = 24, 8  # baseline fit shape (jitted per shape: keep it fixed)
 def _hvg_degenerate(x_log, n_bins: int = 20, tol: float = 1e-6) -> set:
     """Genes whose Seurat normalised dispersion is 0/0 up to float32 resolution: alone in
     their mean bin with a log dispersion within ``tol`` of 0, or in a bin whose log
-    dispersions all lie within ``tol`` of each other (float64, equal-width bins)."""
-    e = np.expm1(np.asarray(x_log, np.float64))
-    mean = e.mean(0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_disp = np.log(e.var(0, ddof=1) / mean)
-    log_mean = np.log1p(mean)
-    edges = log_mean.min() + (log_mean.max() - log_mean.min()) * np.arange(1, n_bins) / n_bins
-    bins = (log_mean[:, None] > edges[None, :]).sum(1)
+    dispersions all lie within ``tol`` of each other (float64, the recipe's pandas
+    transcription in ``test_baselines``)."""
+    df = _hvg_frame(x_log, n_bins)
     out = set()
-    for b in np.unique(bins):
-        genes = np.flatnonzero((bins == b) & np.isfinite(log_disp))
-        d = log_disp[genes]
-        if (genes.size == 1 and abs(d[0]) < tol) or (genes.size > 1 and np.ptp(d) < tol):
-            out |= set(genes.tolist())
+    for _, d in df.dropna(subset=["dispersions"]).groupby("mean_bin", observed=True)["dispersions"]:
+        if (d.size == 1 and abs(d.iloc[0]) < tol) or (d.size > 1 and np.ptp(d.to_numpy()) < tol):
+            out |= set(d.index.tolist())
     return out
 
 
