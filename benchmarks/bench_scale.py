@@ -70,6 +70,14 @@ ONE_PASS = ("srrr", "hvg", "de", "stai")  # fits that read the file once (no epo
 METHODS = ("markermap", "gimvi", *ONE_PASS)
 
 
+def cell_count(text: str) -> int:
+    """argparse type of ``--sizes``: a number of cells, at least 2."""
+    n = int(text)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"a size is a number of cells >= 2, got {text}")
+    return n
+
+
 def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -413,7 +421,7 @@ def figure(res: dict, out: Path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, default=Path("/work/scale_data"))
-    ap.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
+    ap.add_argument("--sizes", type=cell_count, nargs="+", default=list(DEFAULT_SIZES))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--chunk-size", type=int, default=16384)

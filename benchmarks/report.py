@@ -53,6 +53,8 @@ import time
 from collections import deque
 from pathlib import Path
 
+from bench_scale import cell_count  # noqa: E402  (benchmarks/ is the script's folder)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
@@ -77,17 +79,17 @@ ESTIMATE_MIN = {
     "quick": {"markermap": 12, "sbnn": 2, "stai": 4, "gimvi": 3, "scale": 2},
     "full": {"markermap": 140, "sbnn": 20, "stai": 300, "gimvi": 75, "scale": 40},
 }
+MM_MODELS = {"supervised": "MarkerMap supervised", "unsupervised": "MarkerMap unsupervised",
+             "joint": "MarkerMap joint", "concrete_vae": "Concrete VAE",
+             "global_gumbel": "Global-Gumbel VAE (global gate)"}
+
+
 def _estimate(preset: str, name: str, args) -> float:
     """Minutes :data:`ESTIMATE_MIN` gives ``name``; the scale benchmark's grows with the
     cells of ``--scale-sizes`` (the full preset's 40 min are for 10k + 100k + 1M)."""
     if name == "scale" and getattr(args, "scale_sizes", None):
         return max(2.0, 40.0 * sum(args.scale_sizes) / 1_110_000)
     return float(ESTIMATE_MIN[preset][name])
-
-
-MM_MODELS = {"supervised": "MarkerMap supervised", "unsupervised": "MarkerMap unsupervised",
-             "joint": "MarkerMap joint", "concrete_vae": "Concrete VAE",
-             "global_gumbel": "Global-Gumbel VAE (global gate)"}
 BASELINE_NAMES = {"random": "random", "hvg": "HVG (Seurat)", "ttest": "DE t-test", "wilcoxon": "DE Wilcoxon"}
 
 
@@ -941,7 +943,7 @@ def main(argv=None):
                     help="per-benchmark JSONs (default benchmarks/results, or benchmarks/results/quick with --quick)")
     ap.add_argument("--report-dir", default=str(RESULTS), help="where report.{json,md} and the figures go")
     ap.add_argument("--scale-data-dir", default=None, help="bench_scale.py's --data-dir (outside the repository)")
-    ap.add_argument("--scale-sizes", type=int, nargs="+", default=None,
+    ap.add_argument("--scale-sizes", type=cell_count, nargs="+", default=None,
                     help="bench_scale.py's --sizes (default: 10000 30000 with --quick, 10000 100000 1000000 with "
                          "--full)")
     ap.add_argument("--timeout-min", type=float, default=None,
