@@ -381,8 +381,11 @@ class RowSource:
     def iter_blocks(self, block_rows: int, *, raw: bool = False, start: int = 0):
         """``(start, stop, block)`` over the rows in order, ``block_rows`` at a time,
         from row ``start`` on."""
-        for a in range(int(start), self.n_obs, int(block_rows)):
-            b = min(self.n_obs, a + int(block_rows))
+        from ._validation import check_int
+
+        block_rows = check_int(block_rows, "block_rows", 1)
+        for a in range(int(start), self.n_obs, block_rows):
+            b = min(self.n_obs, a + block_rows)
             blk = self._raw(a, b)
             yield a, b, (blk if raw else self._finish(blk))
 

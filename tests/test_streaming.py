@@ -869,6 +869,8 @@ def test_read_columns_keeps_a_few_columns_and_every_rows_total(files):
     with pytest.raises(ValueError, match=rf"columns must hold column indices in \[0, {N_GENES}\), got values from 0 "
                                          rf"to {N_GENES}"):
         streaming.read_columns(streaming.RowSource(x), [0, N_GENES])
+    with pytest.raises(ValueError, match="block_rows must be an int >= 1, got 0"):
+        streaming.read_columns(streaming.RowSource(x), cols, block_rows=0)
     with pytest.raises(TypeError, match="columns must hold integer column indices, got dtype float64"):
         pp.log_normalize(x, columns=[0.0, 2.5])
     with pytest.raises(ValueError, match="columns must be a 1-D array of column indices"):
