@@ -125,6 +125,13 @@ def protocol_data(name: str):
     return dict(x_ref=xr, x_sp=xs, genes=np.asarray(ad.var_names).astype(str))
 
 
+def modelled_spatial_cells(x_sp, folds) -> np.ndarray:
+    """Boolean [n_spatial]: the cells gimVI can model in every held-out fold (some counts
+    left in the genes the fold keeps; a cell with an empty library has no likelihood)."""
+    G = x_sp.shape[1]
+    return np.all([x_sp[:, np.setdiff1d(np.arange(G), f)].sum(1) > 0 for f in folds], axis=0)
+
+
 # ----------------------------------------------------------------------------- reference runs
 
 
@@ -257,8 +264,7 @@ def quality(args, name: str, d: dict) -> dict:
     n_folds = args.gene_folds or (11 if name == "osmfish" else 10)
     folds = datasets.gene_folds(G, n_folds, random_state=0)
     fold_names = [d["genes"][f].tolist() for f in folds]
-    # spatial cells with no counts left once a fold is held out cannot be modelled
-    ok = np.all([d["x_sp"][:, np.setdiff1d(np.arange(G), f)].sum(1) > 0 for f in folds], axis=0)
+    ok = modelled_spatial_cells(d["x_sp"], folds)
     d = dict(d, x_sp=d["x_sp"][ok])
     truth = pp.log_normalize(d["x_sp"])
     alone = _alone_latents(d["x_ref"], d["x_sp"])

@@ -28,10 +28,18 @@ Phases
    median PCC / RMSE / JSD of the held-out genes for jaxsel and the kNN-in-shared-PCA
    baseline on the same folds; with ``--ref-quality-folds n`` the released code also runs
    the first ``n`` held-out folds at the same epochs and the PCCs of those genes are
-   compared gene for gene.
+   compared gene for gene. gimVI (:meth:`jaxsel.GimVI.cross_validate_genes`, its own
+   defaults and ``--gimvi-epochs``, ``--gimvi-seeds`` restarts; all folds x seeds one
+   program) is fitted on the raw counts of the same two parts with the same held-out
+   folds, and scored against the same measured values on the same cells (its imputation
+   on the log-normalised scale; PCC and the z-scored RMSE do not depend on the scale).
+   MERFISH's released values are not counts, so gimVI is not run on it.
 3. ``annotation``: :class:`jaxsel.StAI` with ``task="annotate"`` (the authors' annotation
    configuration) on all shared genes; accuracy, macro and weighted F1 of the spatial
-   part's types against the kNN baseline (majority type of the nearest reference cells).
+   part's types against the kNN baseline (majority type of the nearest reference cells)
+   and gimVI with label transfer: the majority type of each spatial cell's 10 nearest
+   reference cells in gimVI's joint latent space (fitted on all shared genes; gimVI has
+   no classifier of its own, and this is how its latent is used to annotate).
 
 Results: ``benchmarks/results/bench_stai.json`` (after every phase) and ``bench_stai.md``.
 """
@@ -55,8 +63,9 @@ sys.path.insert(0, str(HERE))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from bench_gimvi import modelled_spatial_cells  # noqa: E402
 from bench_markermap import PeakRSS, machine_info, write_results  # noqa: E402
-from jaxsel import datasets, engine, metrics  # noqa: E402
+from jaxsel import GimVI, datasets, engine, metrics  # noqa: E402
 from jaxsel import preprocessing as pp  # noqa: E402
 from jaxsel.imputers import StAI, _gene_masks  # noqa: E402
 from jaxsel.methods import baselines  # noqa: E402
@@ -94,7 +103,7 @@ def load(name: str):
     x = ad.X.toarray() if hasattr(ad.X, "toarray") else np.asarray(ad.X)
     x = x.astype(np.float32)
     coords = np.asarray(ad.obsm["spatial"], np.float64)
-    return dict(name=name, x_ref=x[ref], x_sp=x[spi], ref_log=pp.log_normalize(x[ref]), sp_log=pp.log_normalize(x[spi]),
+    return dict(name=name, counts=name != "merfish", x_ref=x[ref], x_sp=x[spi], ref_log=pp.log_normalize(x[ref]), sp_log=pp.log_normalize(x[spi]),
                 genes=np.asarray(ad.var_names).astype(str), coords=coords[spi],
                 y_ref=labels[ref], y_sp=labels[spi])
 
@@ -246,8 +255,85 @@ def quality(args, name, d) -> dict:
     out["knn"]["pcc_per_gene"] = dict(zip(r.genes.tolist(), ks["pcc"].tolist()))
     print(f"{name}: jaxsel median PCC {out['jaxsel']['pcc']:.3f} ({wall:.0f} s), kNN {out['knn']['pcc']:.3f}",
           flush=True)
+    _gimvi_quality(args, d, held, r, knn, out)
     _reference_subset(args, d, held, out)
     return out
+
+
+_IMPUTATION_SCORES = ("pcc", "rmse", "jsd")
+
+
+def _gimvi_quality(args, d, held, r, knn, out):
+    """``out["gimvi"]``: gimVI on the same held-out folds (raw counts, ``--gimvi-epochs``,
+    ``--gimvi-seeds`` restarts in one program), scored against the measured values stAI
+    is scored against. Spatial cells gimVI cannot model (an empty library once a fold is
+    held out) are left out of its scores, and stAI's and kNN's are given on its cells too."""
+    if not args.gimvi_epochs:
+        return
+    if not d["counts"]:
+        out["gimvi"] = {"skipped": "the released values are normalised, not counts (gimVI models counts)"}
+        return
+    ok = modelled_spatial_cells(d["x_sp"], held)
+    ref_ok = d["x_ref"].sum(1) > 0
+    est = GimVI(max_epochs=args.gimvi_epochs, random_state=0)
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        res = est.cross_validate_genes(d["x_ref"][ref_ok], d["x_sp"][ok], ref_genes=d["genes"],
+                                       spatial_genes=d["genes"], gene_folds=[list(d["genes"][h]) for h in held],
+                                       n_seeds=args.gimvi_seeds)
+        wall = time.perf_counter() - t0
+    # the same measured values (gimVI log-normalises the spatial panel itself)
+    np.testing.assert_allclose(res[0].truth, r.truth[ok], rtol=1e-5, atol=1e-5)
+    per_seed = [g.medians() for g in res]
+    n_models = len(held) * args.gimvi_seeds
+    g = {m: float(np.mean([p[m] for p in per_seed])) for m in _IMPUTATION_SCORES}
+    g.update(seeds=args.gimvi_seeds, epochs=args.gimvi_epochs, models=n_models, wall_s=wall,
+             per_model_epoch_s=wall / (n_models * args.gimvi_epochs), peak_rss_delta_mb=mem.delta_mb,
+             pcc_sd_over_seeds=float(np.std([p["pcc"] for p in per_seed])), cells=int(ok.sum()),
+             spatial_cells_left_out=int((~ok).sum()), reference_cells_left_out=int((~ref_ok).sum()),
+             pcc_per_gene=dict(zip(res[0].genes.tolist(), np.mean([x.pcc for x in res], 0).tolist())))
+    if not ok.all():
+        for who, imp in (("jaxsel", r.imputed), ("knn", knn)):
+            sc = metrics.imputation_scores(r.truth[ok], imp[ok])
+            g[f"{who}_on_these_cells"] = {m: float(np.nanmedian(sc[m])) for m in _IMPUTATION_SCORES}
+    out["gimvi"] = g
+    print(f"{d['name']}: gimVI median PCC {g['pcc']:.3f} ({wall:.0f} s, {n_models} models, "
+          f"{g['spatial_cells_left_out']} spatial cells left out)", flush=True)
+
+
+def _gimvi_annotation(args, d, out):
+    """``out["gimvi"]``: gimVI (all shared genes, raw counts) with label transfer, the
+    majority type of each spatial cell's 10 nearest reference cells in the joint latent
+    space, mean over ``--gimvi-seeds`` fits. A spatial cell with an empty library (none in
+    these datasets) gets the reference's most frequent type."""
+    if not args.gimvi_epochs:
+        return
+    if not d["counts"]:
+        out["gimvi"] = {"skipped": "the released values are normalised, not counts (gimVI models counts)"}
+        return
+    classes, known = _scored_cells(d)
+    ok, ref_ok = d["x_sp"].sum(1) > 0, d["x_ref"].sum(1) > 0
+    codes = np.searchsorted(classes, d["y_ref"][ref_ok])
+    onehot = np.eye(classes.size, dtype=np.float32)[codes]
+    runs = {}
+    for seed in range(args.gimvi_seeds):
+        est = GimVI(max_epochs=args.gimvi_epochs, random_state=seed)
+        t0 = time.perf_counter()
+        est.fit(d["x_ref"][ref_ok], d["x_sp"][ok], ref_genes=d["genes"], spatial_genes=d["genes"])
+        z_ref, z_sp = est.latent(modality="reference"), est.latent()
+        # a PCA keeping every component is a rotation about the mean: the neighbours are
+        # those of the latent space itself
+        vote = np.asarray(baselines.knn_pca_impute(z_sp, z_ref, onehot, n_components=z_ref.shape[1],
+                                                   n_neighbors=10))
+        wall = time.perf_counter() - t0
+        pred = np.full(d["y_sp"].shape, classes[np.bincount(codes, minlength=classes.size).argmax()], object)
+        pred[ok] = classes[vote.argmax(1)]
+        runs[str(seed)] = {**metrics.annotation_scores(d["y_sp"][known], pred[known].astype(str)), "wall_s": wall}
+    out["gimvi"] = {**runs["0"], "epochs": args.gimvi_epochs, "spatial_cells_without_counts": int((~ok).sum())}
+    if len(runs) > 1:
+        _over_seeds(out, "gimvi", runs)
+    a = out.get("gimvi_seed_mean", out["gimvi"])
+    print(f"{d['name']} annotation: gimVI + latent kNN acc {a['accuracy']:.3f} F1 {a['macro_f1']:.3f}", flush=True)
 
 
 def _earlier_rows(args, phase: str, name: str, **expect) -> dict:
@@ -354,6 +440,7 @@ def annotation(args, name, d) -> dict:
         mean = out["jaxsel_seed_mean"]
         print(f"{name} annotation over seeds {seeds}: jaxsel acc {mean['accuracy']:.3f} F1 {mean['macro_f1']:.3f}",
               flush=True)
+    _gimvi_annotation(args, d, out)
     _reference_annotation(args, d, out)
     return out
 
@@ -447,6 +534,17 @@ def render(res: dict) -> str:
                       f"| jaxsel stAI | {q['jaxsel']['pcc']:.3f} | {q['jaxsel']['rmse']:.3f} | "
                       f"{q['jaxsel']['jsd']:.4f} | {q['jaxsel']['wall_s']:.0f} |",
                       f"| kNN in shared PCA | {q['knn']['pcc']:.3f} | {q['knn']['rmse']:.3f} | {q['knn']['jsd']:.4f} | |"]
+            g = q.get("gimvi")
+            if g and "skipped" in g:
+                lines += ["", f"gimVI not run: {g['skipped']}."]
+            elif g:
+                lines.insert(len(lines) - 1, f"| jaxsel gimVI ({g['epochs']} epochs, {g['models']} models; mean of "
+                             f"{g['seeds']} seed(s)) | {g['pcc']:.3f} | {g['rmse']:.3f} | {g['jsd']:.4f} | "
+                             f"{g['wall_s']:.0f} |")
+                if g["spatial_cells_left_out"]:
+                    same = ", ".join(f"{w} {g[f'{w}_on_these_cells']['pcc']:.3f}" for w in ("jaxsel", "knn"))
+                    lines += ["", f"gimVI leaves out {g['spatial_cells_left_out']} spatial cells with an empty "
+                                  f"library in some fold; on its {g['cells']} cells the median PCCs are {same}."]
             if "reference_subset" in q:
                 rs = q["reference_subset"]
                 lines += ["", f"Released code on {len(rs['genes'])} of the held-out genes ({', '.join(rs['genes'])}): "
@@ -463,6 +561,10 @@ def render(res: dict) -> str:
             if "reference" in a:
                 rows += _seed_rows(a, "reference", "released stAI code", "released stAI code (the same "
                                    f"configuration{{seed}}; {a['reference']['wall_s']:.0f} s)")
+            g = a.get("gimvi")
+            if g and "skipped" not in g:
+                rows += _seed_rows(a, "gimvi", "jaxsel gimVI + latent kNN",
+                                   f"jaxsel gimVI + kNN label transfer in its latent ({g['epochs']} epochs{{seed}})")
             rows.append(("kNN in shared PCA", a["knn"]))
             for meth, v in rows:
                 cells = [v[m] if isinstance(v[m], str) else f"{v[m]:.3f}" for m in _ANNOTATION_SCORES]
@@ -495,6 +597,9 @@ def main(argv=None):
                     help="--ref-annotation: seeds of the released code's runs (comma list; default: the first of "
                          "--annotation-seeds)")
     ap.add_argument("--gene-folds", type=int, default=None, help="default: LOO for osmFISH, 10 for STARmap")
+    ap.add_argument("--gimvi-epochs", type=int, default=200,
+                    help="quality and annotation: also gimVI at this many epochs (its default; 0: not run)")
+    ap.add_argument("--gimvi-seeds", type=int, default=1, help="gimVI restarts (mean over them)")
     ap.add_argument("--ref-quality-folds", type=int, default=0)
     ap.add_argument("--ref-cache", default=None,
                     help="keep the released code's per-fold scores here and reuse them (resume a long run)")

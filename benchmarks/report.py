@@ -540,6 +540,8 @@ def summary_stai(r: dict, ref_ok: bool) -> list:
     qual_parts = []
     for name, q in (r.get("quality") or {}).items():
         part = f"{name} median PCC {q['jaxsel']['pcc']:.3f} vs kNN baseline {q['knn']['pcc']:.3f}"
+        if "pcc" in (q.get("gimvi") or {}):
+            part += f" and gimVI {q['gimvi']['pcc']:.3f}"
         if q.get("reference_subset"):
             rs = q["reference_subset"]
             part += (f"; on the {len(rs['genes'])} genes the released code ran, jaxsel {rs['jaxsel_median_pcc']:.3f} "
