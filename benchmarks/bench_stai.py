@@ -39,7 +39,7 @@ Phases
    part's types against the kNN baseline (majority type of the nearest reference cells)
    and gimVI with label transfer: the majority type of each spatial cell's 10 nearest
    reference cells in gimVI's joint latent space (fitted on all shared genes; gimVI has
-   no classifier of its own, and this is how its latent is used to annotate).
+   no classifier of its own).
 
 Results: ``benchmarks/results/bench_stai.json`` (after every phase) and ``bench_stai.md``.
 """
@@ -103,8 +103,8 @@ def load(name: str):
     x = ad.X.toarray() if hasattr(ad.X, "toarray") else np.asarray(ad.X)
     x = x.astype(np.float32)
     coords = np.asarray(ad.obsm["spatial"], np.float64)
-    return dict(name=name, counts=name != "merfish", x_ref=x[ref], x_sp=x[spi], ref_log=pp.log_normalize(x[ref]), sp_log=pp.log_normalize(x[spi]),
-                genes=np.asarray(ad.var_names).astype(str), coords=coords[spi],
+    return dict(name=name, counts=name != "merfish", x_ref=x[ref], x_sp=x[spi], ref_log=pp.log_normalize(x[ref]),
+                sp_log=pp.log_normalize(x[spi]), genes=np.asarray(ad.var_names).astype(str), coords=coords[spi],
                 y_ref=labels[ref], y_sp=labels[spi])
 
 
@@ -577,6 +577,16 @@ def save(res, out: Path):
     write_results(res, out, render)
 
 
+def _count(low: int):
+    """argparse type: an integer of at least ``low``."""
+    def parse(text: str) -> int:
+        n = int(text)
+        if n < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text}")
+        return n
+    return parse
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stai-path", default=None, help="checkout of github.com/gszou99/stAI")
@@ -597,9 +607,9 @@ def main(argv=None):
                     help="--ref-annotation: seeds of the released code's runs (comma list; default: the first of "
                          "--annotation-seeds)")
     ap.add_argument("--gene-folds", type=int, default=None, help="default: LOO for osmFISH, 10 for STARmap")
-    ap.add_argument("--gimvi-epochs", type=int, default=200,
+    ap.add_argument("--gimvi-epochs", type=_count(0), default=200,
                     help="quality and annotation: also gimVI at this many epochs (its default; 0: not run)")
-    ap.add_argument("--gimvi-seeds", type=int, default=1, help="gimVI restarts (mean over them)")
+    ap.add_argument("--gimvi-seeds", type=_count(1), default=1, help="gimVI restarts (mean over them)")
     ap.add_argument("--ref-quality-folds", type=int, default=0)
     ap.add_argument("--ref-cache", default=None,
                     help="keep the released code's per-fold scores here and reuse them (resume a long run)")
