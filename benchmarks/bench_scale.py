@@ -70,12 +70,17 @@ ONE_PASS = ("srrr", "hvg", "de", "stai")  # fits that read the file once (no epo
 METHODS = ("markermap", "gimvi", *ONE_PASS)
 
 
-def cell_count(text: str) -> int:
-    """argparse type of ``--sizes``: a number of cells, at least 2."""
-    n = int(text)
-    if n < 2:
-        raise argparse.ArgumentTypeError(f"a size is a number of cells >= 2, got {text}")
-    return n
+def int_at_least(low: int):
+    """An argparse type: an integer of at least ``low`` (argparse's error names the flag)."""
+    def parse(text: str) -> int:
+        n = int(text)
+        if n < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text}")
+        return n
+    return parse
+
+
+cell_count = int_at_least(2)  # --sizes / report.py's --scale-sizes: a number of cells
 
 
 def _maxrss_mb() -> float:

@@ -64,6 +64,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench_gimvi import modelled_spatial_cells  # noqa: E402
+from bench_scale import int_at_least  # noqa: E402
 from bench_markermap import PeakRSS, machine_info, write_results  # noqa: E402
 from jaxsel import GimVI, datasets, engine, metrics  # noqa: E402
 from jaxsel import preprocessing as pp  # noqa: E402
@@ -321,10 +322,7 @@ def _gimvi_annotation(args, d, out):
         t0 = time.perf_counter()
         est.fit(d["x_ref"][ref_ok], d["x_sp"][ok], ref_genes=d["genes"], spatial_genes=d["genes"])
         z_ref, z_sp = est.latent(modality="reference"), est.latent()
-        # a PCA keeping every component is a rotation about the mean: the neighbours are
-        # those of the latent space itself
-        vote = np.asarray(baselines.knn_pca_impute(z_sp, z_ref, onehot, n_components=z_ref.shape[1],
-                                                   n_neighbors=10))
+        vote = onehot[np.asarray(baselines.nearest_indices(z_sp, z_ref, 10))].mean(1)
         wall = time.perf_counter() - t0
         pred = np.full(d["y_sp"].shape, classes[np.bincount(codes, minlength=classes.size).argmax()], object)
         pred[ok] = classes[vote.argmax(1)]
@@ -577,16 +575,6 @@ def save(res, out: Path):
     write_results(res, out, render)
 
 
-def _count(low: int):
-    """argparse type: an integer of at least ``low``."""
-    def parse(text: str) -> int:
-        n = int(text)
-        if n < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text}")
-        return n
-    return parse
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stai-path", default=None, help="checkout of github.com/gszou99/stAI")
@@ -607,9 +595,9 @@ def main(argv=None):
                     help="--ref-annotation: seeds of the released code's runs (comma list; default: the first of "
                          "--annotation-seeds)")
     ap.add_argument("--gene-folds", type=int, default=None, help="default: LOO for osmFISH, 10 for STARmap")
-    ap.add_argument("--gimvi-epochs", type=_count(0), default=200,
+    ap.add_argument("--gimvi-epochs", type=int_at_least(0), default=200,
                     help="quality and annotation: also gimVI at this many epochs (its default; 0: not run)")
-    ap.add_argument("--gimvi-seeds", type=_count(1), default=1, help="gimVI restarts (mean over them)")
+    ap.add_argument("--gimvi-seeds", type=int_at_least(1), default=1, help="gimVI restarts (mean over them)")
     ap.add_argument("--ref-quality-folds", type=int, default=0)
     ap.add_argument("--ref-cache", default=None,
                     help="keep the released code's per-fold scores here and reuse them (resume a long run)")

@@ -53,7 +53,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from bench_scale import cell_count  # noqa: E402  (benchmarks/ is the script's folder)
+from bench_scale import cell_count  # benchmarks/ is the script's folder, on sys.path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
