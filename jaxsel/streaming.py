@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from ._validation import check_indices, check_int, check_real, check_values
+
 __all__ = [
     "RowSource",
     "open_source",
@@ -64,7 +66,6 @@ DEFAULT_MEMORY_BUDGET = 2**28
 def budget_rows(memory_budget, bytes_per_row: int, *, cap: int | None = None) -> int:
     """Rows of a chunk whose largest intermediate, ``bytes_per_row`` per row, fits in
     ``memory_budget`` bytes (at least 1; at most ``cap``)."""
-    from ._validation import check_int
 
     budget = check_int(memory_budget, "memory_budget", 1)
     rows = max(1, budget // max(1, int(bytes_per_row)))
@@ -92,7 +93,6 @@ def map_row_blocks(fn, read, n: int, rows: int, *, fill: float = 0.0):
 
 def check_chunk_size(chunk_size, batch_size: int) -> int:
     """``chunk_size`` as an int, checked to hold at least one minibatch of ``batch_size``."""
-    from ._validation import check_int
 
     chunk = check_int(chunk_size, "chunk_size", 1)
     if chunk < batch_size:
@@ -381,8 +381,6 @@ class RowSource:
     def iter_blocks(self, block_rows: int, *, raw: bool = False, start: int = 0):
         """``(start, stop, block)`` over the rows in order, ``block_rows`` at a time,
         from row ``start`` on."""
-        from ._validation import check_int
-
         block_rows = check_int(block_rows, "block_rows", 1)
         for a in range(int(start), self.n_obs, block_rows):
             b = min(self.n_obs, a + block_rows)
@@ -434,7 +432,6 @@ def count_stats(source: RowSource, *, block_rows: int = 16384, name: str = "X") 
     """One pass over raw counts: checks every entry is a non-negative integer and every
     cell has counts, and returns ``{"library": float64 [n_obs] totals, "log_library_mean",
     "log_library_var"}`` (population variance, as gimVI's prior)."""
-    from ._validation import check_values
 
     total = np.empty(source.n_obs, np.float64)
     for a, b, blk in source.iter_blocks(block_rows, raw=True):
@@ -505,7 +502,6 @@ def read_columns(source: RowSource, columns, *, block_rows: int = 16384, name: s
     scRNA-seq reference on disk with tens of thousands of genes, of which the model uses
     the few hundred it shares with the spatial panel (see
     :func:`jaxsel.preprocessing.log_normalize`'s ``columns`` and ``totals``)."""
-    from ._validation import check_indices, check_values
     from .preprocessing import _row_totals
 
     if source.transform is not None:  # the caller expects what the transform gives, not the stored values
@@ -759,7 +755,6 @@ def markermap_recipe(source, *, target_sum: float = 1e4, max_value: float | None
     open as long as the returned source (close it, or use it in a ``with`` block).
     """
     from . import preprocessing
-    from ._validation import check_real
 
     target_sum = check_real(target_sum, "target_sum", low=0.0, low_open=True)
     if max_value is not None:
