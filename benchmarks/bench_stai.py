@@ -13,6 +13,10 @@ MERFISH hypothalamus (4975 x 155 genes after dropping the blank controls; the re
 values are normalised, not counts) split like osmFISH.
 Each part is normalised to 1e4 per cell and log1p'd (the spatial part over the genes it
 keeps as input), then every gene is standardised within its dataset.
+``--capture-sd SD`` adds the protocol's optional technology shift: every reference gene
+gets a log-normal capture efficiency (:func:`jaxsel.datasets.capture_distortion`, seed 0;
+counts are thinned binomially and stay counts, MERFISH's values are multiplied). The
+spatial part, whose measured values are the truth, is left as measured.
 
 Phases
 ------
@@ -82,8 +86,10 @@ SPEED_MODES = (("vmapped", None, 1), ("looped", 1, 1), ("sharded_2_cpu_devices",
 # ----------------------------------------------------------------------------- data
 
 
-def load(name: str):
-    """``(x_ref counts, x_sp counts, genes, coords_sp, labels_ref, labels_sp)`` or None."""
+def load(name: str, capture_sd: float = 0.0):
+    """The two parts of dataset ``name`` (raw reference and spatial values, their
+    log-normalised forms, genes, spatial coordinates, labels) as a dict, or None without
+    the shared data. ``capture_sd > 0`` distorts the reference's genes (a technology shift)."""
     if datasets.shared_data_dir() is None:
         return None
     if name == "osmfish":
@@ -104,9 +110,13 @@ def load(name: str):
     x = ad.X.toarray() if hasattr(ad.X, "toarray") else np.asarray(ad.X)
     x = x.astype(np.float32)
     coords = np.asarray(ad.obsm["spatial"], np.float64)
-    return dict(name=name, counts=name != "merfish", x_ref=x[ref], x_sp=x[spi], ref_log=pp.log_normalize(x[ref]),
-                sp_log=pp.log_normalize(x[spi]), genes=np.asarray(ad.var_names).astype(str), coords=coords[spi],
-                y_ref=labels[ref], y_sp=labels[spi])
+    counts = name != "merfish"
+    x_ref = x[ref]
+    if capture_sd:
+        x_ref = datasets.capture_distortion(x_ref, capture_sd, random_state=0, counts=counts)[0].astype(np.float32)
+    return dict(name=name, counts=counts, capture_sd=float(capture_sd), x_ref=x_ref, x_sp=x[spi],
+                ref_log=pp.log_normalize(x_ref), sp_log=pp.log_normalize(x[spi]),
+                genes=np.asarray(ad.var_names).astype(str), coords=coords[spi], y_ref=labels[ref], y_sp=labels[spi])
 
 
 def fold_inputs(d, held, f, seed=0):
@@ -229,7 +239,8 @@ def quality(args, name, d) -> dict:
     bs = args.batch_size
     bs = None if bs == "none" else (bs if bs == "auto" else int(bs))
     if args.jaxsel_results:  # the same protocol's jaxsel and kNN rows from an earlier run: the released code only
-        out = _earlier_rows(args, "quality", name, gene_folds=len(held), epochs=args.epochs)
+        out = _earlier_rows(args, "quality", name, gene_folds=len(held), epochs=args.epochs,
+                            capture_sd=d["capture_sd"])
         _reference_subset(args, d, held, out)
         return out
     est = StAI(n_calibration_folds=K, epochs=args.epochs, batch_size=bs, random_state=0)
@@ -248,7 +259,7 @@ def quality(args, name, d) -> dict:
     n_models = len(held) * K
     out = {
         "n_spatial": int(d["x_sp"].shape[0]), "n_ref": int(d["x_ref"].shape[0]), "n_genes": int(G),
-        "gene_folds": len(held), "epochs": args.epochs, "models": n_models,
+        "gene_folds": len(held), "epochs": args.epochs, "models": n_models, "capture_sd": d["capture_sd"],
         "jaxsel": {**r.medians(), "wall_s": wall, "per_model_epoch_s": wall / (n_models * args.epochs),
                    "peak_rss_delta_mb": mem.delta_mb, "pcc_per_gene": dict(zip(r.genes.tolist(), r.pcc.tolist()))},
         "knn": {m: float(np.nanmedian(ks[m])) for m in ("pcc", "rmse", "jsd")},
@@ -341,7 +352,7 @@ def _earlier_rows(args, phase: str, name: str, **expect) -> dict:
     out = res.get(phase, {}).get(name)
     if out is None:
         raise SystemExit(f"{args.jaxsel_results} holds no {phase} results for {name}")
-    got = {k: out.get(k) for k in expect}
+    got = {k: out.get(k, 0.0 if k == "capture_sd" else None) for k in expect}  # no key: run without a shift
     if got != expect:
         raise SystemExit(f"{args.jaxsel_results} holds {name} {phase} results for {got}, not {expect}")
     out["jaxsel_from"] = args.jaxsel_results
@@ -403,7 +414,7 @@ def _reference_subset(args, d, held, out):
 
 def annotation(args, name, d) -> dict:
     if args.jaxsel_results:  # the jaxsel and kNN rows of an earlier run: the released code only
-        out = _earlier_rows(args, "annotation", name, epochs=args.annotation_epochs)
+        out = _earlier_rows(args, "annotation", name, epochs=args.annotation_epochs, capture_sd=d["capture_sd"])
         _reference_annotation(args, d, out)
         return out
     # unassigned cells (STARmap's "NA") stay in the reference but are not scored
@@ -431,7 +442,8 @@ def annotation(args, name, d) -> dict:
     knn = metrics.annotation_scores(d["y_sp"][known], classes[vote.argmax(1)][known])
     print(f"{name} annotation: jaxsel acc {ours['accuracy']:.3f} F1 {ours['macro_f1']:.3f}; "
           f"kNN acc {knn['accuracy']:.3f} F1 {knn['macro_f1']:.3f}", flush=True)
-    out = {"epochs": args.annotation_epochs, "jaxsel": ours, "knn": knn, "cells_scored": int(known.sum()),
+    out = {"epochs": args.annotation_epochs, "capture_sd": d["capture_sd"], "jaxsel": ours, "knn": knn,
+           "cells_scored": int(known.sum()),
            "jaxsel_class_weight_power": runs}
     if len(seeds) > 1:  # the default's spread over seeds (the class-weight rows are of the first seed)
         _over_seeds(out, "jaxsel", {str(k): v for k, v in by_seed.items()})
@@ -498,6 +510,11 @@ def _seed_rows(a, who: str, label: str, first: str) -> list:
 # ----------------------------------------------------------------------------- report
 
 
+def _shift(phase: dict) -> str:
+    sd = phase.get("capture_sd", 0.0)
+    return f"; reference distorted by log-normal capture efficiencies (sd {sd:g})" if sd else ""
+
+
 def render(res: dict) -> str:
     m = res.get("machine", {})
     lines = ["# stAI benchmark", "", f"Machine: {m.get('cpu')} ({m.get('cores')} cores), {m.get('platform')}; "
@@ -527,7 +544,7 @@ def render(res: dict) -> str:
         q = res.get("quality", {}).get(name)
         if q:
             lines += [f"## Imputation, {name}: {q['gene_folds']} held-out gene folds x 5 submodels "
-                      f"({q['models']} models, one program), {q['epochs']} epochs", "",
+                      f"({q['models']} models, one program), {q['epochs']} epochs{_shift(q)}", "",
                       "| method | median PCC | median RMSE | median JSD | wall s |", "|---|---|---|---|---|",
                       f"| jaxsel stAI | {q['jaxsel']['pcc']:.3f} | {q['jaxsel']['rmse']:.3f} | "
                       f"{q['jaxsel']['jsd']:.4f} | {q['jaxsel']['wall_s']:.0f} |",
@@ -551,7 +568,8 @@ def render(res: dict) -> str:
             lines.append("")
         a = res.get("annotation", {}).get(name)
         if a:
-            lines += [f"## Annotation, {name} ({a['epochs']} epochs, {a['cells_scored']} spatial cells)", "",
+            lines += [f"## Annotation, {name} ({a['epochs']} epochs, {a['cells_scored']} spatial cells){_shift(a)}",
+                      "",
                       "| method | accuracy | macro F1 | weighted F1 |", "|---|---|---|---|"]
             rows = _seed_rows(a, "jaxsel", "jaxsel stAI", "jaxsel stAI (the authors' class weights 1/count^2{seed})")
             rows += [(f"jaxsel stAI, class_weight_power={p} (1/count^{p})", v)
@@ -594,6 +612,9 @@ def main(argv=None):
     ap.add_argument("--ref-annotation-seeds", default=None,
                     help="--ref-annotation: seeds of the released code's runs (comma list; default: the first of "
                          "--annotation-seeds)")
+    ap.add_argument("--capture-sd", type=float, default=0.0,
+                    help="quality and annotation: distort the reference by per-gene log-normal capture efficiencies "
+                         "of this sd (a technology shift; 0: none)")
     ap.add_argument("--gene-folds", type=int, default=None, help="default: LOO for osmFISH, 10 for STARmap")
     ap.add_argument("--gimvi-epochs", type=int_at_least(0), default=200,
                     help="quality and annotation: also gimVI at this many epochs (its default; 0: not run)")
@@ -616,6 +637,8 @@ def main(argv=None):
         e, bs, dev = json.loads(args.jaxsel_speed)
         print(json.dumps(jaxsel_speed(speed_inputs(load("osmfish"))[1], e, bs, dev)))
         return
+    if not args.capture_sd >= 0:  # NaN too
+        ap.error(f"--capture-sd must be a non-negative number, got {args.capture_sd}")
     wants_ref = args.ref_quality_folds or args.ref_annotation
     if wants_ref and not (args.stai_path and args.ref_python):
         ap.error("--ref-quality-folds and --ref-annotation run the released code: pass --stai-path and --ref-python")
@@ -633,7 +656,7 @@ def main(argv=None):
            "quality": {}, "annotation": {}}
     out = Path(args.out)
     names = args.datasets.split(",")
-    loaded = {n: load(n) for n in names}
+    loaded = {n: load(n, args.capture_sd) for n in names}
     if any(v is None for v in loaded.values()):
         print("shared data not found: skipping (set JAXSEL_DATA_DIR)")
         return

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxsel._validation import check_int, check_random_state, check_real, to_dense
+from jaxsel._validation import check_bool, check_int, check_random_state, check_real, check_values, to_dense
 
 __all__ = ["make_markers", "make_paired", "make_spatial_pair", "reference_spatial_split", "gene_folds", "capture_distortion", "write_synthetic_counts", "load_shared", "paper_dataset", "shared_data_dir", "SHARED_FILES"]
 
@@ -431,18 +431,42 @@ def gene_folds(n_genes: int, n_folds=None, random_state=0):
     return [np.sort(perm[i::n_folds]).astype(np.int64) for i in range(n_folds)]
 
 
-def capture_distortion(x, sd: float = 0.5, random_state=0):
-    """Emulate a technology shift: multiply every gene (column) of ``x`` by its own
-    log-normal capture efficiency ``exp(N(0, sd^2))``. Returns a new float array and the
-    factors; ``x`` is not modified (sparse input stays sparse)."""
+def capture_distortion(x, sd: float = 0.5, random_state=0, *, counts: bool = False):
+    """Emulate a technology shift: give every gene (column) of ``x`` its own log-normal
+    capture efficiency ``f_g = exp(N(0, sd^2))``. Returns a new array and the factors;
+    ``x`` is not modified (sparse input stays sparse, as CSR).
+
+    With ``counts=False`` every column is multiplied by ``f_g`` (a float array). With
+    ``counts=True``, ``x`` must hold non-negative integer counts and stays counts: each
+    molecule of gene ``g`` is kept with probability ``p_g = f_g / max(f)`` (binomial
+    thinning, the way a less efficient assay loses molecules), so the gene with the
+    highest efficiency keeps all its counts; the returned factors are the ``p_g``.
+    Count models such as gimVI need the second form.
+    """
     import scipy.sparse as sp
 
     check_real(sd, "sd", low=0.0)
+    counts = check_bool(counts, "counts")
+    if not sp.issparse(x):
+        x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"x must be a 2-D cells x genes matrix, got shape {x.shape}.")
     rng = np.random.default_rng(check_random_state(random_state))
     factors = np.exp(rng.normal(0.0, sd, size=x.shape[1]))
+    if not counts:
+        if sp.issparse(x):
+            return sp.csr_matrix(x.multiply(factors[None, :])), factors
+        return x.astype(np.float64) * factors, factors
+    p = factors / factors.max()
     if sp.issparse(x):
-        return sp.csr_matrix(x.multiply(factors[None, :])), factors
-    return np.asarray(x, dtype=np.float64) * factors, factors
+        out = sp.csr_matrix(x, copy=True)
+        out.sum_duplicates()
+        check_values(out.data, "x", require_counts=True)
+        out.data = rng.binomial(out.data.astype(np.int64), p[out.indices]).astype(out.dtype)
+        out.eliminate_zeros()
+        return out, p
+    check_values(x, "x", require_counts=True)
+    return rng.binomial(x.astype(np.int64), p[None, :]).astype(x.dtype if x.dtype.kind in "iuf" else np.int64), p
 
 
 # ------------------------------------------------------------------ large data on disk

@@ -249,3 +249,44 @@ def test_gene_folds_partition_and_capture_distortion():
     np.testing.assert_allclose(out, np.ones((4, 1)) * f[None, :])
     np.testing.assert_array_equal(x, x0)
     assert np.all(f > 0) and not np.allclose(f, 1)
+
+
+def test_capture_distortion_of_counts_thins_each_gene_binomially():
+    import scipy.sparse as sp
+
+    from jaxsel import datasets as ds
+
+    rng = np.random.default_rng(0)
+    x = rng.poisson(rng.uniform(0.5, 300.0, size=12), size=(400, 12)).astype(np.float32)
+    x[:5] = 0
+    x0 = x.copy()
+    _, f = ds.capture_distortion(x, sd=0.5, random_state=4)
+    out, p = ds.capture_distortion(x, sd=0.5, random_state=4, counts=True)
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_allclose(p, f / f.max())  # the same efficiencies, as keep probabilities
+    assert out.dtype == x.dtype and np.array_equal(out, np.round(out)) and (out >= 0).all() and (out <= x).all()
+    top = int(np.argmax(p))
+    np.testing.assert_array_equal(out[:, top], x[:, top])  # p = 1 keeps every molecule
+    assert (out[:5] == 0).all()
+    # binomial thinning: kept counts per gene ~ Binomial(total, p_g), within 5 sd
+    tot, kept = x.sum(0).astype(np.float64), out.sum(0).astype(np.float64)
+    assert np.all(np.abs(kept - tot * p) <= 5 * np.sqrt(tot * p * (1 - p)) + 1e-9)
+    # sparse stays sparse CSR integer counts with the same per-gene expectation
+    xs = sp.csc_matrix(x)
+    outs, ps = ds.capture_distortion(xs, sd=0.5, random_state=4, counts=True)
+    assert sp.isspmatrix_csr(outs) and (abs(xs - sp.csc_matrix(x0)).sum() == 0)
+    np.testing.assert_array_equal(ps, p)
+    d = outs.toarray()
+    assert np.array_equal(d, np.round(d)) and (d <= x).all()
+    np.testing.assert_array_equal(d[:, top], x[:, top])
+    assert np.all(np.abs(d.sum(0) - tot * p) <= 5 * np.sqrt(tot * p * (1 - p)) + 1e-9)
+    # no shift: sd = 0 keeps the counts
+    np.testing.assert_array_equal(ds.capture_distortion(x, sd=0.0, counts=True)[0], x)
+    with pytest.raises(ValueError, match="integer-valued"):
+        ds.capture_distortion(x + 0.5, counts=True)
+    with pytest.raises(ValueError, match="non-negative"):
+        ds.capture_distortion(-x, counts=True)
+    with pytest.raises(TypeError, match="counts must be a bool"):
+        ds.capture_distortion(x, counts="yes")
+    with pytest.raises(ValueError, match="2-D"):
+        ds.capture_distortion(x[0], counts=True)
