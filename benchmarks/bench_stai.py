@@ -51,6 +51,7 @@ Results: ``benchmarks/results/bench_stai.json`` (after every phase) and ``bench_
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -369,11 +370,14 @@ def _scored_cells(d):
 def _cached_reference_fold(args, d, held, f, inp):
     """The released code's scores on one held-out fold, ``({"pcc", "rmse", "jsd"}, wall_s)``.
     With ``--ref-cache DIR`` each fold's scores are kept in a JSON file named after the
-    dataset, fold and epochs, tied to its genes and inputs by a digest, and reused by a
-    later run: a run of hours resumes after its last finished fold."""
+    dataset, fold, epochs and a digest of its genes and inputs, and reused by a later run
+    of the same fold: a run of hours resumes after its last finished fold."""
     key = dict(dataset=d["name"], fold=int(f), genes=d["genes"][held].tolist(), epochs=int(args.epochs),
                inputs=engine.fingerprint(*(inp[k] for k in sorted(inp)), sorted(inp)))
-    path = Path(args.ref_cache) / f"{d['name']}_fold{f}_e{args.epochs}.json" if args.ref_cache else None
+    # the key's digest in the name: another protocol's fold f (other gene folds, a shift)
+    # gets a file of its own instead of overwriting this one
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(args.ref_cache) / f"{d['name']}_fold{f}_e{args.epochs}_{digest}.json" if args.ref_cache else None
     if path is not None and path.exists():
         hit = json.loads(path.read_text())
         if hit["key"] == key:
