@@ -28,7 +28,8 @@ model is fitted without that fold's genes in the spatial data, for ``--epochs`` 
 
 - jaxsel: all folds x seeds are one compiled program
   (:meth:`jaxsel.GimVI.cross_validate_genes`).
-- scvi-tools: one run per fold and seed, cached in ``results/gimvi_ref_cache``.
+- scvi-tools: one run per fold and seed, cached in ``results/gimvi_ref_cache`` (each file
+  named by a digest of its inputs and settings, so other inputs never reuse it).
 
 Each held-out gene is imputed from the posterior mean of ``z``, decoded through the
 scRNA-seq branch. Both are converted by :func:`jaxsel.methods.gimvi.spatial_scale` to
@@ -73,7 +74,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench_markermap import PeakRSS, machine_info, write_results  # noqa: E402
-from jaxsel import GimVI, datasets, metrics  # noqa: E402
+from jaxsel import GimVI, datasets, engine, metrics  # noqa: E402
 from jaxsel import preprocessing as pp  # noqa: E402
 from jaxsel._validation import to_dense  # noqa: E402
 from jaxsel.methods import gimvi as gv  # noqa: E402
@@ -135,6 +136,10 @@ def modelled_spatial_cells(x_sp, folds) -> np.ndarray:
 # ----------------------------------------------------------------------------- reference runs
 
 
+# scvi-tools' GIMVI settings of every reference run (part of its cache files' digest)
+REFERENCE_SETTINGS = ("--batch-size", "128", "--seq-likelihood", "zinb", "--spatial-likelihood", "poisson")
+
+
 def run_reference(args, arrays: dict, epochs: int, seed: int, cache: Path | None = None, threads: int = 2) -> dict:
     """scvi-tools' GIMVI on ``arrays`` in its own interpreter; JSON results plus arrays."""
     if cache is not None and cache.with_suffix(".json").exists() and cache.with_suffix(".npz").exists():
@@ -147,8 +152,8 @@ def run_reference(args, arrays: dict, epochs: int, seed: int, cache: Path | None
     inputs = base.with_name(base.name + "_inputs.npz")
     np.savez(inputs, **arrays)
     cmd = [args.ref_python, str(HERE / "reference_gimvi.py"), "--inputs", str(inputs), "--out",
-           str(base.with_suffix(".json")), "--epochs", str(epochs), "--seed", str(seed), "--batch-size", "128",
-           "--seq-likelihood", "zinb", "--spatial-likelihood", "poisson", "--threads", str(threads)]
+           str(base.with_suffix(".json")), "--epochs", str(epochs), "--seed", str(seed), *REFERENCE_SETTINGS,
+           "--threads", str(threads)]
     try:
         subprocess.run(cmd, check=True, capture_output=not args.verbose)
     finally:
@@ -301,7 +306,9 @@ def quality(args, name: str, d: dict) -> dict:
                 keep = np.setdiff1d(np.arange(G), held)
                 arrays = dict(x_seq=d["x_ref"], x_sp=d["x_sp"][:, keep], genes_seq=d["genes"],
                               genes_sp=d["genes"][keep], impute=d["genes"])
-                cache = cache_dir / f"{name}_e{args.epochs}_f{n_folds}_{f}_s{seed}"
+                # the inputs' digest in the name: a run on other inputs never reads this one
+                digest = engine.fingerprint(arrays, REFERENCE_SETTINGS)[:12]
+                cache = cache_dir / f"{name}_e{args.epochs}_f{n_folds}_{f}_s{seed}_{digest}"
                 jobs.append((seed, f, held, keep, arrays, cache))
         t0 = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(args.ref_workers) as pool:
