@@ -65,7 +65,12 @@ def main(argv=None):
         ap.error("--devices and --steps take positive integers")
     import jax  # the versions only; each measurement runs in its own process
 
-    print(f"jax {jax.__version__}, {os.cpu_count()} cores")
+    import datetime
+    import platform
+
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}; "
+          f"jax {jax.__version__}, jaxlib {jax.lib.__version__}; "
+          f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
     print("| CPU devices | sharded | loop steps | s | RSS growth MB | MB per step |")
     print("|---|---|---|---|---|---|")
     for d in args.devices:
