@@ -224,7 +224,10 @@ class StAI(PersistMixin, BaseEstimator):
     device count (bit for bit, ``tests/test_multidevice.py``). Known problem: on 2 CPU devices the process's
     resident memory grows with the number of epochs (osmFISH protocol, 55 models: +2 GB
     after 20 epochs, 24 GB after about 35 minutes at 500 epochs), while on one device it
-    stays flat (+0.7 GB at 20 and at 60 epochs); keep long CPU runs on one device.
+    stays flat (+0.7 GB at 20 and at 60 epochs); keep long CPU runs on one device. The
+    growth is XLA:CPU's: ``benchmarks/bench_multidevice_rss.py`` reproduces it without
+    jaxsel (the gradient of a ``lax.scan``, like the MMD's tiles, in a loop sharded over
+    two CPU devices).
 
     Data on disk: ``X_spatial`` and ``X_ref`` may each be an ``.h5ad`` / ``.zarr`` path, a
     backed AnnData, an h5py/zarr array or a :class:`jaxsel.streaming.RowSource` of the
