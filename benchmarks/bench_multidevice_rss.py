@@ -101,7 +101,9 @@ def main(argv=None):
         for s in args.steps:  # a fresh process each: the device count is fixed when JAX starts
             env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(d), JAX_PLATFORMS="cpu")
             p = subprocess.run([sys.executable, "-c", CHILD, str(s), "0" if args.no_shard else "1", args.loop],
-                               env=env, capture_output=True, text=True, check=True)
+                               env=env, capture_output=True, text=True)
+            if p.returncode:
+                raise SystemExit(f"the run on {d} device(s), {s} steps failed:\n{p.stderr[-3000:]}")
             res["runs"].append(json.loads(p.stdout.strip().splitlines()[-1]))
             print(render(res).splitlines()[-1], flush=True)
     write_results(res, args.out, render)
