@@ -196,6 +196,12 @@ class StAI(PersistMixin, BaseEstimator):
         authors' configuration, else 0). On osmFISH's 12 unbalanced types, 2 favours
         rare types (accuracy 0.50, macro F1 0.42) where 1 gives accuracy 0.72 and
         macro F1 0.47 (``benchmarks/bench_stai.py --class-weight-powers``).
+    unlabeled_category : optional
+        The label value of reference cells with no cell type (scvi-tools' name for it;
+        STARmap's ``"NA"``, say). Those cells take part in every term but the
+        classifier's cross-entropy, and it is not a class: it is not in ``classes_`` and
+        never predicted. ``None`` (default): every label is a class. A value no label
+        has changes nothing.
     counts : bool, default True
         Inputs are counts (non-negative): each dataset is normalised to 1e4 per cell and
         ``log1p``-transformed (the spatial data over its shared genes, the reference over
@@ -265,6 +271,7 @@ class StAI(PersistMixin, BaseEstimator):
         loss_weights=None,
         learning_rate=0.002,
         class_weight_power=None,
+        unlabeled_category=None,
         counts=True,
         min_shared_genes=10,
         chunk=1024,
@@ -284,6 +291,7 @@ class StAI(PersistMixin, BaseEstimator):
         self.loss_weights = loss_weights
         self.learning_rate = learning_rate
         self.class_weight_power = class_weight_power
+        self.unlabeled_category = unlabeled_category
         self.counts = counts
         self.min_shared_genes = min_shared_genes
         self.chunk = chunk
@@ -385,7 +393,7 @@ class StAI(PersistMixin, BaseEstimator):
         if xr.shape[0] < 2 or xs.shape[0] < 2:
             raise ValueError("X_spatial and X_ref need at least 2 cells each.")
         if labels is not None:
-            codes, classes = check_labels(labels, xr.shape[0], name="labels")
+            codes, classes = self._label_codes(labels, xr.shape[0])
         else:
             codes, classes = np.zeros(xr.shape[0], np.int64), None
         # only the columns the model uses are read (from disk) and log-normalised, each cell
@@ -404,8 +412,30 @@ class StAI(PersistMixin, BaseEstimator):
                     ref_extra_log=ref_log[:, n_shared:], ref_names=ref_names, extra=extra, coords=c,
                     codes=codes, classes=classes)
 
+    def _label_codes(self, labels, n_ref):
+        """``(codes, classes)`` of the reference labels; cells of ``unlabeled_category``
+        get the code ``len(classes)`` (no class)."""
+        codes, classes = check_labels(labels, n_ref, name="labels", min_classes=1)
+        u = self.unlabeled_category
+        if u is not None and np.ndim(u) != 0:
+            raise TypeError(f"unlabeled_category must be one label value (a str or number), got {type(u).__name__}.")
+        hit = np.array([], np.int64) if u is None else np.flatnonzero(classes == u)
+        if hit.size:
+            j = int(hit[0])
+            classes = np.delete(classes, j)
+            codes = np.where(codes == j, classes.size, codes - (codes > j)).astype(codes.dtype)
+        if classes.size < 2:
+            raise ValueError(f"labels must contain at least 2 distinct classes"
+                             f"{' besides unlabeled_category' if hit.size else ''}, found {classes.size} "
+                             f"({classes[:5].tolist()}).")
+        return codes, classes
+
     def _data(self, x1, x2, codes, n_classes, neighbours):
-        cw = st.class_weights(jnp.asarray(codes), n_classes, self._class_power())
+        codes = np.asarray(codes)
+        labelled = codes < n_classes
+        cw = st.class_weights(jnp.asarray(codes[labelled]), n_classes, self._class_power())
+        if not labelled.all():  # unlabeled cells: the extra code n_classes, weight 0
+            cw = jnp.concatenate([cw, jnp.zeros((1,), cw.dtype)])
         return st.StAIData(jnp.asarray(x1), jnp.asarray(neighbours, jnp.int32), jnp.asarray(x2),
                            jnp.asarray(codes, jnp.int32), cw)
 
@@ -547,14 +577,21 @@ class StAI(PersistMixin, BaseEstimator):
     def score_annotation(self, y_true, *, unknown="error"):
         """Accuracy and macro / weighted F1 of :meth:`annotate` against the spatial cells'
         true types. Types absent from the reference are an error (``unknown="error"``) or
-        their cells are left out (``"ignore"``; e.g. STARmap's unassigned ``NA``)."""
+        their cells are left out (``"ignore"``; e.g. STARmap's unassigned ``NA``). Cells
+        labelled ``unlabeled_category`` have no type to score and are always left out."""
         check_is_fitted(self, "params_")
         y = np.asarray(y_true).reshape(-1)
         if y.size != self.n_spatial_:
             raise ValueError(f"y_true must have one label per spatial cell ({self.n_spatial_}), got {y.size}.")
         if unknown not in ("error", "ignore"):
             raise ValueError(f"unknown must be 'error' or 'ignore', got {unknown!r}.")
-        known = np.isin(y.astype(str), np.asarray(self.classes_).astype(str))
+        ys = y.astype(str)
+        known = np.isin(ys, np.asarray(self.classes_).astype(str))
+        if self.unlabeled_category is not None:
+            unlabeled = ys == str(self.unlabeled_category)
+            y, ys, known = y[~unlabeled], ys[~unlabeled], known[~unlabeled]
+            if not y.size:
+                raise ValueError("every cell of y_true is unlabeled_category; nothing to score.")
         if not known.all() and unknown == "error":
             bad = sorted(set(y[~known].astype(str).tolist()))
             raise ValueError(f"y_true has cell types absent from the reference labels: {bad[:10]}; pass "
@@ -562,6 +599,8 @@ class StAI(PersistMixin, BaseEstimator):
         if not known.any():
             raise ValueError("none of the cell types in y_true are reference labels; nothing to score.")
         pred = self.annotate()
+        if self.unlabeled_category is not None:
+            pred = pred[~unlabeled]
         return metrics.annotation_scores(y[known], pred[known])
 
     # ------------------------------------------------------------------ protocol

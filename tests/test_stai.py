@@ -307,6 +307,64 @@ def test_estimator_annotates_spatial_cells(pair, fitted):
     assert z1.shape == (3, 300, 16) and z2.shape == (3, 300, 16)
 
 
+def test_classification_term_ignores_unlabeled_reference_cells(problem):
+    """Label ``n_classes`` with class weight 0 (an unlabeled cell): the cross-entropy term
+    equals numpy's weighted mean over the labelled cells alone; the other terms do not
+    change."""
+    cfg, data = problem["cfg"], problem["data"]
+    p = jax.tree.map(lambda v: v[0], problem["params"])
+    fm, cm = jnp.asarray(1 - problem["cal"][0]), jnp.asarray(problem["cal"][0])
+    labels = np.asarray(data.labels).copy()
+    unl = np.arange(labels.size) % 4 == 0
+    labels[unl] = 3
+    w = np.array([0.5, 1.0, 2.0, 0.0], np.float32)
+    d2 = data._replace(labels=jnp.asarray(labels, jnp.int32), class_weights=jnp.asarray(w))
+    _, terms = stai.loss_fn(cfg, p, d2, fm, cm)
+    _, ref_terms = stai.loss_fn(cfg, p, data, fm, cm)
+    out = cfg.net.apply({"params": p}, data.x1 * fm, data.neighbours, data.x2 * fm)
+    logits = np.asarray(out["logits2"], np.float64)[~unl]
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    y = labels[~unl]
+    ce = -logp[np.arange(y.size), y]
+    np.testing.assert_allclose(float(terms["clf"]), np.sum(ce * w[y]) / np.sum(w[y]), rtol=1e-5)
+    for k in ("recon", "mmd", "cos", "impute", "gene"):
+        assert float(terms[k]) == float(ref_terms[k])
+    g = jax.grad(lambda q: stai.loss_fn(cfg, q, d2, fm, cm)[0])(p)
+    assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(g))
+
+
+def test_unlabeled_category_is_not_a_class(pair):
+    a, b, _ = pair
+    y = np.asarray(b.obs["cell_type"]).astype(object)
+    y[np.random.default_rng(0).random(y.size) < 0.3] = "NA"
+    y_before = y.copy()
+    kw = _fit_kwargs(a, b)
+    est = jaxsel.StAI(n_calibration_folds=3, epochs=150, random_state=0, unlabeled_category="NA")
+    est.fit(a.X, b.X, y, **kw)
+    assert np.array_equal(y, y_before)
+    types = sorted(set(np.asarray(b.obs["cell_type"]).tolist()))
+    assert list(est.classes_) == types and "NA" not in est.annotate()
+    assert est.predict_proba().shape == (300, len(types))
+    truth = np.asarray(a.obs["cell_type"]).astype(object)
+    s = est.score_annotation(truth)
+    assert s["accuracy"] > 0.7 and s["macro_f1"] > 0.6
+    truth[:7] = "NA"  # no type to score: left out, not an error
+    pred = est.annotate()
+    assert est.score_annotation(truth) == metrics.annotation_scores(truth[7:], pred[7:])
+    # without it, "NA" is one more class
+    plain = jaxsel.StAI(n_calibration_folds=3, epochs=2).fit(a.X, b.X, y, **kw)
+    assert "NA" in list(plain.classes_)
+    # a value no label has changes nothing, bit for bit
+    absent = jaxsel.StAI(n_calibration_folds=3, epochs=2, unlabeled_category="Unknown").fit(a.X, b.X, y, **kw)
+    assert all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(plain.params_), jax.tree.leaves(absent.params_)))
+    with pytest.raises(TypeError, match="unlabeled_category"):
+        jaxsel.StAI(epochs=2, unlabeled_category=["NA"]).fit(a.X, b.X, y, **kw)
+    one = np.where(np.asarray(b.obs["cell_type"]) == types[0], types[0], "NA")
+    with pytest.raises(ValueError, match="besides unlabeled_category"):
+        jaxsel.StAI(epochs=2, unlabeled_category="NA").fit(a.X, b.X, one, **kw)
+
+
 def test_cross_validate_genes_holds_out_every_gene_once(pair):
     a, b, _ = pair
     est = jaxsel.StAI(n_calibration_folds=3, epochs=40, random_state=0)

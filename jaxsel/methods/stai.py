@@ -228,7 +228,8 @@ class StAIData(NamedTuple):
     of a protocol, selected per model by ``x1_index`` in :func:`fit`); ``neighbours``
     int32 [n1, k + 1] spatial kNN table (column 0 the cell itself); ``x2`` [n2, G]
     scaled reference expression; ``labels`` int32 [n2]; ``class_weights`` [n_classes]
-    cross-entropy weights (ones for the plain mean).
+    cross-entropy weights (ones for the plain mean), or [n_classes + 1] whose last entry
+    is 0: the weight of unlabeled reference cells, whose label is ``n_classes``.
     """
 
     x1: jax.Array
@@ -323,8 +324,9 @@ def loss_fn(cfg: StAIConfig, params, data: StAIData, fit_mask, cal_mask):
     # the calibration genes of the scaled reference, weighted (the released code's training)
     pred = _weighted_values(net, params, out["z1"], out["z2"], data.x2, cfg.top_k)
     impute = losses.pearson_loss(pred, data.x1, cal_mask)
-    cw = data.class_weights[data.labels]
-    clf = jnp.sum(losses.cross_entropy(out["logits2"], data.labels) * cw) / jnp.sum(cw)
+    cw = data.class_weights[data.labels]  # 0 for unlabeled cells (label n_classes)
+    known = jnp.minimum(data.labels, out["logits2"].shape[-1] - 1)
+    clf = jnp.sum(losses.cross_entropy(out["logits2"], known) * cw) / jnp.sum(cw)
     gene = gene_consistence(x1, pred, data.x2, fit_mask, cal_mask, cfg.gene_loss)
     total = (cfg.lam_recon * recon + cfg.lam_mmd * mmd + cfg.lam_cos * cos + cfg.lam_impute * impute
              + cfg.lam_clf * clf + cfg.lam_gene * gene)
