@@ -328,13 +328,15 @@ def _gimvi_annotation(args, d, out):
     ok, ref_ok = d["x_sp"].sum(1) > 0, d["x_ref"].sum(1) > 0
     codes = np.searchsorted(classes, d["y_ref"][ref_ok])
     onehot = np.eye(classes.size, dtype=np.float32)[codes]
+    lab = _labelled(args, d["y_ref"][ref_ok])  # the neighbours that vote
+    onehot, codes = onehot[lab], codes[lab]
     runs = {}
     for seed in range(args.gimvi_seeds):
         est = GimVI(max_epochs=args.gimvi_epochs, random_state=seed)
         t0 = time.perf_counter()
         est.fit(d["x_ref"][ref_ok], d["x_sp"][ok], ref_genes=d["genes"], spatial_genes=d["genes"])
         z_ref, z_sp = est.latent(modality="reference"), est.latent()
-        vote = onehot[np.asarray(baselines.nearest_indices(z_sp, z_ref, 10))].mean(1)
+        vote = onehot[np.asarray(baselines.nearest_indices(z_sp, z_ref[lab], 10))].mean(1)
         wall = time.perf_counter() - t0
         pred = np.full(d["y_sp"].shape, classes[np.bincount(codes, minlength=classes.size).argmax()], object)
         pred[ok] = classes[vote.argmax(1)]
@@ -365,6 +367,12 @@ def _scored_cells(d):
     reference has; STARmap's unassigned "NA" cells are not scored)."""
     classes = np.unique(d["y_ref"])
     return classes, np.isin(d["y_sp"], classes) & (d["y_sp"] != "NA")
+
+
+def _labelled(args, y_ref):
+    """Reference cells with a cell type: all, or with ``--unlabeled L`` those not labelled
+    ``L`` (e.g. STARmap's unassigned ``NA``), which then take no part in any vote."""
+    return np.ones(len(y_ref), bool) if args.unlabeled is None else np.asarray(y_ref) != args.unlabeled
 
 
 def _cached_reference_fold(args, d, held, f, inp):
@@ -418,7 +426,8 @@ def _reference_subset(args, d, held, out):
 
 def annotation(args, name, d) -> dict:
     if args.jaxsel_results:  # the jaxsel and kNN rows of an earlier run: the released code only
-        out = _earlier_rows(args, "annotation", name, epochs=args.annotation_epochs, capture_sd=d["capture_sd"])
+        out = _earlier_rows(args, "annotation", name, epochs=args.annotation_epochs, capture_sd=d["capture_sd"],
+                            unlabeled=args.unlabeled)
         _reference_annotation(args, d, out)
         return out
     # unassigned cells (STARmap's "NA") stay in the reference but are not scored
@@ -429,7 +438,7 @@ def annotation(args, name, d) -> dict:
     settings += [(float(p), seeds[0]) for p in filter(None, args.class_weight_powers.split(","))]
     for power, seed in settings:
         est = StAI(n_calibration_folds=K, task="annotate", epochs=args.annotation_epochs, random_state=seed,
-                   class_weight_power=power)
+                   class_weight_power=power, unlabeled_category=args.unlabeled)
         t0 = time.perf_counter()
         est.fit(d["x_sp"], d["x_ref"], d["y_ref"], coords=d["coords"], spatial_genes=d["genes"],
                 ref_genes=d["genes"], genes=[])
@@ -440,13 +449,15 @@ def annotation(args, name, d) -> dict:
     ours = by_seed[seeds[0]]
     inp = fold_inputs(d, np.array([], np.int64), 0)
     onehot = np.eye(inp["n_classes"], dtype=np.float32)[inp["labels"]]
-    vote = np.asarray(baselines.knn_pca_impute(inp["x1"], inp["x2"], onehot,
+    lab = _labelled(args, d["y_ref"])
+    vote = np.asarray(baselines.knn_pca_impute(inp["x1"], inp["x2"][lab], onehot[lab],
                                                n_components=min(30, inp["x1"].shape[1]), n_neighbors=10))
     classes, known = _scored_cells(d)
     knn = metrics.annotation_scores(d["y_sp"][known], classes[vote.argmax(1)][known])
     print(f"{name} annotation: jaxsel acc {ours['accuracy']:.3f} F1 {ours['macro_f1']:.3f}; "
           f"kNN acc {knn['accuracy']:.3f} F1 {knn['macro_f1']:.3f}", flush=True)
-    out = {"epochs": args.annotation_epochs, "capture_sd": d["capture_sd"], "jaxsel": ours, "knn": knn,
+    out = {"epochs": args.annotation_epochs, "capture_sd": d["capture_sd"], "unlabeled": args.unlabeled,
+           "jaxsel": ours, "knn": knn,
            "cells_scored": int(known.sum()),
            "jaxsel_class_weight_power": runs}
     if len(seeds) > 1:  # the default's spread over seeds (the class-weight rows are of the first seed)
@@ -473,7 +484,10 @@ def _reference_annotation(args, d, out):
         inp = fold_inputs(d, np.array([], np.int64), 0, seed=seed)
         inp["sp_labels"] = np.where(known, np.searchsorted(classes, d["y_sp"]), -1)
         ref = run_reference(args, inp, args.annotation_epochs, task="annotate")
-        pred = classes[np.asarray(ref["imputed"]).argmax(1)]
+        prob = np.asarray(ref["imputed"])
+        if args.unlabeled is not None:  # it cannot leave them out of training: argmax among the other types
+            prob = np.where(classes == args.unlabeled, -np.inf, prob)
+        pred = classes[prob.argmax(1)]
         runs[str(seed)] = {**metrics.annotation_scores(d["y_sp"][known], pred[known]), "wall_s": ref["wall_s"],
                            "seconds_per_submodel_epoch": ref["seconds_per_submodel_epoch"],
                            "peak_rss_mb": ref["peak_rss_mb"], "torch": ref["torch"], "threads": ref["threads"]}
@@ -572,7 +586,10 @@ def render(res: dict) -> str:
             lines.append("")
         a = res.get("annotation", {}).get(name)
         if a:
-            lines += [f"## Annotation, {name} ({a['epochs']} epochs, {a['cells_scored']} spatial cells){_shift(a)}",
+            unl = (f"; reference cells labelled {a['unlabeled']!r} are unlabeled (jaxsel: `unlabeled_category`; "
+                   f"kNN and gimVI: not among the voters; released code: trained as a type, argmax over the others)"
+                   if a.get("unlabeled") else "")
+            lines += [f"## Annotation, {name} ({a['epochs']} epochs, {a['cells_scored']} spatial cells){_shift(a)}{unl}",
                       "",
                       "| method | accuracy | macro F1 | weighted F1 |", "|---|---|---|---|"]
             rows = _seed_rows(a, "jaxsel", "jaxsel stAI", "jaxsel stAI (the authors' class weights 1/count^2{seed})")
@@ -619,6 +636,10 @@ def main(argv=None):
     ap.add_argument("--capture-sd", type=float, default=0.0,
                     help="quality and annotation: distort the reference by per-gene log-normal capture efficiencies "
                          "of this sd (a technology shift; 0: none)")
+    ap.add_argument("--unlabeled", default=None, metavar="LABEL",
+                    help="annotation: reference cells with this label have no cell type (STARmap's NA): jaxsel's "
+                         "unlabeled_category, left out of the kNN and gimVI votes; the released code trains on it as a "
+                         "type and predicts the argmax over the others")
     ap.add_argument("--gene-folds", type=int, default=None, help="default: LOO for osmFISH, 10 for STARmap")
     ap.add_argument("--gimvi-epochs", type=int_at_least(0), default=200,
                     help="quality and annotation: also gimVI at this many epochs (its default; 0: not run)")
