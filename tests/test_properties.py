@@ -779,7 +779,7 @@ def test_imputers_reject_bad_counts(n_sp, n_ref, g_sp, g_extra, which, flaw, fmt
 @CHEAP
 @given(bad=st.sampled_from(["coords_nan", "coords_rows", "coords_cols", "coords_none", "labels_short", "labels_missing",
                             "labels_one_class", "loss_weights_list", "loss_weights_str", "k_float", "k_big",
-                            "n_neighbors_big", "genes_unknown"]))
+                            "n_neighbors_big", "genes_unknown", "unlabeled_list", "one_class_besides_unlabeled"]))
 def test_stai_rejects_bad_arguments(bad):
     rng = np.random.default_rng(0)
     xs, xr = _counts(rng, SN, SG), _counts(rng, RN, RG)
@@ -811,6 +811,11 @@ def test_stai_rejects_bad_arguments(bad):
         est, arg = jaxsel.StAI(**{**STAI_KW, "n_calibration_folds": SG}), "n_calibration_folds"
     elif bad == "n_neighbors_big":
         est, arg = jaxsel.StAI(**{**STAI_KW, "n_neighbors": SN}), "n_neighbors"
+    elif bad == "unlabeled_list":
+        est, exc, arg = jaxsel.StAI(**{**STAI_KW, "unlabeled_category": ["NA"]}), TypeError, "unlabeled_category"
+    elif bad == "one_class_besides_unlabeled":
+        labels = np.where(np.arange(RN) % 3 == 0, "a", "NA").astype(object)
+        est, arg = jaxsel.StAI(**{**STAI_KW, "unlabeled_category": "NA"}), "unlabeled_category"
     else:
         kw, arg = {"genes": ["nope"]}, "genes"
     with Unchanged(xs, xr, labels, coords):
