@@ -450,7 +450,8 @@ def stai(
     backed mode (``anndata.read_h5ad(path, backed="r")``): only the genes the model uses
     are read from its file (see :class:`~jaxsel.imputers.StAI`); pass ``genes`` to keep
     that small for a reference with many genes. Extra keyword arguments go to
-    :class:`~jaxsel.imputers.StAI` (``n_calibration_folds``, ``epochs``, ``task``, ...).
+    :class:`~jaxsel.imputers.StAI` (``n_calibration_folds``, ``epochs``, ``task``,
+    ``unlabeled_category`` for reference cells without a type, ...).
 
     Returns a new AnnData (cells of ``adata_spatial`` x ``genes``, default: every
     reference gene the spatial data lacks) with the imputed log-normalised expression in
