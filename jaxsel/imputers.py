@@ -415,7 +415,13 @@ class StAI(PersistMixin, BaseEstimator):
     def _label_codes(self, labels, n_ref):
         """``(codes, classes)`` of the reference labels; cells of ``unlabeled_category``
         get the code ``len(classes)`` (no class)."""
-        codes, classes = check_labels(labels, n_ref, name="labels", min_classes=1)
+        try:
+            codes, classes = check_labels(labels, n_ref, name="labels", min_classes=1)
+        except ValueError as err:
+            if "missing label" not in str(err):
+                raise
+            raise ValueError(f"{err} Reference cells without a cell type: give them one label value (e.g. "
+                             f"'unknown') and pass it as unlabeled_category.") from None
         u = self.unlabeled_category
         if u is not None and np.ndim(u) != 0:
             raise TypeError(f"unlabeled_category must be one label value (a str or number), got {type(u).__name__}.")

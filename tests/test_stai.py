@@ -360,6 +360,10 @@ def test_unlabeled_category_is_not_a_class(pair):
     assert all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(plain.params_), jax.tree.leaves(absent.params_)))
     with pytest.raises(TypeError, match="unlabeled_category"):
         jaxsel.StAI(epochs=2, unlabeled_category=["NA"]).fit(a.X, b.X, y, **kw)
+    missing = y.copy()
+    missing[3] = None
+    with pytest.raises(ValueError, match="missing label.*unlabeled_category"):
+        jaxsel.StAI(epochs=2).fit(a.X, b.X, missing, **kw)
     one = np.where(np.asarray(b.obs["cell_type"]) == types[0], types[0], "NA")
     with pytest.raises(ValueError, match="besides unlabeled_category"):
         jaxsel.StAI(epochs=2, unlabeled_category="NA").fit(a.X, b.X, one, **kw)
