@@ -265,7 +265,7 @@ def _is_missing(values: np.ndarray) -> np.ndarray:
     return np.zeros(values.shape, dtype=bool)
 
 
-def check_labels(y, n_cells: int | None, *, name: str = "y", min_classes: int = 2):
+def check_labels(y, n_cells: int | None, *, name: str = "y", min_classes: int = 2, hint: str = ""):
     """Validate a vector of cell labels and encode it as integer codes.
 
     Parameters
@@ -280,6 +280,8 @@ def check_labels(y, n_cells: int | None, *, name: str = "y", min_classes: int = 
         Argument name used in error messages.
     min_classes : int, default 2
         Smallest number of distinct labels accepted.
+    hint : str, default ""
+        Appended to the missing-label message (what else the caller accepts).
 
     Returns
     -------
@@ -319,7 +321,7 @@ def check_labels(y, n_cells: int | None, *, name: str = "y", min_classes: int = 
     if missing.any():
         raise ValueError(
             f"{name} contains {int(missing.sum())} missing label(s) (NaN/None); drop or "
-            f"label those cells first."
+            f"label those cells first.{hint}"
         )
     try:
         classes, codes = np.unique(values, return_inverse=True)

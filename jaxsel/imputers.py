@@ -415,16 +415,15 @@ class StAI(PersistMixin, BaseEstimator):
     def _label_codes(self, labels, n_ref):
         """``(codes, classes)`` of the reference labels; cells of ``unlabeled_category``
         get the code ``len(classes)`` (no class)."""
-        try:
-            codes, classes = check_labels(labels, n_ref, name="labels", min_classes=1)
-        except ValueError as err:
-            if "missing label" not in str(err):
-                raise
-            raise ValueError(f"{err} Reference cells without a cell type: give them one label value (e.g. "
-                             f"'unknown') and pass it as unlabeled_category.") from None
+        codes, classes = check_labels(labels, n_ref, name="labels", min_classes=1, hint=(
+            " Reference cells without a cell type: give them one label value (e.g. 'unknown') and pass it as "
+            "unlabeled_category."))
         u = self.unlabeled_category
-        if u is not None and np.ndim(u) != 0:
+        if u is not None and (np.ndim(u) != 0 or isinstance(u, (dict, set))):
             raise TypeError(f"unlabeled_category must be one label value (a str or number), got {type(u).__name__}.")
+        if isinstance(u, float) and np.isnan(u):
+            raise ValueError("unlabeled_category cannot be NaN: labels may not be missing; give the cells without "
+                             "a type one label value (e.g. 'unknown') and pass that.")
         hit = np.array([], np.int64) if u is None else np.flatnonzero(classes == u)
         if hit.size:
             j = int(hit[0])
@@ -437,11 +436,8 @@ class StAI(PersistMixin, BaseEstimator):
         return codes, classes
 
     def _data(self, x1, x2, codes, n_classes, neighbours):
-        codes = np.asarray(codes)
-        labelled = codes < n_classes
-        cw = st.class_weights(jnp.asarray(codes[labelled]), n_classes, self._class_power())
-        if not labelled.all():  # unlabeled cells: the extra code n_classes, weight 0
-            cw = jnp.concatenate([cw, jnp.zeros((1,), cw.dtype)])
+        cw = st.class_weights(jnp.asarray(codes), n_classes, self._class_power(),
+                              unlabeled=bool(np.any(np.asarray(codes) == n_classes)))
         return st.StAIData(jnp.asarray(x1), jnp.asarray(neighbours, jnp.int32), jnp.asarray(x2),
                            jnp.asarray(codes, jnp.int32), cw)
 
@@ -591,22 +587,20 @@ class StAI(PersistMixin, BaseEstimator):
             raise ValueError(f"y_true must have one label per spatial cell ({self.n_spatial_}), got {y.size}.")
         if unknown not in ("error", "ignore"):
             raise ValueError(f"unknown must be 'error' or 'ignore', got {unknown!r}.")
-        ys = y.astype(str)
-        known = np.isin(ys, np.asarray(self.classes_).astype(str))
-        if self.unlabeled_category is not None:
-            unlabeled = ys == str(self.unlabeled_category)
-            y, ys, known = y[~unlabeled], ys[~unlabeled], known[~unlabeled]
-            if not y.size:
-                raise ValueError("every cell of y_true is unlabeled_category; nothing to score.")
+        # labels compared as strings, as with classes_ below
+        keep = np.ones(y.size, bool) if self.unlabeled_category is None else y.astype(str) != str(
+            self.unlabeled_category)
+        if not keep.any():
+            raise ValueError("every cell of y_true is unlabeled_category; nothing to score.")
+        y = y[keep]
+        known = np.isin(y.astype(str), np.asarray(self.classes_).astype(str))
         if not known.all() and unknown == "error":
             bad = sorted(set(y[~known].astype(str).tolist()))
             raise ValueError(f"y_true has cell types absent from the reference labels: {bad[:10]}; pass "
                              f"unknown='ignore' to leave those cells out.")
         if not known.any():
             raise ValueError("none of the cell types in y_true are reference labels; nothing to score.")
-        pred = self.annotate()
-        if self.unlabeled_category is not None:
-            pred = pred[~unlabeled]
+        pred = self.annotate()[keep]
         return metrics.annotation_scores(y[known], pred[known])
 
     # ------------------------------------------------------------------ protocol

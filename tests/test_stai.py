@@ -146,6 +146,10 @@ def test_class_weights_follow_inverse_count_power():
     raw = np.array([1 / 9, 1.0, 1 / 4])
     np.testing.assert_allclose(w[:3], raw / raw.mean(), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(stai.class_weights(jnp.array([0, 1, 1]), 2)), 1.0)
+    # label 4 = unlabeled: not counted, one more weight, 0
+    u = np.asarray(stai.class_weights(jnp.array([0, 0, 0, 1, 2, 2, 4, 4]), 4, power=2.0, unlabeled=True))
+    assert u.shape == (5,) and u[4] == 0.0
+    np.testing.assert_array_equal(u[:4], w)
 
 
 def test_imputation_scores_match_scipy():
@@ -360,6 +364,8 @@ def test_unlabeled_category_is_not_a_class(pair):
     assert all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(plain.params_), jax.tree.leaves(absent.params_)))
     with pytest.raises(TypeError, match="unlabeled_category"):
         jaxsel.StAI(epochs=2, unlabeled_category=["NA"]).fit(a.X, b.X, y, **kw)
+    with pytest.raises(ValueError, match="unlabeled_category cannot be NaN"):
+        jaxsel.StAI(epochs=2, unlabeled_category=float("nan")).fit(a.X, b.X, y, **kw)
     missing = y.copy()
     missing[3] = None
     with pytest.raises(ValueError, match="missing label.*unlabeled_category"):

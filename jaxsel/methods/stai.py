@@ -297,13 +297,16 @@ def gene_consistence(x1, pred1, x2, fit_mask, cal_mask, kind: str = "cosine"):
     raise ValueError(f"kind must be one of {GENE_LOSSES}, got {kind!r}")
 
 
-def class_weights(labels, n_classes: int, power: float = 0.0):
+def class_weights(labels, n_classes: int, power: float = 0.0, *, unlabeled: bool = False):
     """Cross-entropy class weights ``1 / count^power`` (the authors' ``p_class``; absent
-    classes get weight 1), normalised to mean 1 over present classes."""
-    counts = jnp.bincount(jnp.asarray(labels), length=n_classes).astype(jnp.float32)
+    classes get weight 1), normalised to mean 1 over present classes. With ``unlabeled``
+    the label ``n_classes`` marks a cell without a type: it is not counted and the result
+    has one more entry, 0, its weight (see :class:`StAIData`)."""
+    counts = jnp.bincount(jnp.asarray(labels), length=n_classes + 1)[:n_classes].astype(jnp.float32)
     w = 1.0 / jnp.maximum(counts, 1.0) ** power
     present = counts > 0
-    return w / jnp.sum(jnp.where(present, w, 0.0)) * jnp.maximum(jnp.sum(present), 1)
+    w = w / jnp.sum(jnp.where(present, w, 0.0)) * jnp.maximum(jnp.sum(present), 1)
+    return jnp.concatenate([w, jnp.zeros((1,), w.dtype)]) if unlabeled else w
 
 
 def _masked_mse(a, b, gene_w):
