@@ -371,7 +371,8 @@ def _scored_cells(d):
 
 def _labelled(args, y_ref):
     """Reference cells with a cell type: all, or with ``--unlabeled L`` those not labelled
-    ``L`` (e.g. STARmap's unassigned ``NA``), which then take no part in any vote."""
+    ``L`` (e.g. STARmap's unassigned ``NA``). The others take no part in any vote, and the
+    kNN baseline leaves them out of its PCA too (gimVI is still fitted on them)."""
     return np.ones(len(y_ref), bool) if args.unlabeled is None else np.asarray(y_ref) != args.unlabeled
 
 
@@ -587,7 +588,8 @@ def render(res: dict) -> str:
         a = res.get("annotation", {}).get(name)
         if a:
             unl = (f"; reference cells labelled {a['unlabeled']!r} are unlabeled (jaxsel: `unlabeled_category`; "
-                   f"kNN and gimVI: not among the voters; released code: trained as a type, argmax over the others)"
+                   f"kNN: left out of its PCA and votes; gimVI: fitted on them, not among the voters; released code: "
+                   f"trained as a type, argmax over the others)"
                    if a.get("unlabeled") else "")
             lines += [f"## Annotation, {name} ({a['epochs']} epochs, {a['cells_scored']} spatial cells){_shift(a)}{unl}",
                       "",
@@ -638,8 +640,8 @@ def main(argv=None):
                          "of this sd (a technology shift; 0: none)")
     ap.add_argument("--unlabeled", default=None, metavar="LABEL",
                     help="annotation: reference cells with this label have no cell type (STARmap's NA): jaxsel's "
-                         "unlabeled_category, left out of the kNN and gimVI votes; the released code trains on it as a "
-                         "type and predicts the argmax over the others")
+                         "unlabeled_category, left out of the kNN baseline (PCA and votes) and of gimVI's votes; the released "
+                         "code trains on it as a type and predicts the argmax over the others")
     ap.add_argument("--gene-folds", type=int, default=None, help="default: LOO for osmFISH, 10 for STARmap")
     ap.add_argument("--gimvi-epochs", type=int_at_least(0), default=200,
                     help="quality and annotation: also gimVI at this many epochs (its default; 0: not run)")
